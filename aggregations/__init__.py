@@ -1,0 +1,1 @@
+"""Dask aggregations over a relevance store: class heatmaps, region pools, context usage, bias flags."""

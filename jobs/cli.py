@@ -1,0 +1,47 @@
+"""The ``lrp-audit`` console script: ``lrp-audit <command> ...`` runs ``python -m jobs.<command> ...``.
+
+Each command lives in its own module ``jobs/<command>.py`` exposing ``main(argv) -> int``, so that the
+console script and ``ray job submit -- python -m jobs.<command>`` run exactly the same code.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": "generate a dataset with a planted cue, train, explain, aggregate and report",
+    "explain": "explain every image of a dataset on a Ray cluster into a Zarr store",
+    "aggregate": "class heatmaps, region pools, context usage and bias flags over a store",
+    "report": "render the self-contained HTML audit report",
+    "evaluate": "region-perturbation evaluation (AOPC) of explanation methods",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lrp-audit <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Run 'lrp-audit <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"lrp-audit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"jobs.{command}")
+    except ModuleNotFoundError as error:
+        if error.name == f"jobs.{command}":
+            print(f"lrp-audit: command {command!r} is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Distributed explanation: dataset readers, Ray actors and the Zarr store."""
