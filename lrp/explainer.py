@@ -1,0 +1,137 @@
+"""The Explainer: one forward pass, then one backward walk over the traced steps applying each step's rule.
+
+No autograd graph is built for the forward pass and no weight gradient is ever computed: a linear step's backward is
+its transposed map (``convolution_backward`` for the input only), so an epsilon explanation costs about one forward
+plus one input-gradient pass. Only parameter-free steps whose relevance is a vector-Jacobian product (max pooling,
+reshapes, concatenations) use autograd, on their own inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import canonizers as C
+from .composites import Composite, make_composite
+from .graph import Network
+from .rules import StepContext
+
+
+@dataclass
+class Explanation:
+    """The result of explaining a batch."""
+
+    relevance: torch.Tensor  # same shape as the input
+    output: torch.Tensor  # (B,) the explained logits f(x)
+    target: torch.Tensor  # (B,) the explained class per row
+    logits: torch.Tensor  # (B, classes) all logits, for predictions
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """Per-row conservation residual ``sum_p R_p - f(x)`` (0 for an exactly conserving explanation)."""
+        return self.relevance.flatten(1).sum(1) - self.output
+
+
+class Explainer:
+    """Explain a classifier's target logits with a named composite (or a :class:`Composite`).
+
+    >>> explainer = Explainer(model, composite="epsilon_gamma_box", gamma=0.25, low=-3.0, high=3.0)
+    >>> result = explainer(x, target)   # result.relevance has the shape of x
+
+    The computation runs in the dtype and on the device of the model; ``x`` must match (``model.double()`` and
+    ``x.double()`` for float64 verification). The model is never modified.
+    """
+
+    def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_plus", **params):
+        if isinstance(composite, Composite):
+            if params:
+                raise TypeError("parameters are given to make_composite(), not with a Composite instance")
+            self.composite = composite
+        else:
+            self.composite = make_composite(composite, **params)
+        self.model = model
+        self.network = Network(model)
+        self._first = self.composite.first_layer(self.network)
+
+    def __repr__(self):
+        return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"
+
+    def __call__(self, x: torch.Tensor, target) -> Explanation:
+        x = self._check_input(x)
+        with torch.no_grad():
+            values = self.network.forward(x)
+            logits = values[self.network.output_index]
+            target = self._check_target(target, logits)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            output = logits[rows, target]
+            seed = torch.zeros_like(logits)
+            seed[rows, target] = output if self.composite.seed == "relevance" else 1.0
+            relevance = self._backward(values, seed)
+        if self.composite.times_input:
+            relevance = relevance * x
+        return Explanation(relevance=relevance, output=output, target=target, logits=logits)
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def _check_input(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        param = next(self.model.parameters(), None)
+        if param is not None and (param.dtype != x.dtype or param.device != x.device):
+            raise TypeError(
+                f"x is {x.dtype} on {x.device} but the model is {param.dtype} on {param.device}; "
+                "move both to the same dtype and device (model.double() and x.double() for float64)"
+            )
+        return x.detach()
+
+    @staticmethod
+    def _check_target(target, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2:
+            raise ValueError(f"the model must return logits of shape (batch, classes), got {tuple(logits.shape)}")
+        batch, classes = logits.shape
+        target = torch.as_tensor(target, device=logits.device)
+        if target.is_floating_point():
+            raise TypeError("target must hold integer class indices")
+        target = target.long().reshape(-1)
+        if target.numel() == 1:
+            target = target.expand(batch)
+        if target.numel() != batch:
+            raise ValueError(f"target has {target.numel()} entries for a batch of {batch}")
+        if bool(((target < 0) | (target >= classes)).any()):
+            raise ValueError(f"target {target.tolist()} outside the model's {classes} classes (0..{classes - 1})")
+        return target
+
+    # -- the backward walk --------------------------------------------------------------------------------------
+    def _backward(self, values: list, seed: torch.Tensor) -> torch.Tensor:
+        steps = self.network.steps
+        relevance: dict[int, torch.Tensor] = {self.network.output_index: seed}
+        for step in reversed(steps):
+            r = relevance.pop(step.index, None)
+            if step.kind == C.INPUT:
+                return r if r is not None else torch.zeros_like(values[step.index])
+            if r is None or step.kind == C.META:
+                values[step.index] = None
+                continue
+            ctx = StepContext(step, [values[j] for j in step.inputs], values[step.index], _Vjp(step, values))
+            rule = self.composite.rule_for(step, self._first)
+            for j, r_in in zip(step.inputs, rule(ctx, r)):
+                if r_in is not None:
+                    relevance[j] = relevance[j] + r_in if j in relevance else r_in
+            values[step.index] = None  # every consumer of this value has been processed
+        raise AssertionError("the input step was not reached")
+
+
+class _Vjp:
+    """Vector-Jacobian product of one parameter-free step with respect to its tensor inputs."""
+
+    def __init__(self, step, values):
+        self.step, self.values = step, values
+
+    def __call__(self, message: torch.Tensor) -> tuple:
+        leaves = {j: self.values[j].detach().requires_grad_(True) for j in self.step.inputs}
+        with torch.enable_grad():
+            out = self.step.call(lambda j: leaves.get(j, self.values[j]))
+            grads = torch.autograd.grad(out, list(leaves.values()), message, allow_unused=True)
+        return grads

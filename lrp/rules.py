@@ -1,0 +1,309 @@
+r"""LRP rules: how one step redistributes the relevance of its output onto its inputs.
+
+Notation: input activations :math:`x_i`, weights :math:`w_{ij}`, bias :math:`b_j`, output relevance :math:`R_j`,
+contributions :math:`z_{ij} = x_i w_{ij}`, :math:`(\cdot)^+ = \max(0,\cdot)`, :math:`(\cdot)^- = \min(0,\cdot)`.
+Every rule has the form :math:`R_i = x_i \sum_j w'_{ij} R_j / z'_j` for some modified weights :math:`w'` and
+denominator :math:`z'`, so it is computed as one (or a few) affine maps forward and transposed maps backward.
+
+``include_bias=True`` (default) uses the biases in the denominators exactly as zennit 0.5 does, so results can be
+compared with it; ``include_bias=False`` leaves biases out (zennit's ``zero_params='bias'``), which is the form in which
+naive z and alpha-beta conserve relevance exactly: :math:`\sum_i R_i = \sum_j R_j`.
+The stabilizer of each denominator is described in :mod:`lrp.stabilize`.
+
+Fast paths: after a ReLU the inputs are non-negative, so the :math:`x^-` terms vanish and z+, gamma and alpha-beta
+need one (alpha-beta: one concatenated) modified affine map instead of two or four; gamma also skips its negative
+branch when no relevance reaches neurons with negative output (always the case below a ReLU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .stabilize import safe_divide
+
+
+@dataclass
+class StepContext:
+    """What a rule sees of one step: its layer (for Conv/Linear), input values, output value and a vjp helper."""
+
+    step: object
+    inputs: list
+    output: torch.Tensor
+    vjp: object  # callable(relevance) -> list of input gradients
+
+    @property
+    def layer(self):
+        return self.step.layer
+
+
+def _pos(t):
+    return t.clamp(min=0)
+
+
+def _neg(t):
+    return t.clamp(max=0)
+
+
+def _bias(bias, keep: bool):
+    return bias if keep else None
+
+
+class Rule:
+    """Base class: ``rule(ctx, relevance) -> list of input relevances`` (None for inputs that get none)."""
+
+    params: tuple[str, ...] = ()
+
+    def __call__(self, ctx: StepContext, relevance: torch.Tensor) -> list:
+        raise NotImplementedError
+
+    def __repr__(self):
+        inner = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params)
+        return f"{type(self).__name__}({inner})"
+
+
+# -- rules for Conv / Linear ------------------------------------------------------------------------------------------
+class Epsilon(Rule):
+    r"""Epsilon rule (Eq. 3): :math:`R_i = \sum_j z_{ij} / (z_j + \epsilon\,\mathrm{sign}(z_j))\, R_j`.
+
+    ``epsilon=0`` is the naive z rule (Eq. 2) with exact division. Larger epsilon absorbs the relevance of weak or
+    contradictory neurons (Binder et al. 2016 compare 0.01 and 100): relevance is never created, only absorbed.
+    """
+
+    params = ("epsilon", "include_bias")
+
+    def __init__(self, epsilon: float = 1e-6, include_bias: bool = True):
+        self.epsilon, self.include_bias = float(epsilon), include_bias
+
+    def __call__(self, ctx, relevance):
+        layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
+        weight, bias = layer.params()
+        if not self.include_bias and bias is not None:
+            z = z - layer.expand_bias(bias, z)
+        message = safe_divide(relevance, z, self.epsilon)
+        return [x * layer.transpose(message, x, weight)]
+
+
+class ZPlus(Rule):
+    r"""z+ rule: :math:`R_i = \sum_j (x^+_i w^+_{ij} + x^-_i w^-_{ij}) / z^+_j\, R_j` (alpha=1, beta=0)."""
+
+    params = ("stabilizer", "include_bias")
+
+    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        layer, x = ctx.layer, ctx.inputs[0]
+        w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
+        w_neg, _ = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
+        b_pos = _bias(b_pos, self.include_bias)
+        if _nonnegative(x):
+            message = safe_divide(relevance, layer.forward(x, w_pos, b_pos), self.stabilizer)
+            return [x * layer.transpose(message, x, w_pos)]
+        xp, xn = _pos(x), _neg(x)
+        z = layer.forward(xp, w_pos, b_pos) + layer.forward(xn, w_neg)
+        message = safe_divide(relevance, z, self.stabilizer)
+        return [xp * layer.transpose(message, x, w_pos) + xn * layer.transpose(message, x, w_neg)]
+
+
+class AlphaBeta(Rule):
+    r"""Alpha-beta rule (Eq. 4): :math:`R_i = \sum_j (\alpha z^+_{ij}/z^+_j - \beta z^-_{ij}/z^-_j) R_j`.
+
+    Parameters follow the common convention :math:`\alpha - \beta = 1`, :math:`\beta \ge 0` (alpha=2, beta=1 is the
+    paper's beta=-1). The paper's convention (:math:`\alpha + \beta = 1`, :math:`\beta \le 0`) is accepted and
+    converted; see :func:`alpha_beta_params`.
+    """
+
+    params = ("alpha", "beta", "stabilizer", "include_bias")
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.alpha, self.beta = alpha_beta_params(alpha, beta)
+        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        layer, x = ctx.layer, ctx.inputs[0]
+        keep = self.include_bias
+        w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
+        w_neg, b_neg = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
+        stackable = not layer.is_conv or layer.module.groups == 1
+        if stackable and _nonnegative(x):
+            # one affine map with [w+; w-] stacked on the output axis, one transposed map for both messages
+            w_both, b_both = layer.variant("pos_neg", lambda w, b: (
+                torch.cat([_pos(w), _neg(w)]), None if b is None else torch.cat([_pos(b), _neg(b)])))
+            z_pos, z_neg = layer.forward(x, w_both, _bias(b_both, keep)).chunk(2, dim=1)
+            message = torch.cat([
+                self.alpha * safe_divide(relevance, z_pos, self.stabilizer),
+                -self.beta * safe_divide(relevance, z_neg, self.stabilizer),
+            ], dim=1)
+            return [x * layer.transpose(message, x, w_both)]
+        xp, xn = _pos(x), _neg(x)
+        z_pos = layer.forward(xp, w_pos, _bias(b_pos, keep)) + layer.forward(xn, w_neg)
+        z_neg = layer.forward(xp, w_neg, _bias(b_neg, keep)) + layer.forward(xn, w_pos)
+        m_pos = safe_divide(relevance, z_pos, self.stabilizer)
+        m_neg = safe_divide(relevance, z_neg, self.stabilizer)
+        positive = xp * layer.transpose(m_pos, x, w_pos) + xn * layer.transpose(m_pos, x, w_neg)
+        negative = xp * layer.transpose(m_neg, x, w_neg) + xn * layer.transpose(m_neg, x, w_pos)
+        return [self.alpha * positive - self.beta * negative]
+
+
+class Gamma(Rule):
+    r"""Gamma rule: favours positive contributions, :math:`w' = w + \gamma w^+` for neurons with positive output
+    (and :math:`w + \gamma w^-` for negative outputs, zennit's generalized form for signed inputs)."""
+
+    params = ("gamma", "stabilizer", "include_bias")
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.gamma, self.stabilizer, self.include_bias = float(gamma), float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
+        g, keep = self.gamma, self.include_bias
+        w_up, b_up = layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
+        w_dn, b_dn = layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
+        r_pos = relevance * (z > 0)
+        r_neg = relevance * (z < 0)
+        need_negative = bool(r_neg.ne(0).any())
+        if _nonnegative(x):
+            m_pos = safe_divide(r_pos, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
+            result = layer.transpose(m_pos, x, w_up)
+            if need_negative:
+                m_neg = safe_divide(r_neg, layer.forward(x, w_dn, _bias(b_dn, keep)), self.stabilizer)
+                result = result + layer.transpose(m_neg, x, w_dn)
+            return [x * result]
+        xp, xn = _pos(x), _neg(x)
+        m_pos = safe_divide(r_pos, layer.forward(xp, w_up, _bias(b_up, keep)) + layer.forward(xn, w_dn), self.stabilizer)
+        result = xp * layer.transpose(m_pos, x, w_up) + xn * layer.transpose(m_pos, x, w_dn)
+        if need_negative:
+            z_neg = layer.forward(xp, w_dn, _bias(b_dn, keep)) + layer.forward(xn, w_up)
+            m_neg = safe_divide(r_neg, z_neg, self.stabilizer)
+            result = result + xp * layer.transpose(m_neg, x, w_dn) + xn * layer.transpose(m_neg, x, w_up)
+        return [result]
+
+
+class ZBox(Rule):
+    r"""z^B rule for inputs bounded by ``low <= x <= high`` (pixel layer):
+    :math:`R_i = \sum_j (x_i w_{ij} - l_i w^+_{ij} - h_i w^-_{ij}) / z_j\, R_j`. ``low``/``high``: floats, per-channel
+    tensors of shape (C,), or tensors broadcastable to the input."""
+
+    params = ("low", "high", "stabilizer", "include_bias")
+
+    def __init__(self, low, high, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.low, self.high = low, high
+        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        layer, x = ctx.layer, ctx.inputs[0]
+        keep = self.include_bias
+        weight, bias = layer.params()
+        w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
+        w_neg, b_neg = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
+        low, high = _bound(self.low, x), _bound(self.high, x)
+        z = (layer.forward(x, weight, _bias(bias, keep)) - layer.forward(low, w_pos, _bias(b_pos, keep))
+             - layer.forward(high, w_neg, _bias(b_neg, keep)))
+        message = safe_divide(relevance, z, self.stabilizer)
+        return [x * layer.transpose(message, x, weight) - low * layer.transpose(message, x, w_pos)
+                - high * layer.transpose(message, x, w_neg)]
+
+
+class Flat(Rule):
+    r"""Flat rule: relevance spread uniformly over each neuron's receptive field, :math:`w_{ij} = 1`, :math:`x_i = 1`."""
+
+    params = ("stabilizer",)
+
+    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.stabilizer = float(stabilizer)
+
+    def __call__(self, ctx, relevance):
+        layer, x = ctx.layer, ctx.inputs[0]
+        ones_w, _ = layer.variant("flat", lambda w, b: (torch.ones_like(w), None))
+        ones_x = torch.ones_like(x)
+        message = safe_divide(relevance, layer.forward(ones_x, ones_w), self.stabilizer)
+        return [layer.transpose(message, ones_x, ones_w)]
+
+
+class WSquare(Rule):
+    r"""w^2 rule: :math:`R_i = \sum_j w_{ij}^2 / \sum_{i'} w_{i'j}^2\, R_j` (first layer, unbounded inputs)."""
+
+    params = ("stabilizer", "include_bias")
+
+    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        layer, x = ctx.layer, ctx.inputs[0]
+        w_sq, b_sq = layer.variant("square", lambda w, b: (w * w, None if b is None else b * b))
+        ones_x = torch.ones_like(x)
+        z = layer.forward(ones_x, w_sq, _bias(b_sq, self.include_bias))
+        return [layer.transpose(safe_divide(relevance, z, self.stabilizer), ones_x, w_sq)]
+
+
+# -- rules for the other steps ----------------------------------------------------------------------------------------
+class Pass(Rule):
+    """Relevance passes unchanged (ReLU and other elementwise steps: the neuron is the same neuron)."""
+
+    def __call__(self, ctx, relevance):
+        return [relevance] + [None] * (len(ctx.inputs) - 1)
+
+
+class Norm(Rule):
+    r"""Proportional split for parameter-free linear steps (sums, average pooling):
+    :math:`R_i = x_i\, \partial z_j/\partial x_i\, R_j / z_j`."""
+
+    params = ("stabilizer",)
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = float(stabilizer)
+
+    def __call__(self, ctx, relevance):
+        message = safe_divide(relevance, ctx.output, self.stabilizer)
+        return [None if g is None else x * g for x, g in zip(ctx.inputs, ctx.vjp(message))]
+
+
+class Gradient(Rule):
+    """The plain vector-Jacobian product: relevance is moved (or, for baselines, gradients are propagated)."""
+
+    def __call__(self, ctx, relevance):
+        if ctx.layer is not None:
+            return [ctx.layer.transpose(relevance, ctx.inputs[0], ctx.layer.params()[0])]
+        return list(ctx.vjp(relevance))
+
+
+class DeconvReLU(Rule):
+    """DeconvNet's ReLU (Zeiler & Fergus 2014): pass the positive part of the signal, ignoring the forward mask."""
+
+    def __call__(self, ctx, relevance):
+        return [relevance.clamp(min=0)]
+
+
+def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, float]:
+    """Normalise alpha/beta to the common convention (alpha - beta = 1, beta >= 0).
+
+    Accepted: the common convention (e.g. alpha=2, beta=1), the paper's (alpha + beta = 1, beta <= 0, e.g. beta=-1),
+    or one of the two alone (beta <= 0 is read as the paper's convention). Anything else is an error.
+    """
+    if alpha is None and beta is None:
+        return 2.0, 1.0
+    if alpha is None:
+        alpha = 1.0 - beta if beta <= 0 else 1.0 + beta
+    if beta is None:
+        beta = alpha - 1.0
+    alpha, beta = float(alpha), float(beta)
+    if abs(alpha - beta - 1.0) < 1e-12 and beta >= 0:
+        return alpha, beta
+    if abs(alpha + beta - 1.0) < 1e-12 and beta <= 0:
+        return alpha, -beta
+    raise ValueError(
+        f"inconsistent alpha={alpha}, beta={beta}: use the common convention alpha - beta = 1 with beta >= 0 "
+        "(e.g. alpha=2, beta=1) or the paper's alpha + beta = 1 with beta <= 0 (e.g. alpha=2, beta=-1)"
+    )
+
+
+def _nonnegative(x: torch.Tensor) -> bool:
+    return bool((x >= 0).all())
+
+
+def _bound(bound, x: torch.Tensor) -> torch.Tensor:
+    bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
+    if bound.dim() == 1 and x.dim() > 2 and bound.numel() == x.shape[1]:
+        bound = bound.reshape((1, -1) + (1,) * (x.dim() - 2))
+    return bound.expand_as(x)
