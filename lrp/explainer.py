@@ -59,7 +59,11 @@ class Explainer:
 
     def __call__(self, x: torch.Tensor, target) -> Explanation:
         x = self._check_input(x)
-        with torch.no_grad():
+        # inference_mode(False): pooling and reshape steps use autograd on their own inputs, which inference tensors
+        # (e.g. from a caller's torch.inference_mode block) cannot take part in
+        with torch.inference_mode(False), torch.no_grad():
+            if x.is_inference():
+                x = x.clone()
             values = self.network.forward(x)
             logits = values[self.network.output_index]
             target = self._check_target(target, logits)

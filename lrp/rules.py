@@ -198,8 +198,9 @@ class ZBox(Rule):
         w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
         w_neg, b_neg = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
         low, high = _bound(self.low, x), _bound(self.high, x)
-        z = (layer.forward(x, weight, _bias(bias, keep)) - layer.forward(low, w_pos, _bias(b_pos, keep))
-             - layer.forward(high, w_neg, _bias(b_neg, keep)))
+        z = ctx.output if keep or bias is None else ctx.output - layer.expand_bias(bias, ctx.output)
+        # the bounds are the same image for every row: their affine maps are computed once, then broadcast
+        z = z - layer.forward(low[:1], w_pos, _bias(b_pos, keep)) - layer.forward(high[:1], w_neg, _bias(b_neg, keep))
         message = safe_divide(relevance, z, self.stabilizer)
         return [x * layer.transpose(message, x, weight) - low * layer.transpose(message, x, w_pos)
                 - high * layer.transpose(message, x, w_neg)]
@@ -217,7 +218,7 @@ class Flat(Rule):
         layer, x = ctx.layer, ctx.inputs[0]
         ones_w, _ = layer.variant("flat", lambda w, b: (torch.ones_like(w), None))
         ones_x = torch.ones_like(x)
-        message = safe_divide(relevance, layer.forward(ones_x, ones_w), self.stabilizer)
+        message = safe_divide(relevance, layer.forward(ones_x[:1], ones_w), self.stabilizer)
         return [layer.transpose(message, ones_x, ones_w)]
 
 
@@ -233,7 +234,7 @@ class WSquare(Rule):
         layer, x = ctx.layer, ctx.inputs[0]
         w_sq, b_sq = layer.variant("square", lambda w, b: (w * w, None if b is None else b * b))
         ones_x = torch.ones_like(x)
-        z = layer.forward(ones_x, w_sq, _bias(b_sq, self.include_bias))
+        z = layer.forward(ones_x[:1], w_sq, _bias(b_sq, self.include_bias))  # the same for every row
         return [layer.transpose(safe_divide(relevance, z, self.stabilizer), ones_x, w_sq)]
 
 
