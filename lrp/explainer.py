@@ -38,6 +38,7 @@ class Explainer:
 
     >>> explainer = Explainer(model, composite="epsilon_gamma_box", gamma=0.25, low=-3.0, high=3.0)
     >>> result = explainer(x, target)   # result.relevance has the shape of x
+    >>> result = explainer(x, None)     # explain each row's predicted class
 
     The computation runs in the dtype and on the device of the model; ``x`` must match (``model.double()`` and
     ``x.double()`` for float64 verification). The model is never modified.
@@ -95,6 +96,8 @@ class Explainer:
         if logits.dim() != 2:
             raise ValueError(f"the model must return logits of shape (batch, classes), got {tuple(logits.shape)}")
         batch, classes = logits.shape
+        if target is None:  # explain the prediction
+            return logits.argmax(1)
         target = torch.as_tensor(target, device=logits.device)
         if target.is_floating_point():
             raise TypeError("target must hold integer class indices")

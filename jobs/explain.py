@@ -1,0 +1,117 @@
+"""``lrp-audit explain``: explain every image of a dataset into a Zarr relevance store on a Ray cluster.
+
+Flags, a YAML ``--config`` file, or both (flags win). The same module runs on a laptop (a local Ray
+cluster is started) and on a cluster (``--address`` / ``RAY_ADDRESS``, which ``ray job submit`` sets)::
+
+    lrp-audit explain --dataset data/images --model resnet18 --weights DEFAULT --from-weights \\
+        --composite epsilon:epsilon=0.01 --composite epsilon:epsilon=100 --store runs/r18.zarr
+    ray job submit --working-dir . -- python -m jobs.explain --config run.yaml
+
+The exit status is 0 when every row is ok, 1 when rows failed (listed in the summary), 2 on a config error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import TARGET_MODES, ConfigError, config_from_dict, load_yaml
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrp-audit explain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (see docs/pipeline.md); flags override its keys")
+    data = p.add_argument_group("dataset")
+    data.add_argument("--dataset", help="ImageFolder root, manifest .parquet/.csv, or VOC root (path or fsspec URL)")
+    data.add_argument("--dataset-kind", choices=["auto", "imagefolder", "manifest", "voc"])
+    data.add_argument("--split", help="VOC split (ImageSets/Main/<split>.txt)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help="torchvision model name, e.g. vgg16, resnet50")
+    model.add_argument("--factory", help="custom model as package.module:function (instead of --model)")
+    model.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1) or a state_dict file")
+    model.add_argument("--model-kwargs", type=json.loads, help='JSON constructor kwargs, e.g. \'{"num_classes": 3}\'')
+    model.add_argument("--class-names", help="file with one class name per line (or a JSON list)")
+    pre = p.add_argument_group("preprocessing")
+    pre.add_argument("--from-weights", action="store_true", default=None,
+                     help="use the torchvision weights' own resize/crop/normalize")
+    pre.add_argument("--resize", type=int, nargs="+", help="shorter side, or height width")
+    pre.add_argument("--center-crop", type=int, nargs="+", help="crop size, or height width")
+    pre.add_argument("--pad-to-square", action="store_true", default=None,
+                     help="edge-pad to a square instead of cropping (Binder et al. 2016, sec. 4)")
+    pre.add_argument("--mean", type=float, nargs=3)
+    pre.add_argument("--std", type=float, nargs=3)
+    what = p.add_argument_group("what to explain")
+    what.add_argument("--composite", action="append", dest="explanations", metavar="NAME[:KEY=VALUE,...]",
+                      help="composite and parameters, repeatable: each goes to its own store group, "
+                           "e.g. epsilon:epsilon=0.01 alpha_beta:alpha=1,beta=0")
+    what.add_argument("--targets", choices=TARGET_MODES, help="auto (true label(s), default), label, prediction, "
+                      "classes (with --classes), labels (every label of a multi-label image)")
+    what.add_argument("--classes", help="comma-separated class indices or names for --targets classes")
+    what.add_argument("--per-channel", action="store_true", default=None, help="also store (N,C,H,W) relevance")
+    run = p.add_argument_group("run")
+    run.add_argument("--store", help="output Zarr store: path or fsspec URL (s3://...)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--num-actors", type=int, help="default: one per GPU, else CPUs / --cpus-per-actor")
+    run.add_argument("--cpus-per-actor", type=int)
+    run.add_argument("--rows-per-shard", type=int, help="rows per store shard = per task (default 256)")
+    run.add_argument("--max-attempts", type=int, help="tries per shard when an actor dies (default 3)")
+    run.add_argument("--retry-failed", action="store_true", default=None, help="also redo failed/nonfinite rows")
+    run.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+                     help="GPU actors even if no GPU is up yet (autoscaling clusters)")
+    run.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU actors even on a GPU cluster")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    return p
+
+
+def config_values(args: argparse.Namespace) -> dict:
+    """YAML values with the given flags layered on top."""
+    values = load_yaml(args.config) if args.config else {}
+    model = values.get("model") or {}
+    model = {"name": model} if isinstance(model, str) else dict(model)
+    if args.model or args.factory:
+        model.pop("name", None), model.pop("factory", None)
+    for key, flag in (("name", args.model), ("factory", args.factory), ("weights", args.weights),
+                      ("kwargs", args.model_kwargs), ("class_names", args.class_names)):
+        if flag is not None:
+            model[key] = flag
+    if model:
+        values["model"] = model
+    dataset = values.get("dataset") or {}
+    dataset = {"source": dataset} if isinstance(dataset, str) else dict(dataset)
+    for key, flag in (("source", args.dataset), ("kind", args.dataset_kind), ("split", args.split)):
+        if flag is not None:
+            dataset[key] = flag
+    if dataset:
+        values["dataset"] = dataset
+    preprocess = dict(values.get("preprocess") or {})
+    for key, flag in (("from_weights", args.from_weights), ("resize", args.resize), ("center_crop", args.center_crop),
+                      ("pad_to_square", args.pad_to_square), ("mean", args.mean), ("std", args.std)):
+        if flag is not None:
+            preprocess[key] = flag
+    if preprocess:
+        values["preprocess"] = preprocess
+    for key in ("explanations", "targets", "classes", "per_channel", "store", "address", "batch_size", "num_actors",
+                "cpus_per_actor", "rows_per_shard", "max_attempts", "retry_failed", "progress"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from pipeline.run import run  # imports ray and torch: after --help
+
+    try:
+        config = config_from_dict(config_values(args))
+        summary = run(config, use_gpu=args.use_gpu)
+    except ConfigError as error:
+        print(f"lrp-audit explain: configuration error: {error}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The run config of ``lrp-audit explain``: dataclasses, YAML loading and up-front validation.
+
+Everything that can be wrong with a config is checked by :func:`pipeline.run.plan_run` before the first
+image is explained (unknown model or composite, missing weights file, class-count mismatch, target out
+of range), and every error says which key to fix. Example YAML::
+
+    dataset: {source: data/voc, kind: voc}
+    model: {name: vgg16, weights: DEFAULT}
+    preprocess: {from_weights: true, pad_to_square: true}
+    explanations:
+      - {composite: epsilon, epsilon: 0.01}
+      - {composite: epsilon, epsilon: 100}
+      - {name: ab, composite: alpha_beta, alpha: 1, beta: 0}
+    targets: labels
+    store: runs/voc.zarr
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .models import ModelError, ModelSpec
+from .preprocess import PreprocessSpec
+
+TARGET_MODES = ("auto", "label", "prediction", "classes", "labels")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what to change."""
+
+
+@dataclass
+class DatasetSpec:
+    """``source``: folder, manifest file or VOC root (local or fsspec URL); ``kind``: imagefolder, manifest,
+    voc or auto; ``split``: VOC ImageSets/Main split name."""
+
+    source: str
+    kind: str = "auto"
+    split: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExplanationSetting:
+    """One composite with its parameters; written to ``explanations/<name>`` of the store."""
+
+    composite: str
+    params: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = self.composite + "".join(f"_{key}={value}" for key, value in sorted(self.params.items()))
+        if "/" in self.name:
+            raise ConfigError(f"explanation name {self.name!r} must not contain '/'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"composite": self.composite, **self.params}
+
+    @classmethod
+    def parse(cls, value) -> "ExplanationSetting":
+        """From a dict ``{composite: epsilon, epsilon: 0.01, name: ...}`` or a string ``epsilon:epsilon=0.01,...``."""
+        if isinstance(value, ExplanationSetting):
+            return value
+        if isinstance(value, str):
+            composite, _, rest = value.partition(":")
+            params = {}
+            for item in filter(None, rest.split(",")):
+                key, sep, text = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"explanation {value!r}: parameters are key=value, e.g. epsilon:epsilon=0.01")
+                params[key.strip()] = yaml.safe_load(text)
+            return cls(composite.strip(), params)
+        if isinstance(value, dict):
+            value = dict(value)
+            if "composite" not in value:
+                raise ConfigError(f"explanation {value} needs a 'composite' key (e.g. composite: epsilon)")
+            name = value.pop("name", None)
+            composite = value.pop("composite")
+            params = dict(value.pop("params", {}) or {})
+            params.update(value)
+            return cls(composite, params, name)
+        raise ConfigError(f"explanation {value!r} must be a mapping or 'composite:key=value,...'")
+
+
+@dataclass
+class RunConfig:
+    """A whole explain run. Defaults make a laptop run: local Ray, CPU actors, label targets."""
+
+    dataset: DatasetSpec
+    model: ModelSpec
+    store: str
+    explanations: list[ExplanationSetting] = field(default_factory=lambda: [ExplanationSetting("epsilon_plus")])
+    preprocess: PreprocessSpec = field(default_factory=lambda: PreprocessSpec(resize=[224, 224]))
+    preprocess_from_weights: bool = False
+    targets: str = "auto"
+    classes: list[int | str] = field(default_factory=list)
+    per_channel: bool = False
+    batch_size: int = 32
+    num_actors: int | None = None
+    cpus_per_actor: int = 1
+    rows_per_shard: int = 256
+    max_attempts: int = 3
+    retry_failed: bool = False
+    address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.targets not in TARGET_MODES:
+            raise ConfigError(f"targets {self.targets!r} unknown: use one of {', '.join(TARGET_MODES)}")
+        if self.targets == "classes" and not self.classes:
+            raise ConfigError("targets: classes needs a 'classes' list (class indices or names)")
+        if self.classes and self.targets != "classes":
+            raise ConfigError(f"'classes' is only used with targets: classes (targets is {self.targets!r})")
+        for key in ("batch_size", "cpus_per_actor", "rows_per_shard", "max_attempts"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.num_actors is not None and int(self.num_actors) < 1:
+            raise ConfigError(f"num_actors must be at least 1 (or unset for one per GPU/CPU), got {self.num_actors}")
+        if not self.explanations:
+            raise ConfigError("explanations is empty: give at least one composite, e.g. {composite: epsilon}")
+        names = [setting.name for setting in self.explanations]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"explanations {duplicates} appear twice: give each setting a distinct 'name'")
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config that defines the store's content (not how fast it is computed)."""
+        return {
+            "dataset": {"source": self.dataset.source, "kind": self.dataset.kind, "split": self.dataset.split},
+            "model": {"name": self.model.name, "factory": self.model.factory, "weights": self.model.weights,
+                      "kwargs": self.model.kwargs, "seed": self.model.seed},
+            "explanations": {s.name: s.to_dict() for s in self.explanations},
+            "preprocess": self.preprocess.to_dict(),
+            "targets": self.targets,
+            "classes": list(self.classes),
+            "per_channel": self.per_channel,
+        }
+
+
+_SECTIONS = {"dataset": DatasetSpec, "model": ModelSpec}
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+    try:
+        return cls(**values)
+    except (ModelError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from error
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """A RunConfig from plain values (parsed YAML merged with CLI flags)."""
+    values = dict(values)
+    for key in ("dataset", "model", "store"):
+        if not values.get(key):
+            raise ConfigError(f"the config needs '{key}' (see docs/pipeline.md for an example)")
+    dataset = values["dataset"]
+    values["dataset"] = _build(DatasetSpec, {"source": dataset} if isinstance(dataset, str) else dict(dataset), "dataset")
+    model = values["model"]
+    values["model"] = _build(ModelSpec, {"name": model} if isinstance(model, str) else dict(model), "model")
+    preprocess = dict(values.get("preprocess") or {})
+    values["preprocess_from_weights"] = bool(preprocess.pop("from_weights", values.get("preprocess_from_weights", False)))
+    if values["preprocess_from_weights"]:
+        from .models import weights_enum
+
+        enum = weights_enum(values["model"])
+        if enum is None:
+            raise ConfigError("preprocess.from_weights needs model.name with torchvision weights (e.g. weights: DEFAULT)")
+        try:
+            values["preprocess"] = PreprocessSpec.from_weights(enum, **preprocess)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"preprocess: {error}") from error
+    elif preprocess:
+        values["preprocess"] = _build(PreprocessSpec, preprocess, "preprocess")
+    else:
+        values.pop("preprocess", None)
+    if "explanations" in values:
+        settings = values["explanations"]
+        values["explanations"] = [ExplanationSetting.parse(s) for s in ([settings] if isinstance(settings, (str, dict)) else settings)]
+    if isinstance(values.get("classes"), (str, int)):
+        values["classes"] = [c.strip() for c in str(values["classes"]).split(",")]
+    values["classes"] = [int(c) if str(c).lstrip("-").isdigit() else c for c in values.get("classes", []) or []]
+    config = _build(RunConfig, values, "config")
+    try:
+        config.preprocess.output_size()
+    except ValueError as error:
+        raise ConfigError(f"preprocess: {error}") from error
+    return config
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Values of a YAML config file (local or fsspec URL)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt") as file:
+            values = yaml.safe_load(file) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys (dataset, model, store, ...)")
+    return values

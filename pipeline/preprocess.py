@@ -1,0 +1,127 @@
+"""Image preprocessing with boxes and masks carried through the same geometry.
+
+Built on torchvision's ``transforms.v2``, which moves ``BoundingBoxes`` and ``Mask`` along with the
+image, so a box drawn on the source image still frames the object on the relevance map. Two
+geometries: resize + center-crop (torchvision's classification presets), or pad to square with the
+nearest pixel (edge padding) then resize, as Binder et al. 2016 §4 do for non-square images, so no
+part of the image is cropped away and the padding adds no new edges.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _size(value) -> list[int] | None:
+    if value is None:
+        return None
+    return [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
+
+
+@dataclass
+class PreprocessSpec:
+    """What to do to a decoded uint8 image before the model sees it.
+
+    ``resize``: one int (shorter side, aspect kept) or [h, w]; ``center_crop``: int or [h, w];
+    ``pad_to_square``: edge-pad to a square before resizing instead of cropping;
+    ``mean``/``std``: normalization after scaling to [0, 1].
+    """
+
+    resize: list[int] | None = None
+    center_crop: list[int] | None = None
+    pad_to_square: bool = False
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        self.resize, self.center_crop = _size(self.resize), _size(self.center_crop)
+        self.mean, self.std = [float(v) for v in self.mean], [float(v) for v in self.std]
+        self.pad_to_square = bool(self.pad_to_square)
+        try:
+            InterpolationMode(self.interpolation)
+        except ValueError:
+            options = [mode.value for mode in InterpolationMode]
+            raise ValueError(f"preprocess.interpolation {self.interpolation!r} unknown: use one of {options}") from None
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocess.mean {self.mean} and std {self.std} need equal lengths and std > 0")
+
+    @classmethod
+    def from_weights(cls, weights, **overrides) -> "PreprocessSpec":
+        """The geometry of a torchvision weights' own ``transforms()`` (ImageClassification preset)."""
+        preset = weights.transforms()
+        spec = dict(resize=list(preset.resize_size), center_crop=list(preset.crop_size),
+                    mean=list(preset.mean), std=list(preset.std), interpolation=preset.interpolation.value)
+        spec.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**spec)
+
+    def output_size(self) -> tuple[int, int]:
+        """(H, W) of every preprocessed image: fixed, because the store's arrays are."""
+        if self.center_crop:
+            crop = self.center_crop
+            return (crop[0], crop[-1])
+        if self.resize and (len(self.resize) == 2 or self.pad_to_square):
+            return (self.resize[0], self.resize[-1])
+        raise ValueError(
+            "preprocess must give every image the same size: set center_crop, or pad_to_square with resize, "
+            "or resize as [height, width]"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Preprocess:
+    """Callable: (uint8 image (3,H,W), source boxes (K,4), mask (H,W)) -> (float input, boxes, mask)."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+        self.size = spec.output_size()
+        interpolation = InterpolationMode(spec.interpolation)
+        geometry = []
+        if spec.resize:
+            geometry.append(v2.Resize(spec.resize if len(spec.resize) == 2 else spec.resize[0],
+                                      interpolation=interpolation, antialias=True))
+        if spec.center_crop:
+            geometry.append(v2.CenterCrop(spec.center_crop))
+        self.geometry = v2.Compose(geometry)
+
+    def __call__(self, image: torch.Tensor, boxes=None, mask: torch.Tensor | None = None):
+        height, width = image.shape[-2:]
+        image = tv_tensors.Image(image)
+        box_array = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float32).reshape(-1, 4)
+        box_tensor = tv_tensors.BoundingBoxes(torch.from_numpy(box_array), format="XYXY", canvas_size=(height, width))
+        mask = tv_tensors.Mask(mask.to(torch.uint8)) if mask is not None else None
+        if mask is not None and mask.shape[-2:] != (height, width):
+            raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the image size {(height, width)}")
+
+        if self.spec.pad_to_square and height != width:
+            side = max(height, width)
+            left, top = (side - width) // 2, (side - height) // 2
+            padding = [left, top, side - width - left, side - height - top]
+            image = F.pad(image, padding, padding_mode="edge")  # nearest pixel: no new edges
+            box_tensor = F.pad(box_tensor, padding)
+            if mask is not None:
+                mask = F.pad(mask, padding, fill=0)  # the padding is not the object
+
+        image, box_tensor, mask = self.geometry(image, box_tensor, mask)
+        if tuple(image.shape[-2:]) != self.size:
+            raise ValueError(f"preprocessed size {tuple(image.shape[-2:])} is not the configured {self.size}")
+        x = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.spec.mean, self.spec.std)
+        out_boxes = box_tensor.as_subclass(torch.Tensor).numpy().astype(np.float32)
+        h, w = self.size
+        out_boxes[:, 0::2] = out_boxes[:, 0::2].clip(0, w)
+        out_boxes[:, 1::2] = out_boxes[:, 1::2].clip(0, h)
+        empty = (out_boxes[:, 2] <= out_boxes[:, 0]) | (out_boxes[:, 3] <= out_boxes[:, 1])
+        out_boxes[empty] = np.nan  # cropped away entirely
+        out_mask = mask.as_subclass(torch.Tensor).bool() if mask is not None else None
+        return x.as_subclass(torch.Tensor), out_boxes, out_mask

@@ -1,0 +1,359 @@
+"""Orchestration of an explain run: plan (validate everything), then shards to a pool of Ray actors.
+
+Why plain actors rather than Ray Data: the unit of work must be one *store shard* (whole-shard writes are
+what makes concurrent Zarr writers safe, and the shard is the unit of resuming), the actor must write
+the rows itself (so the driver never holds relevance), and a retried unit must be retried *as a unit*.
+With plain actors each of these is one line of the dispatch loop below; Ray Data would re-batch rows
+across shard boundaries and hide retries inside the streaming executor. Backpressure is explicit: each
+actor has at most ``IN_FLIGHT`` shard tasks queued, and the driver only holds shard descriptors
+(a slice of the Arrow row table), never images.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .actors import ActorJob, ExplainActor
+from .config import ConfigError, RunConfig
+from .datasets import DatasetError, DatasetIndex, load_index
+from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
+from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
+                    RelevanceStore, StoreError)
+
+IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
+RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
+
+
+@dataclass
+class RunPlan:
+    """Everything resolved before any work: the rows to explain and the store they go to."""
+
+    config: RunConfig
+    index: DatasetIndex
+    rows: pa.Table  # row, sample_id, path, target, label, labels, boxes, box_classes, mask_path
+    class_names: list[str]
+    target_mode: str
+    height: int
+    width: int
+    store_config: dict
+
+    @property
+    def job(self) -> ActorJob:
+        return ActorJob(self.config, self.target_mode, len(self.class_names), self.index.max_boxes,
+                        self.index.has_masks, self.target_mode == "labels" or self.index.multi_label)
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("lrp-audit", "torch", "torchvision", "zarr", "ray", "numpy", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Validate the config against the model and the dataset, and lay out the rows; raises ConfigError."""
+    import lrp
+
+    for setting in config.explanations:
+        try:
+            lrp.make_composite(setting.composite, **setting.params)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"explanation {setting.name!r}: {error}") from error
+    try:
+        digest = weights_digest(config.model)
+        names = model_class_names(config.model)
+        index = load_index(config.dataset.source, config.dataset.kind, names, config.dataset.split,
+                           config.dataset.storage_options)
+        model = build_model(config.model, "cpu", download=False)
+        height, width = config.preprocess.output_size()
+        num_classes = count_classes(model, 3, (height, width))
+    except (ModelError, DatasetError) as error:
+        raise ConfigError(str(error)) from error
+    except RuntimeError as error:  # a forward pass that does not fit the input size or channels
+        raise ConfigError(f"the model cannot run on a {3}x{height}x{width} input: {error}") from error
+    for setting in config.explanations:
+        try:
+            lrp.Explainer(model, setting.composite, **setting.params)
+        except (ValueError, TypeError, NotImplementedError, lrp.UnsupportedLayerError) as error:
+            raise ConfigError(f"explanation {setting.name!r} cannot explain this model: {error}") from error
+
+    class_names = names or index.class_names or [str(i) for i in range(num_classes)]
+    source = "model.class_names" if isinstance(config.model.class_names, (str, list)) else (
+        "the weights' meta" if names else "the dataset")
+    if len(class_names) != num_classes:
+        raise ConfigError(
+            f"class count mismatch: the model has {num_classes} outputs but {source} lists {len(class_names)} "
+            f"classes; set model.kwargs.num_classes to {len(class_names)} or give matching model.class_names"
+        )
+    mode = config.targets if config.targets != "auto" else ("labels" if index.multi_label else "label")
+    rows = _rows(index, mode, config.classes, class_names)
+    store_config = config.identity() | {
+        "weights_digest": digest,
+        "dataset_fingerprint": index.fingerprint(),
+        "dataset_kind": index.kind,
+        "target_mode": mode,
+        "class_names": class_names,
+    }
+    return RunPlan(config, index, rows, class_names, mode, height, width, store_config)
+
+
+def _rows(index: DatasetIndex, mode: str, classes: list, class_names: list[str]) -> pa.Table:
+    """One row per (image, target), image-major, so the row count is known before the run."""
+    samples = index.samples
+    n_classes = len(class_names)
+
+    def first_bad(mask, what):
+        bad = pc.filter(samples["path"], mask)
+        if len(bad):
+            raise ConfigError(f"{len(bad)} image(s) {what}, e.g. {bad[0].as_py()!r}")
+
+    if mode == "label":
+        labels = samples["label"]
+        first_bad(pc.less(labels, 0), "have no single label: use targets: prediction, or labels for multi-label data")
+        first_bad(pc.greater_equal(labels, n_classes), f"have a label outside the model's {n_classes} classes")
+        take, targets = np.arange(len(samples)), labels.to_numpy()
+    elif mode == "prediction":
+        take, targets = np.arange(len(samples)), np.full(len(samples), -1)
+    elif mode == "labels":
+        lengths = pc.list_value_length(samples["labels"]).to_numpy(zero_copy_only=False)
+        first_bad(pa.array(lengths == 0), "have no labels: use targets: label or prediction")
+        take = np.repeat(np.arange(len(samples)), lengths)
+        targets = pc.list_flatten(samples["labels"]).to_numpy()
+        if (targets >= n_classes).any():
+            raise ConfigError(f"a multi-label target is outside the model's {n_classes} classes")
+    elif mode == "classes":
+        indices = []
+        for value in classes:
+            if isinstance(value, str):
+                if value not in class_names:
+                    raise ConfigError(f"classes: {value!r} is not a class name (e.g. {class_names[:5]})")
+                value = class_names.index(value)
+            if not 0 <= value < n_classes:
+                raise ConfigError(f"classes: target {value} is outside the model's classes 0..{n_classes - 1}")
+            indices.append(value)
+        take = np.repeat(np.arange(len(samples)), len(indices))
+        targets = np.tile(np.asarray(indices, np.int64), len(samples))
+    else:
+        raise ConfigError(f"unknown target mode {mode!r}")
+    rows = samples.take(pa.array(take, pa.int64()))
+    return rows.append_column("target", pa.array(np.asarray(targets, np.int64))) \
+               .add_column(0, "row", pa.array(np.arange(len(take), dtype=np.int64)))
+
+
+def create_store(plan: RunPlan) -> RelevanceStore:
+    """Create the store, or reopen it when the config is the same (a resume)."""
+    config = plan.config
+    try:
+        return RelevanceStore.create(
+            config.store, config=plan.store_config, class_names=plan.class_names,
+            groups={s.name: s.to_dict() for s in config.explanations}, n_rows=plan.rows.num_rows,
+            height=plan.height, width=plan.width, rows_per_shard=config.rows_per_shard,
+            max_boxes=plan.index.max_boxes, with_mask=plan.index.has_masks,
+            num_labels=len(plan.class_names) if plan.job.with_labels else None,
+            channels=3 if config.per_channel else None, software=software_versions(),
+            storage_options=config.storage_options,
+        )
+    except StoreError as error:
+        raise ConfigError(str(error)) from error
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    store: str
+    rows: int
+    groups: dict[str, dict[str, int]]
+    residual: dict[str, dict[str, float]]
+    failures: list[tuple[str, str]]
+    computed_rows: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return all(counts["ok"] == self.rows for counts in self.groups.values())
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.complete else 1
+
+    def format(self) -> str:
+        rate = self.computed_rows / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"store {self.store}: {self.rows} rows per group, computed {self.computed_rows} rows this run "
+                 f"in {self.seconds:.1f}s ({rate:.1f} images/s), {self.retries} shard retries"]
+        for name, counts in self.groups.items():
+            res = self.residual.get(name, {})
+            lines.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                         + (f"; residual sum R - f(x): mean {res['mean']:.3g}, mean |.| {res['mean_abs']:.3g}, "
+                            f"max |.| {res['max_abs']:.3g}, median |.|/|f(x)| {res['median_rel']:.3g}" if res else ""))
+        if self.failures:
+            lines.append(f"failed images ({len(self.failures)}):")
+            lines += [f"  {path}: {reason}" for path, reason in self.failures[:20]]
+            if len(self.failures) > 20:
+                lines.append(f"  ... and {len(self.failures) - 20} more (status == 2 in the store)")
+        lines += self.messages
+        return "\n".join(lines)
+
+
+def summarize(store: RelevanceStore) -> RunSummary:
+    """Counts, conservation residuals and failures, read back from the store (so a resumed run is whole)."""
+    groups, residual, failures = {}, {}, {}
+    for group in store.groups():
+        rows = group.rows()
+        status = rows["status"].to_numpy()
+        groups[group.name] = {STATUS_NAMES[code]: int((status == code).sum())
+                              for code in (STATUS_OK, STATUS_FAILED, STATUS_NONFINITE, STATUS_PENDING)}
+        ok = status == STATUS_OK
+        if ok.any():
+            r = rows["residual"].to_numpy()[ok]
+            f = rows["output"].to_numpy()[ok]
+            residual[group.name] = {"mean": float(r.mean()), "mean_abs": float(np.abs(r).mean()),
+                                    "max_abs": float(np.abs(r).max()),
+                                    "median_rel": float(np.median(np.abs(r) / np.maximum(np.abs(f), 1e-12)))}
+        failed = np.flatnonzero(status == STATUS_FAILED)
+        paths, errors = rows["path"].to_pylist(), rows["error"].to_pylist()
+        for i in failed:
+            failures.setdefault(paths[i], errors[i])
+    return RunSummary(store.url, store.n_rows, groups, residual, sorted(failures.items()))
+
+
+def _connect(config: RunConfig):
+    import ray
+
+    if not ray.is_initialized():
+        if config.address:
+            ray.init(address=config.address, logging_level="WARNING")
+        else:  # RAY_ADDRESS (set by `ray job submit`) or a new local cluster
+            ray.init(logging_level="WARNING", include_dashboard=False)
+    return ray
+
+
+def _failed_shard(store: RelevanceStore, groups: list[str], start: int, rows: pa.Table, reason: str) -> None:
+    """A shard the actors could not finish: every row failed with the reason (the driver writes it)."""
+    n = rows.num_rows
+    for name in groups:
+        store.group(name).write_block(
+            start, relevance=np.full((n, store.height, store.width), np.nan, np.float32),
+            status=np.full(n, STATUS_FAILED, np.int8), error=[reason] * n, path=rows["path"].to_pylist(),
+            sample_id=rows["sample_id"].to_numpy(), target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
+
+
+def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
+    """Explain every missing row of the store; resumable, idempotent, and never holds images in the driver."""
+    plan = plan_run(config)  # every config error surfaces here, before any work
+    store = create_store(plan)
+    todo: dict[int, list[str]] = {}
+    for group in store.groups():
+        for shard in group.pending_shards(retry_failed=config.retry_failed):
+            todo.setdefault(shard, []).append(group.name)
+    if not todo:
+        summary = summarize(store)
+        summary.messages.append("nothing to do: every row of the store is already computed")
+        return summary
+
+    ray = _connect(config)
+    from ray.exceptions import RayActorError, RayTaskError
+    from tqdm import tqdm
+
+    gpus = ray.cluster_resources().get("GPU", 0) if use_gpu is None else (1 if use_gpu else 0)
+    if gpus:
+        count = config.num_actors or max(1, int(ray.cluster_resources().get("GPU", 1)))
+        options = dict(num_gpus=1, num_cpus=config.cpus_per_actor)
+    else:
+        count = config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.cpus_per_actor)
+        options = dict(num_gpus=0, num_cpus=config.cpus_per_actor)
+    remote = ray.remote(ExplainActor).options(max_restarts=-1, max_task_retries=0, **options)
+    actors = [remote.remote(plan.job) for _ in range(min(count, len(todo)))]
+    try:
+        ray.get([actor.ready.remote() for actor in actors])
+    except RayActorError as error:
+        raise ConfigError(f"the explain actors could not start: {error}") from error
+
+    began = time.perf_counter()
+    queue = deque(sorted(todo))
+    attempts = {shard: 0 for shard in todo}
+    load = [0] * len(actors)
+    in_flight: dict = {}  # task ref -> (actor index, shard)
+    recovering: dict = {}  # ready-ping ref -> actor index, for actors Ray is restarting
+    recoveries = [0] * len(actors)
+    computed = retries = failed_rows = 0
+    total_rows = sum(np.diff(store.shard_rows(shard))[0] for shard in todo)
+    bar = tqdm(total=int(total_rows), unit="img", desc="explain", disable=not config.progress, file=sys.stderr,
+               smoothing=0.1)
+
+    def fail(shard, reason):
+        start, stop = store.shard_rows(shard)
+        _failed_shard(store, todo[shard], start, plan.rows.slice(start, stop - start), reason)
+        bar.update(stop - start)
+
+    try:
+        while queue or in_flight:
+            usable = [i for i in range(len(actors)) if actors[i] is not None and i not in recovering.values()]
+            for i in usable:
+                while queue and load[i] < IN_FLIGHT:
+                    shard = queue.popleft()
+                    start, stop = store.shard_rows(shard)
+                    attempts[shard] += 1
+                    ref = actors[i].explain_shard.remote(start, plan.rows.slice(start, stop - start), todo[shard])
+                    in_flight[ref] = (i, shard)
+                    load[i] += 1
+            if not in_flight and not recovering:  # every actor is gone for good
+                for shard in queue:
+                    fail(shard, "no explain actor could be kept alive (see the Ray worker logs)")
+                break
+            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
+            for ref in done:
+                if ref in recovering:
+                    i = recovering.pop(ref)
+                    try:
+                        ray.get(ref)  # restarted: usable again
+                    except RayActorError:
+                        recoveries[i] += 1
+                        if recoveries[i] > RECOVERIES:
+                            ray.kill(actors[i], no_restart=True)
+                            actors[i] = None
+                        else:
+                            time.sleep(min(2.0, 0.1 * 2 ** recoveries[i]))
+                            recovering[actors[i].ready.remote()] = i
+                    continue
+                i, shard = in_flight.pop(ref)
+                load[i] -= 1
+                start, stop = store.shard_rows(shard)
+                try:
+                    report = ray.get(ref)
+                except RayActorError as error:  # the actor died (OOM, segfault, node lost): Ray restarts it
+                    if i not in recovering.values() and actors[i] is not None:
+                        recovering[actors[i].ready.remote()] = i
+                    if attempts[shard] < config.max_attempts:
+                        retries += 1
+                        queue.appendleft(shard)
+                    else:
+                        fail(shard, f"the actor died {attempts[shard]} times explaining this shard: {error}")
+                except RayTaskError as error:  # an exception inside the task: not transient, not retried
+                    fail(shard, str(error.cause if error.cause is not None else error).strip().splitlines()[-1])
+                else:
+                    computed += report["rows"]
+                    failed_rows += report["failed"] + report["nonfinite"]
+                    bar.set_postfix(failed=failed_rows, refresh=False)
+                    bar.update(stop - start)
+    finally:
+        bar.close()
+        for actor in actors:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+    summary = summarize(store)
+    summary.computed_rows, summary.seconds, summary.retries = computed, time.perf_counter() - began, retries
+    return summary

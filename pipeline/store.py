@@ -1,0 +1,368 @@
+"""The Zarr v3 relevance store: the one module that reads and writes it.
+
+Layout (documented in docs/store-format.md, readable with plain ``zarr``/``xarray``)::
+
+    <root>                      attrs: lrp_audit_format, config, class_names, software, layout
+      explanations/<name>/      attrs: setting (composite + parameters of this group)
+        relevance     (N,H,W)   float32, channel-summed; chunks (1,H,W) in shards (S,H,W)
+        relevance_channels (N,C,H,W) float32, optional
+        output, relevance_sum, residual        (N,) float64
+        target, label, prediction, sample_id   (N,) int64, -1 = none
+        path, error   (N,) string
+        status        (N,) int8: 0 pending, 1 ok, 2 failed, 3 nonfinite
+        labels (N,L) bool, boxes (N,K,4) float32 NaN-padded, mask (N,H,W) bool   (optional)
+
+Every array is cut along rows into the same shards of S rows (``rows_per_shard``). A writer always
+writes whole shards, so two writers never touch one shard object (zarr-python loses data when they do),
+and it writes ``status`` last, so a row only reads as done once all of its arrays are on storage:
+a writer killed half-way leaves the shard pending and a rerun rewrites the whole shard.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import zarr
+
+FORMAT_VERSION = 1
+
+STATUS_PENDING = 0
+STATUS_OK = 1
+STATUS_FAILED = 2
+STATUS_NONFINITE = 3
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_NONFINITE: "nonfinite"}
+
+EXPLANATIONS = "explanations"
+
+# name -> (dtype, fill value); the per-row scalar arrays every group has
+_ROW_ARRAYS: dict[str, tuple[Any, Any]] = {
+    "sample_id": ("int64", -1),
+    "path": (str, ""),
+    "target": ("int64", -1),
+    "label": ("int64", -1),
+    "prediction": ("int64", -1),
+    "output": ("float64", np.nan),
+    "relevance_sum": ("float64", np.nan),
+    "residual": ("float64", np.nan),
+    "error": (str, ""),
+    "status": ("int8", STATUS_PENDING),
+}
+ROW_COLUMNS = ["row", *_ROW_ARRAYS]
+
+
+class StoreError(ValueError):
+    """A store that cannot be opened or written as asked; the message says what to do."""
+
+
+class StoreConfigMismatch(StoreError):
+    """The store at this URL was made by a run with a different configuration."""
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per config, so that equal configs compare equal however they were built."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                lines.append(f"{where}: not in the store, {new[key]!r} now")
+            elif key not in new:
+                lines.append(f"{where}: {old[key]!r} in the store, missing now")
+            else:
+                lines += _config_differences(old[key], new[key], where)
+        return lines
+    if canonical_json(old) != canonical_json(new):
+        return [f"{prefix or 'config'}: {old!r} in the store, {new!r} now"]
+    return []
+
+
+def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    return zarr.open_group(str(url), mode=mode, zarr_format=3, storage_options=dict(storage_options or {}) or None)
+
+
+def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> "RelevanceStore":
+    """Open an existing store at a local path or any fsspec URL (``s3://...``); read-only by default."""
+    try:
+        root = _open_root(url, mode, storage_options)
+    except FileNotFoundError as error:
+        raise StoreError(f"no relevance store at {url!r}: run 'lrp-audit explain' to create it") from error
+    version = root.attrs.get("lrp_audit_format")
+    if version is None:
+        raise StoreError(f"{url!r} is a Zarr group but not an lrp-audit relevance store (no 'lrp_audit_format')")
+    if int(version) > FORMAT_VERSION:
+        raise StoreError(
+            f"store {url!r} has format {version}, this lrp-audit reads up to {FORMAT_VERSION}: upgrade lrp-audit"
+        )
+    return RelevanceStore(root, str(url))
+
+
+class RelevanceStore:
+    """A relevance store: shared run attributes plus one :class:`ExplanationGroup` per setting."""
+
+    def __init__(self, root: zarr.Group, url: str):
+        self.zarr_group = root
+        self.url = url
+        attrs = root.attrs.asdict()
+        self.format_version = int(attrs["lrp_audit_format"])
+        self.config: dict = attrs.get("config", {})
+        self.class_names: list[str] = list(attrs.get("class_names", []))
+        self.software: dict = attrs.get("software", {})
+        layout = attrs["layout"]
+        self.n_rows = int(layout["n_rows"])
+        self.height = int(layout["height"])
+        self.width = int(layout["width"])
+        self.rows_per_shard = int(layout["rows_per_shard"])
+        self.group_names: list[str] = list(layout["groups"])
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        config: Mapping[str, Any],
+        class_names: Sequence[str],
+        groups: Sequence[str] | Mapping[str, Mapping[str, Any]],
+        n_rows: int,
+        height: int,
+        width: int,
+        rows_per_shard: int = 256,
+        max_boxes: int = 0,
+        with_mask: bool = False,
+        num_labels: int | None = None,
+        channels: int | None = None,
+        software: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> "RelevanceStore":
+        """Create the store, or reopen it for resuming when it was made with the same config.
+
+        ``groups`` names the explanation settings (a dict maps each name to its setting, kept in the
+        group's attrs). ``channels`` adds per-channel relevance (N,C,H,W); ``max_boxes`` K > 0 adds
+        boxes (N,K,4); ``num_labels`` adds multi-label targets (N,L); ``with_mask`` adds masks (N,H,W).
+        A store made with a different config is refused, never overwritten.
+        """
+        settings = dict(groups) if isinstance(groups, Mapping) else {name: {} for name in groups}
+        if not settings:
+            raise StoreError("a store needs at least one explanation group")
+        for name in settings:
+            if not name or "/" in name:
+                raise StoreError(f"group name {name!r} must be non-empty and contain no '/'")
+        if n_rows < 0 or height <= 0 or width <= 0 or rows_per_shard <= 0:
+            raise StoreError(
+                f"bad store shape: n_rows={n_rows}, height={height}, width={width}, rows_per_shard={rows_per_shard}"
+            )
+        config = json.loads(canonical_json(config))  # what reads back from JSON attrs, for comparisons
+        layout = {
+            "n_rows": int(n_rows), "height": int(height), "width": int(width),
+            "rows_per_shard": int(rows_per_shard), "groups": list(settings),
+            "max_boxes": int(max_boxes), "with_mask": bool(with_mask),
+            "num_labels": None if num_labels is None else int(num_labels),
+            "channels": None if channels is None else int(channels),
+        }
+        existing = cls._existing(url, storage_options)
+        if existing is not None:
+            differences = _config_differences(existing.attrs.get("config", {}), config)
+            old_layout = existing.attrs.get("layout", {})
+            differences += _config_differences(old_layout, layout, "layout")
+            if differences:
+                raise StoreConfigMismatch(
+                    f"the store at {url!r} was made by a run with a different configuration:\n  "
+                    + "\n  ".join(differences)
+                    + "\nWrite to a new store path, or delete the old store to start over."
+                )
+            return cls(existing, str(url))
+
+        root = _open_root(url, "w", storage_options)
+        root.attrs.update({
+            "lrp_audit_format": FORMAT_VERSION,
+            "config": config,
+            "class_names": [str(name) for name in class_names],
+            "software": dict(software or {}),
+            "layout": layout,
+            "status_codes": {str(code): name for code, name in STATUS_NAMES.items()},
+        })
+        explanations = root.require_group(EXPLANATIONS)
+        for name, setting in settings.items():
+            cls._create_group(explanations.require_group(name), dict(setting), layout)
+        return cls(root, str(url))
+
+    @staticmethod
+    def _existing(url: str, storage_options: Mapping[str, Any] | None) -> zarr.Group | None:
+        try:
+            root = _open_root(url, "r+", storage_options)
+        except FileNotFoundError:  # zarr's GroupNotFoundError is one too
+            return None
+        if "lrp_audit_format" not in root.attrs:
+            if list(root.keys()):
+                raise StoreError(f"{url!r} holds a Zarr group that is not an lrp-audit store: choose another path")
+            return None
+        return root
+
+    @staticmethod
+    def _create_group(group: zarr.Group, setting: dict, layout: dict) -> None:
+        group.attrs["setting"] = json.loads(canonical_json(setting))
+        n, h, w, s = layout["n_rows"], layout["height"], layout["width"], layout["rows_per_shard"]
+        rows = max(min(s, n), 1)  # zarr wants chunks >= 1 even for an empty array
+
+        def make(name, shape, dtype, fill, dims, inner=None):
+            kwargs = dict(chunks=(rows, *shape[1:]))
+            if inner is not None:  # many small chunks packed into one shard object per row block
+                kwargs = dict(chunks=inner, shards=(rows, *shape[1:]))
+            group.create_array(name, shape=shape, dtype=dtype, fill_value=fill, dimension_names=dims, **kwargs)
+
+        make("relevance", (n, h, w), "float32", np.nan, ("row", "y", "x"), inner=(1, h, w))
+        for name, (dtype, fill) in _ROW_ARRAYS.items():
+            make(name, (n,), dtype, fill, ("row",))
+        if layout["channels"]:
+            c = layout["channels"]
+            make("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"), inner=(1, c, h, w))
+        if layout["num_labels"]:
+            make("labels", (n, layout["num_labels"]), "bool", False, ("row", "class"))
+        if layout["max_boxes"]:
+            make("boxes", (n, layout["max_boxes"], 4), "float32", np.nan, ("row", "box", "corner"))
+        if layout["with_mask"]:
+            make("mask", (n, h, w), "bool", False, ("row", "y", "x"), inner=(1, h, w))
+
+    # ---- shards -------------------------------------------------------------------------------------
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.rows_per_shard)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of one shard: the unit of writing, resuming and retrying."""
+        if not 0 <= shard < self.n_shards:
+            raise IndexError(f"shard {shard} out of range 0..{self.n_shards - 1}")
+        start = shard * self.rows_per_shard
+        return start, min(start + self.rows_per_shard, self.n_rows)
+
+    def group(self, name: str) -> "ExplanationGroup":
+        if name not in self.group_names:
+            raise KeyError(f"no explanation group {name!r} in {self.url!r}; groups: {self.group_names}")
+        return ExplanationGroup(self.zarr_group[f"{EXPLANATIONS}/{name}"], name, self.rows_per_shard)
+
+    def groups(self) -> list["ExplanationGroup"]:
+        return [self.group(name) for name in self.group_names]
+
+    def __repr__(self) -> str:
+        return f"RelevanceStore({self.url!r}, rows={self.n_rows}, map={self.height}x{self.width}, groups={self.group_names})"
+
+
+class ExplanationGroup:
+    """The rows of one explanation setting: lazy relevance (dask) plus per-row metadata."""
+
+    def __init__(self, group: zarr.Group, name: str, rows_per_shard: int):
+        self.zarr_group = group
+        self.name = name
+        self.rows_per_shard = rows_per_shard
+        self.setting: dict = dict(group.attrs.get("setting", {}))
+        self.n_rows: int = group["status"].shape[0]
+
+    def _lazy(self, name: str) -> da.Array | None:
+        if name not in self.zarr_group:
+            return None
+        array = self.zarr_group[name]
+        rows = max(min(self.rows_per_shard, self.n_rows), 1)
+        return da.from_zarr(array, chunks=(rows, *array.shape[1:]))  # one dask chunk per shard
+
+    @property
+    def relevance(self) -> da.Array:
+        return self._lazy("relevance")
+
+    @property
+    def relevance_channels(self) -> da.Array | None:
+        return self._lazy("relevance_channels")
+
+    @property
+    def mask(self) -> da.Array | None:
+        return self._lazy("mask")
+
+    @property
+    def boxes(self) -> np.ndarray | None:
+        return self.zarr_group["boxes"][...] if "boxes" in self.zarr_group else None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.zarr_group["labels"][...] if "labels" in self.zarr_group else None
+
+    @property
+    def status(self) -> np.ndarray:
+        return self.zarr_group["status"][...]
+
+    def rows(self) -> pa.Table:
+        """Per-row metadata as one Arrow table (no relevance), e.g. to select rows for aggregation."""
+        columns = {"row": pa.array(np.arange(self.n_rows, dtype=np.int64))}
+        for name in _ROW_ARRAYS:
+            values = self.zarr_group[name][...]
+            columns[name] = pa.array(values.astype(object) if values.dtype.kind in "TUO" else values,
+                                     type=pa.string() if values.dtype.kind in "TUO" else None)
+        return pa.table(columns)
+
+    def shard_status(self, shard: int) -> np.ndarray | None:
+        """Status of one shard's rows; None when its status chunk is unreadable (a write cut by a kill)."""
+        start = shard * self.rows_per_shard
+        try:
+            return self.zarr_group["status"][start:min(start + self.rows_per_shard, self.n_rows)]
+        except Exception:  # a truncated chunk from a killed writer: redo the shard
+            return None
+
+    def pending_shards(self, retry_failed: bool = False) -> list[int]:
+        """Shards with a row still to compute (pending, or also failed/nonfinite with ``retry_failed``)."""
+        n_shards = -(-self.n_rows // self.rows_per_shard)
+        todo = []
+        for shard in range(n_shards):
+            status = self.shard_status(shard)
+            redo = (status != STATUS_OK) if retry_failed else (status == STATUS_PENDING)
+            if status is None or redo.any():
+                todo.append(shard)
+        return todo
+
+    def write_block(self, start: int, *, relevance: np.ndarray, status: np.ndarray | None = None, **arrays: Any) -> np.ndarray:
+        """Write rows ``[start, start+n)`` covering whole shards; ``status`` goes last and is returned.
+
+        Rows whose status is ok (the default) but whose relevance or output is NaN/Inf are stored as
+        nonfinite. ``relevance_sum`` and ``residual`` are computed when not given.
+        """
+        relevance = np.asarray(relevance, dtype=np.float32)
+        n = relevance.shape[0]
+        stop = start + n
+        if start % self.rows_per_shard or (stop % self.rows_per_shard and stop != self.n_rows) or stop > self.n_rows:
+            raise StoreError(
+                f"write_block rows [{start}, {stop}) are not whole shards of {self.rows_per_shard} rows "
+                f"(store has {self.n_rows} rows): writers must write whole shards"
+            )
+        unknown = set(arrays) - set(_ROW_ARRAYS) - {"relevance_channels", "labels", "boxes", "mask"}
+        if unknown:
+            raise StoreError(f"write_block got unknown arrays {sorted(unknown)}")
+        if "relevance_sum" not in arrays:
+            arrays["relevance_sum"] = relevance.sum(axis=(1, 2), dtype=np.float64)
+        if "residual" not in arrays and "output" in arrays:
+            arrays["residual"] = np.asarray(arrays["relevance_sum"], np.float64) - np.asarray(arrays["output"], np.float64)
+        status = np.full(n, STATUS_OK, np.int8) if status is None else np.asarray(status, np.int8).copy()
+        finite = np.isfinite(relevance).all(axis=(1, 2))
+        for name in ("relevance_channels", "output"):
+            if name in arrays:
+                values = np.asarray(arrays[name], dtype=np.float64)
+                finite &= np.isfinite(values.reshape(n, -1)).all(axis=1)
+        status[(status == STATUS_OK) & ~finite] = STATUS_NONFINITE
+
+        self.zarr_group["relevance"][start:stop] = relevance
+        for name, values in arrays.items():
+            if name not in self.zarr_group:
+                raise StoreError(f"this store has no {name!r} array (create it with the matching option)")
+            array = self.zarr_group[name]
+            values = np.asarray(values)
+            if values.dtype.kind in "UO" or array.dtype.kind in "TUO":
+                values = np.asarray(values, dtype=str)
+            self.zarr_group[name][start:stop] = values
+        self.zarr_group["status"][start:stop] = status
+        return status
+
+    def __repr__(self) -> str:
+        return f"ExplanationGroup({self.name!r}, rows={self.n_rows}, setting={self.setting})"

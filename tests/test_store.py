@@ -1,0 +1,160 @@
+"""The Zarr relevance store: layout, shard-aligned writes, config refusal, resume bookkeeping."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline.store import (
+    FORMAT_VERSION, STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
+    RelevanceStore, StoreConfigMismatch, StoreError, open_store,
+)
+
+CONFIG = {"model": {"name": "tiny"}, "settings": [{"composite": "epsilon", "epsilon": 0.01}]}
+
+
+def make_store(url, **overrides):
+    kwargs = dict(config=CONFIG, class_names=["cat", "dog", "car"], groups={"eps": {"composite": "epsilon"}},
+                  n_rows=10, height=4, width=5, rows_per_shard=4, max_boxes=2, with_mask=True, num_labels=3)
+    kwargs.update(overrides)
+    return RelevanceStore.create(url, **kwargs)
+
+
+def shard_block(store, shard, seed=0):
+    start, stop = store.shard_rows(shard)
+    n = stop - start
+    rng = np.random.default_rng(seed + shard)
+    return start, dict(
+        relevance=rng.normal(size=(n, store.height, store.width)).astype(np.float32),
+        output=rng.normal(size=n), target=np.arange(start, stop) % 3, label=np.arange(start, stop) % 3,
+        prediction=np.zeros(n, int), sample_id=np.arange(start, stop),
+        path=[f"img/{i}.png" for i in range(start, stop)], error=[""] * n,
+    )
+
+
+def test_roundtrip_through_api_xarray_and_plain_zarr(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = make_store(url)
+    group = store.group("eps")
+    blocks = [shard_block(store, shard) for shard in range(store.n_shards)]
+    for start, block in blocks:
+        group.write_block(start, **block)
+
+    store = open_store(url)
+    assert store.format_version == FORMAT_VERSION
+    assert store.config == CONFIG and store.class_names == ["cat", "dog", "car"]
+    assert store.group_names == ["eps"] and store.n_shards == 3 and store.shard_rows(2) == (8, 10)
+    group = store.group("eps")
+    expected = np.concatenate([block["relevance"] for _, block in blocks])
+    np.testing.assert_array_equal(group.relevance.compute(), expected)
+    assert group.relevance.chunks[0] == (4, 4, 2)  # one dask chunk per shard
+    rows = group.rows()
+    assert rows.column_names == ["row", "sample_id", "path", "target", "label", "prediction", "output",
+                                 "relevance_sum", "residual", "error", "status"]
+    assert rows["path"].to_pylist()[9] == "img/9.png"
+    assert set(rows["status"].to_pylist()) == {STATUS_OK}
+    sums = expected.sum(axis=(1, 2), dtype=np.float64)
+    np.testing.assert_allclose(rows["relevance_sum"].to_numpy(), sums)
+    outputs = np.concatenate([block["output"] for _, block in blocks])
+    np.testing.assert_allclose(rows["residual"].to_numpy(), sums - outputs)
+    assert group.boxes.shape == (10, 2, 4) and np.isnan(group.boxes).all()
+    assert group.labels.shape == (10, 3) and group.mask.shape == (10, 4, 5)
+
+    ds = xr.open_zarr(url, group="explanations/eps", consolidated=False)
+    assert ds.relevance.dims == ("row", "y", "x")
+    np.testing.assert_array_equal(ds.relevance.values, expected)
+    assert zarr.open_group(url, mode="r").attrs["lrp_audit_format"] == FORMAT_VERSION
+
+
+def test_nonfinite_rows_are_flagged_and_explicit_status_kept(tmp_path):
+    store = make_store(str(tmp_path / "s.zarr"), n_rows=4)
+    start, block = shard_block(store, 0)
+    block["relevance"][1, 0, 0] = np.nan
+    block["output"][2] = np.inf
+    block["status"] = [STATUS_OK, STATUS_OK, STATUS_OK, STATUS_FAILED]
+    store.group("eps").write_block(start, **block)
+    assert store.group("eps").status.tolist() == [STATUS_OK, STATUS_NONFINITE, STATUS_NONFINITE, STATUS_FAILED]
+
+
+def test_writes_must_cover_whole_shards(tmp_path):
+    store = make_store(str(tmp_path / "s.zarr"))
+    _, block = shard_block(store, 1)
+    with pytest.raises(StoreError, match="whole shards"):
+        store.group("eps").write_block(2, **block)
+
+
+def test_different_config_is_refused_same_config_reopens(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = make_store(url)
+    start, block = shard_block(store, 0)
+    store.group("eps").write_block(start, **block)
+
+    other = {**CONFIG, "model": {"name": "resnet50"}}
+    with pytest.raises(StoreConfigMismatch, match=r"model\.name: 'tiny' in the store, 'resnet50' now"):
+        make_store(url, config=other)
+    with pytest.raises(StoreConfigMismatch, match="layout.height"):
+        make_store(url, height=8)
+
+    reopened = make_store(url)  # same config: resume, the written shard is still there
+    assert reopened.group("eps").pending_shards() == [1, 2]
+    np.testing.assert_array_equal(reopened.group("eps").relevance[:4].compute(), block["relevance"])
+
+
+def test_pending_shards_and_a_truncated_status_chunk(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = make_store(url)
+    group = store.group("eps")
+    for shard in range(3):
+        start, block = shard_block(store, shard)
+        if shard == 2:
+            block["status"] = [STATUS_OK, STATUS_FAILED]
+        group.write_block(start, **block)
+    assert group.pending_shards() == [] and group.pending_shards(retry_failed=True) == [2]
+    # a writer killed while writing shard 1's status chunk leaves a truncated object: redo that shard
+    chunk = tmp_path / "s.zarr" / "explanations" / "eps" / "status" / "c" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:3])
+    assert group.pending_shards() == [1]
+    assert group.shard_status(0).tolist() == [STATUS_OK] * 4
+
+
+def test_parallel_writers_on_separate_shards_lose_nothing(tmp_path):
+    store = make_store(str(tmp_path / "s.zarr"), n_rows=40, rows_per_shard=4, with_mask=False, max_boxes=0)
+    blocks = [shard_block(store, shard) for shard in range(store.n_shards)]
+
+    def write(item):
+        start, block = item
+        open_store(store.url, mode="r+").group("eps").write_block(start, **block)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, blocks))
+    group = open_store(store.url).group("eps")
+    assert (group.status == STATUS_OK).all()
+    np.testing.assert_array_equal(group.relevance.compute(), np.concatenate([b["relevance"] for _, b in blocks]))
+
+
+def test_fsspec_url_store():
+    url = f"memory://lrp-audit-test-{os.getpid()}/s.zarr"
+    store = make_store(url, n_rows=4)
+    start, block = shard_block(store, 0)
+    store.group("eps").write_block(start, **block)
+    assert open_store(url).group("eps").rows()["path"].to_pylist() == [f"img/{i}.png" for i in range(4)]
+
+
+def test_open_errors_say_what_to_do(tmp_path):
+    with pytest.raises(StoreError, match="run 'lrp-audit explain'"):
+        open_store(str(tmp_path / "missing.zarr"))
+    plain = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    plain.create_array("x", shape=(2,), dtype="int8")
+    with pytest.raises(StoreError, match="not an lrp-audit"):
+        open_store(str(tmp_path / "plain.zarr"))
+    with pytest.raises(StoreError, match="not an lrp-audit store"):
+        make_store(str(tmp_path / "plain.zarr"))
+    store = make_store(str(tmp_path / "s.zarr"))
+    store.zarr_group.attrs["lrp_audit_format"] = FORMAT_VERSION + 1
+    with pytest.raises(StoreError, match="upgrade lrp-audit"):
+        open_store(store.url)
+    assert STATUS_PENDING == 0
