@@ -1,0 +1,152 @@
+"""Aggregation speed and memory against simply reading the store.
+
+Builds a relevance store of at least ``--gb`` GB (224x224 float32 maps, 10 classes interleaved, one
+object box per row, a planted tag in one class so the selective second read runs too) in a temp dir,
+then measures, each in a fresh subprocess so peak RSS is its own:
+
+* read: every chunk of the relevance array read and decompressed with plain zarr (a thread pool of
+  ``--workers`` threads, one chunk per task, the data dropped right away),
+* aggregate: ``aggregations.run.aggregate`` (everything: tables, heatmaps, bias flags, writing outputs;
+  the planted tag makes its class's rows be read a second time for the spot check),
+* one pass only: the same with a spot threshold no spot meets, so nothing is read twice.
+
+Targets: aggregation at least 70% of the read speed, peak RSS under 2 GB whatever the store's size.
+
+    .venv/bin/python benchmarks/bench_aggregate.py [--gb 2.1] [--workers 2] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZE, CLASSES, ROWS_PER_SHARD = 224, 10, 256
+TAG = (10, 200, 50, 215)  # x0, y0, x1, y1 of the planted tag in class 3
+
+
+def build(path: Path, n_rows: int, seed: int = 0) -> None:
+    """Relevance-like maps: a positive blob on a random object box, signed noise, a tag on most of class 3."""
+    from pipeline.store import RelevanceStore
+
+    rng = np.random.default_rng(seed)
+    store = RelevanceStore.create(str(path), config={"benchmark": True}, class_names=[f"c{i}" for i in range(CLASSES)],
+                                  groups=["lrp"], n_rows=n_rows, height=SIZE, width=SIZE,
+                                  rows_per_shard=ROWS_PER_SHARD, max_boxes=1)
+    group = store.group("lrp")
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    for start in range(0, n_rows, ROWS_PER_SHARD):
+        n = min(ROWS_PER_SHARD, n_rows - start)
+        target = (np.arange(start, start + n) * 7) % CLASSES  # interleaved: many classes in every chunk
+        maps = rng.standard_normal((n, SIZE, SIZE), dtype=np.float32) * np.float32(0.001)
+        boxes = np.zeros((n, 1, 4), np.float32)
+        for i in range(n):
+            x0, y0 = rng.integers(0, SIZE - 80, 2)
+            boxes[i, 0] = x0, y0, x0 + 80, y0 + 80
+            cx, cy = x0 + 40, y0 + 40
+            maps[i] += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 20.0**2)).astype(np.float32) * np.float32(0.01)
+            if target[i] == 3 and rng.random() < 0.8:
+                maps[i, TAG[1]:TAG[3], TAG[0]:TAG[2]] += np.float32(0.04)
+        group.write_block(start, relevance=maps, output=maps.sum(axis=(1, 2), dtype=np.float64), target=target,
+                          label=target, prediction=target, sample_id=np.arange(start, start + n),
+                          path=np.array([f"img{i}.png" for i in range(start, start + n)]), boxes=boxes)
+
+
+def measure_read(store_path: str, workers: int) -> dict:
+    from pipeline.store import open_store
+
+    array = open_store(store_path).group("lrp").zarr_group["relevance"]
+    step = ROWS_PER_SHARD
+    starts = range(0, array.shape[0], step)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        nbytes = sum(pool.map(lambda s: array[s:s + step].nbytes, starts))
+    return {"seconds": time.perf_counter() - start, "bytes": nbytes}
+
+
+def measure_aggregate(store_path: str, out: str, workers: int, single_pass: bool = False) -> dict:
+    """The whole job; ``single_pass``: with a spot threshold no spot meets, so no class is re-read."""
+    from aggregations.bias import BiasSettings
+    from aggregations.run import aggregate
+
+    settings = BiasSettings(min_spot_share=2.0) if single_pass else BiasSettings()
+    start = time.perf_counter()
+    result = aggregate(store_path, out, num_workers=workers, settings=settings)
+    seconds = time.perf_counter() - start
+    flagged = [(row["class"], row["flag"]) for row in result.classes.to_pylist() if row["flagged"]]
+    return {"seconds": seconds, "flagged": flagged, "summary": result.summary["groups"]["lrp"],
+            "phases": {**result.seconds["lrp"], "write": result.seconds["write"]}}
+
+
+def child(kind: str, store_path: str, out: str, workers: int) -> dict:
+    """Run one measurement in a fresh interpreter; its peak RSS comes back with it."""
+    call = {"read": f"measure_read({store_path!r}, {workers})",
+            "aggregate": f"measure_aggregate({store_path!r}, {out!r}, {workers})",
+            "single": f"measure_aggregate({store_path!r}, {out!r}, {workers}, single_pass=True)"}[kind]
+    code = (f"import sys, json, resource; sys.path.insert(0, {str(REPO)!r}); "
+            f"from benchmarks.bench_aggregate import measure_read, measure_aggregate; r = {call}; "
+            f"r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gb", type=float, default=2.1, help="relevance bytes to build, in GB (default 2.1)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for both (default: CPUs)")
+    parser.add_argument("--repeat", type=int, default=2, help="measurements of each, the best is reported")
+    parser.add_argument("--keep", help="build the store here and keep it (default: a temp dir, removed)")
+    args = parser.parse_args()
+
+    n_rows = int(np.ceil(args.gb * 1e9 / (SIZE * SIZE * 4)))
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-aggregate-"))
+    store_path = root / "bench.zarr"
+    try:
+        if not store_path.exists():
+            start = time.perf_counter()
+            build(store_path, n_rows)
+            print(f"built {n_rows} rows ({n_rows * SIZE * SIZE * 4 / 1e9:.2f} GB of relevance) in "
+                  f"{time.perf_counter() - start:.0f}s")
+        disk = sum(f.stat().st_size for f in (store_path / "explanations/lrp/relevance").rglob("*") if f.is_file())
+        runs = {"read": [], "aggregate": [], "single": []}
+        for _ in range(args.repeat):  # interleaved, so all see the same page cache and machine load
+            for kind in runs:
+                runs[kind].append(child(kind, str(store_path), str(root / "out"), args.workers))
+        best = {kind: min(results, key=lambda r: r["seconds"]) for kind, results in runs.items()}
+        gb = best["read"]["bytes"] / 1e9
+        names = {"read": "zarr read + decompress", "aggregate": "aggregate (everything)",
+                 "single": "aggregate, one pass only"}
+        print(f"\nstore: {n_rows} rows x {SIZE}x{SIZE} float32 = {gb:.2f} GB of relevance, {disk / 1e9:.2f} GB on disk "
+              f"(zstd), shards of {ROWS_PER_SHARD} rows; {args.workers} worker threads; best of {args.repeat}")
+        print(f"{'measurement':<28}{'GB/s':>8}{'seconds':>10}{'vs read':>9}{'peak RSS MB':>13}")
+        for kind, name in names.items():
+            seconds = best[kind]["seconds"]
+            rss = max(r["peak_rss_mb"] for r in runs[kind])
+            print(f"{name:<28}{gb / seconds:>8.3f}{seconds:>10.2f}{best['read']['seconds'] / seconds:>9.0%}{rss:>13.0f}")
+        phases = best["aggregate"]["phases"]
+        print("\naggregate phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        print(f"flagged: {best['aggregate']['flagged']} (planted: class 3 cue); rows re-read for the spot check: "
+              f"{best['aggregate']['summary']['spot_checked_rows']} of {n_rows}; one pass only flags "
+              f"{best['single']['flagged']}")
+        print("targets: aggregation >= 70% of the read speed, peak RSS < 2048 MB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""``lrp-audit aggregate STORE``: class heatmaps, region pools, context usage and bias flags over a store.
+
+Thin entry point over :func:`aggregations.run.aggregate`; the outputs are described in docs/aggregates.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from aggregations.bias import BiasSettings
+from aggregations.run import aggregate, default_out_dir
+from pipeline.store import StoreError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrp-audit aggregate",
+        description="Aggregate a relevance store: class-average heatmaps, conserving region pools, "
+                    "context usage and bias flags (Parquet tables + a Zarr group of heatmaps).")
+    parser.add_argument("store", help="the relevance store (local path or fsspec URL) written by 'lrp-audit explain'")
+    parser.add_argument("--out", help="output directory (default: beside the store, STORE.aggregates)")
+    parser.add_argument("--group", action="append", dest="groups", metavar="NAME",
+                        help="explanation group to aggregate (repeatable; default: all)")
+    parser.add_argument("--grid", default="3x1", help="region pools as ROWSxCOLS (default 3x1: top/middle/bottom)")
+    parser.add_argument("--masks", metavar="FILE.npz",
+                        help="region pools from named (H, W) boolean masks in an .npz file instead of a grid")
+    parser.add_argument("--scheduler", default=None,
+                        help="threads (default), sync, processes, ray, or a distributed address like tcp://host:8786")
+    parser.add_argument("--workers", type=int, default=None, help="threads/processes of the local scheduler")
+    defaults = BiasSettings()
+    bias = parser.add_argument_group("bias flags (see docs/aggregates.md)")
+    for name, value in defaults.as_dict().items():
+        bias.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, dest=name,
+                          help=f"default {value}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = BiasSettings(**{name: getattr(args, name) for name in BiasSettings().as_dict()})
+    try:
+        masks = None
+        if args.masks:
+            with np.load(args.masks) as archive:
+                masks = {name: archive[name] for name in archive.files}
+        result = aggregate(args.store, args.out, groups=args.groups, grid=args.grid, masks=masks,
+                           scheduler=args.scheduler, num_workers=args.workers, settings=settings)
+    except (StoreError, ValueError, FileNotFoundError, KeyError) as error:
+        print(f"lrp-audit aggregate: {error}", file=sys.stderr)
+        return 2
+
+    for group, counts in result.summary["groups"].items():
+        excluded = counts["rows"] - counts["ok"]
+        print(f"{group}: {counts['ok']} of {counts['rows']} rows aggregated in {result.seconds[group]['total']:.1f}s "
+              f"({excluded} excluded: {counts['failed']} failed, {counts['nonfinite']} nonfinite, "
+              f"{counts['pending']} pending); {counts['not_conserved']} rows whose regions do not add up")
+    for row in result.classes.to_pylist():
+        if row["flagged"]:
+            print(f"  [{row['group']}] class {row['class']} ({row['class_name']}), bias rank {row['bias_rank']}: "
+                  f"{row['reason']}")
+    if not any(result.classes["flagged"].to_pylist()):
+        print("  no class flagged")
+    print(f"wrote {result.out_dir or default_out_dir(args.store)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

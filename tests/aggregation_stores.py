@@ -1,0 +1,61 @@
+"""Relevance stores built from constructed arrays for the aggregation tests, and a tiny model for a pipeline run."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.store import RelevanceStore
+
+
+def make_store(path, relevance, *, target, label=None, prediction=None, output=None, status=None, boxes=None,
+               class_names=None, rows_per_shard=4, group="lrp", mask=None):
+    """Write ``relevance`` (N, H, W) and per-row metadata into a fresh store at ``path``; returns the URL."""
+    relevance = np.asarray(relevance, np.float32)
+    n, height, width = relevance.shape
+    target = np.asarray(target, np.int64)
+    arrays = {
+        "target": target,
+        "label": target if label is None else np.asarray(label, np.int64),
+        "prediction": target if prediction is None else np.asarray(prediction, np.int64),
+        "output": relevance.sum(axis=(1, 2), dtype=np.float64) if output is None else np.asarray(output, np.float64),
+        "sample_id": np.arange(n),
+        "path": np.array([f"img{i:03d}.png" for i in range(n)]),
+    }
+    if boxes is not None:
+        arrays["boxes"] = np.asarray(boxes, np.float32).reshape(n, -1, 4)
+    if mask is not None:
+        arrays["mask"] = np.asarray(mask, bool)
+    names = class_names or [f"class{c}" for c in range(int(target.max()) + 1)]
+    store = RelevanceStore.create(
+        str(path), config={"test": True}, class_names=names, groups=[group], n_rows=n, height=height, width=width,
+        rows_per_shard=rows_per_shard, max_boxes=0 if boxes is None else arrays["boxes"].shape[1],
+        with_mask=mask is not None,
+    )
+    g = store.group(group)
+    status = np.ones(n, np.int8) if status is None else np.asarray(status, np.int8)
+    for start in range(0, n, rows_per_shard):
+        stop = min(start + rows_per_shard, n)
+        g.write_block(start, relevance=relevance[start:stop], status=status[start:stop],
+                      **{k: v[start:stop] for k, v in arrays.items()})
+    return str(path)
+
+
+def assert_tables_equal(a, b):
+    """Tables equal value for value, NaN equal to NaN (Arrow's ``equals`` says NaN != NaN)."""
+    assert a.schema == b.schema
+    for name in a.column_names:
+        left, right = a[name].to_pylist(), b[name].to_pylist()
+        assert len(left) == len(right), name
+        for x, y in zip(left, right):
+            if isinstance(x, (float, list)):
+                np.testing.assert_array_equal(np.asarray(x, dtype=float if isinstance(x, float) or
+                                              all(isinstance(v, float) for v in x) else object), np.asarray(y), err_msg=name)
+            else:
+                assert x == y, (name, x, y)
+
+
+def tiny_cnn(num_classes: int = 5):
+    """A random-init CNN for pipeline runs; Ray actors import it as ``tests.aggregation_stores:tiny_cnn``."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
