@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.explain import config_values, parser as explain_parser
+from jobs.explain import EXPLAIN_ONLY, add_run_options, add_target_options, base_parser, config_values
 from pipeline.config import ConfigError
-
-_NOT_USED = ("per_channel", "retry_failed")  # explain flags without meaning here
 
 
 def _steps(text: str) -> int | str:
@@ -33,18 +31,13 @@ def _steps(text: str) -> int | str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = explain_parser()
-    p.prog, p.description = "lrp-audit evaluate", __doc__.split("\n\n")[0]
-    for action in p._actions:  # argparse has no public way to hide an inherited option
-        if action.dest in _NOT_USED:
-            action.help = argparse.SUPPRESS
-        if action.dest == "store":
-            action.help = "the explain run's store: the default --out is beside it (<store>.evaluation)"
-        if action.dest == "explanations":
-            action.help = "method to evaluate (same as --method)"
-        if action.dest == "targets":
-            action.help = ("prediction (default: the class the model chose), auto (true label(s)), label, "
-                           "classes (with --classes), labels (every label of a multi-label image)")
+    p = base_parser("lrp-audit evaluate", __doc__.split("\n\n")[0])
+    add_target_options(p, composite_help="method to evaluate (same as --method)",
+                       targets_help="prediction (default: the class the model chose), auto (true label(s)), label, "
+                                    "classes (with --classes), labels (every label of a multi-label image)",
+                       hide_explain_only=True)
+    add_run_options(p, store_help="the explain run's store: the default --out is beside it (<store>.evaluation)",
+                    hide_explain_only=True)
     e = p.add_argument_group("evaluation (region perturbation, AOPC)")
     e.add_argument("--out", help="output directory or URL for curves and AOPC tables")
     e.add_argument("--method", action="append", dest="explanations", metavar="NAME[:KEY=VALUE,...]",
@@ -76,11 +69,11 @@ def parser() -> argparse.ArgumentParser:
 
 def evaluation_values(args: argparse.Namespace) -> dict:
     """explain's values (YAML + flags) with the ``evaluation`` mapping filled in from the flags."""
-    given = [f"--{name.replace('_', '-')}" for name in _NOT_USED if getattr(args, name) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in EXPLAIN_ONLY if getattr(args, name) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} is an explain option; lrp-audit evaluate does not use it")
     values = config_values(args)
-    for name in _NOT_USED:
+    for name in EXPLAIN_ONLY:
         values.pop(name, None)
     section = dict(values.get("evaluation") or {})
     flags = dict(out=args.out, region_size=args.region_size, perturbation=args.perturbation, value=args.value,

@@ -18,21 +18,30 @@ import sys
 from pipeline.config import TARGET_MODES, ConfigError, config_from_dict, load_yaml
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lrp-audit explain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (see docs/pipeline.md); flags override its keys")
-    data = p.add_argument_group("dataset")
+#: explain options that the evaluation parses (to reject them with a clear message) but hides
+EXPLAIN_ONLY = ("per_channel", "retry_failed")
+TARGETS_HELP = ("auto (true label(s), default), label, prediction, classes (with --classes), "
+                "labels (every label of a multi-label image)")
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", help="ImageFolder root, manifest .parquet/.csv, or VOC root (path or fsspec URL)")
     data.add_argument("--dataset-kind", choices=["auto", "imagefolder", "manifest", "voc"])
     data.add_argument("--split", help="VOC split (ImageSets/Main/<split>.txt)")
-    model = p.add_argument_group("model")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
     model.add_argument("--model", help="torchvision model name, e.g. vgg16, resnet50")
     model.add_argument("--factory", help="custom model as package.module:function (instead of --model)")
     model.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1) or a state_dict file")
     model.add_argument("--model-kwargs", type=json.loads, help='JSON constructor kwargs, e.g. \'{"num_classes": 3}\'')
     model.add_argument("--class-names", help="file with one class name per line (or a JSON list)")
-    pre = p.add_argument_group("preprocessing")
+
+
+def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
+    pre = parser.add_argument_group("preprocessing")
     pre.add_argument("--from-weights", action="store_true", default=None,
                      help="use the torchvision weights' own resize/crop/normalize")
     pre.add_argument("--resize", type=int, nargs="+", help="shorter side, or height width")
@@ -41,27 +50,55 @@ def parser() -> argparse.ArgumentParser:
                      help="edge-pad to a square instead of cropping (Binder et al. 2016, sec. 4)")
     pre.add_argument("--mean", type=float, nargs=3)
     pre.add_argument("--std", type=float, nargs=3)
-    what = p.add_argument_group("what to explain")
+
+
+def add_target_options(parser: argparse.ArgumentParser, *, composite_help: str | None = None,
+                       targets_help: str = TARGETS_HELP, hide_explain_only: bool = False) -> None:
+    """--composite, --targets, --classes, --per-channel; another job rewords what it means by them."""
+    what = parser.add_argument_group("what to explain")
     what.add_argument("--composite", action="append", dest="explanations", metavar="NAME[:KEY=VALUE,...]",
-                      help="composite and parameters, repeatable: each goes to its own store group, "
-                           "e.g. epsilon:epsilon=0.01 alpha_beta:alpha=1,beta=0")
-    what.add_argument("--targets", choices=TARGET_MODES, help="auto (true label(s), default), label, prediction, "
-                      "classes (with --classes), labels (every label of a multi-label image)")
+                      help=composite_help or "composite and parameters, repeatable: each goes to its own store "
+                                             "group, e.g. epsilon:epsilon=0.01 alpha_beta:alpha=1,beta=0")
+    what.add_argument("--targets", choices=TARGET_MODES, help=targets_help)
     what.add_argument("--classes", help="comma-separated class indices or names for --targets classes")
-    what.add_argument("--per-channel", action="store_true", default=None, help="also store (N,C,H,W) relevance")
-    run = p.add_argument_group("run")
-    run.add_argument("--store", help="output Zarr store: path or fsspec URL (s3://...)")
+    what.add_argument("--per-channel", action="store_true", default=None,
+                      help=argparse.SUPPRESS if hide_explain_only else "also store (N,C,H,W) relevance")
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None = None,
+                    hide_explain_only: bool = False) -> None:
+    """Output store, cluster and actor options, as explain uses them."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--store", help=store_help or "output Zarr store: path or fsspec URL (s3://...)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--num-actors", type=int, help="default: one per GPU, else CPUs / --cpus-per-actor")
     run.add_argument("--cpus-per-actor", type=int)
     run.add_argument("--rows-per-shard", type=int, help="rows per store shard = per task (default 256)")
     run.add_argument("--max-attempts", type=int, help="tries per shard when an actor dies (default 3)")
-    run.add_argument("--retry-failed", action="store_true", default=None, help="also redo failed/nonfinite rows")
+    run.add_argument("--retry-failed", action="store_true", default=None,
+                     help=argparse.SUPPRESS if hide_explain_only else "also redo failed/nonfinite rows")
     run.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
                      help="GPU actors even if no GPU is up yet (autoscaling clusters)")
     run.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU actors even on a GPU cluster")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A job's parser with --config and the dataset, model and preprocessing options every job reads alike."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (see docs/pipeline.md); flags override its keys")
+    add_dataset_options(p)
+    add_model_options(p)
+    add_preprocess_options(p)
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser("lrp-audit explain", __doc__.split("\n\n")[0])
+    add_target_options(p)
+    add_run_options(p)
     return p
 
 

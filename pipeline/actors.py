@@ -38,7 +38,7 @@ class ActorJob:
     with_labels: bool
 
 
-def _prefetch(jobs, window: int, threads: int):
+def prefetch(jobs, window: int, threads: int):
     """Yield the results of callables in order, with at most ``window`` of them decoded ahead."""
     pool = ThreadPoolExecutor(max_workers=threads)
     try:
@@ -104,8 +104,8 @@ class ExplainActor:
         # rows of one image are consecutive: decode each image once, a bounded window ahead of the model
         firsts = [i for i in range(n) if i == 0 or meta["sample_id"][i] != meta["sample_id"][i - 1]]
         spans = zip(firsts, firsts[1:] + [n])
-        decoded = _prefetch(((lambda i=i: self._load(records[i])) for i in firsts),
-                            window=2 * job.config.batch_size, threads=min(4, max(2, job.config.cpus_per_actor)))
+        decoded = prefetch(((lambda i=i: self._load(records[i])) for i in firsts),
+                           window=2 * job.config.batch_size, threads=min(4, max(2, job.config.cpus_per_actor)))
         pending: list[tuple[int, tuple]] = []  # (row, decoded sample)
         for (first, stop), sample in zip(spans, decoded):
             for i in range(first, stop):

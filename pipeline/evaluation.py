@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,14 +30,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .actors import _prefetch
+from .actors import prefetch
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
+from .dispatch import dispatch_shards
 from .models import best_device, build_model
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
-from .run import IN_FLIGHT, RunPlan, _connect, plan_run, software_versions
-from .store import _config_differences, canonical_json
+from .run import RunPlan, plan_run, software_versions
+from .store import canonical_json, config_differences
 
 #: Methods evaluated when none are given: LRP composites and the three baselines of Samek et al. (2015) / Binder
 #: et al. (2016, sec. 3). ``random`` (the reference ordering) is always added.
@@ -207,8 +206,8 @@ class EvaluateActor:
 
         # rows of one image are consecutive (targets: labels): decode each image once, a window ahead of the model
         firsts = [i for i in range(n) if i == 0 or meta["sample_id"][i] != meta["sample_id"][i - 1]]
-        decoded = _prefetch(((lambda i=i: self._load(meta["path"][i])) for i in firsts),
-                            window=2 * run.batch_size, threads=min(4, max(2, run.cpus_per_actor)))
+        decoded = prefetch(((lambda i=i: self._load(meta["path"][i])) for i in firsts),
+                           window=2 * run.batch_size, threads=min(4, max(2, run.cpus_per_actor)))
         pending: list[tuple[int, torch.Tensor]] = []
         for first, stop, sample in zip(firsts, firsts[1:] + [n], decoded):
             for i in range(first, stop):
@@ -306,7 +305,7 @@ def _prepare_output(plan: EvaluationPlan) -> None:
     if fs.exists(local):
         with fs.open(local, "rt") as handle:
             old = json.load(handle).get("config", {})
-        differences = _config_differences(old, identity)
+        differences = config_differences(old, identity)
         if differences:
             raise ConfigError(f"the evaluation at {config.out!r} was made with a different configuration:\n  "
                               + "\n  ".join(differences) + "\nWrite to a new --out, or delete the old one to start over.")
@@ -377,53 +376,15 @@ def evaluate(config: EvaluationConfig, use_gpu: bool | None = None) -> Evaluatio
         summary.messages.append("nothing to do: every shard is already computed")
         return summary
 
-    run = config.run
-    ray = _connect(run)
-    from ray.exceptions import RayActorError, RayTaskError
-    from tqdm import tqdm
+    messages = []
 
-    gpus = ray.cluster_resources().get("GPU", 0) if use_gpu is None else (1 if use_gpu else 0)
-    count = run.num_actors or (max(1, int(gpus)) if gpus else
-                               max(1, int(ray.cluster_resources().get("CPU", 1)) // run.cpus_per_actor))
-    # Ray restarts a dead actor and reruns its task (max_task_retries); an exception inside a task is not retried
-    remote = ray.remote(EvaluateActor).options(num_gpus=1 if gpus else 0, num_cpus=run.cpus_per_actor,
-                                               max_restarts=-1, max_task_retries=max(0, run.max_attempts - 1))
-    job = EvaluationJob(config, plan.run.target_mode)
-    actors = [remote.remote(job) for _ in range(min(count, len(todo)))]
-    try:
-        ray.get([actor.ready.remote() for actor in actors])
-    except RayActorError as error:
-        raise ConfigError(f"the evaluation actors could not start: {error}") from error
+    def fail(shard, reason):  # left missing: a rerun tries the shard again
+        messages.append(f"shard {shard} not computed (a rerun retries it): {reason}")
 
-    began = time.perf_counter()
-    queue, in_flight, load = deque(todo), {}, [0] * len(actors)
-    computed, messages = 0, []
-    bar = tqdm(total=sum(plan.shard_rows(s).num_rows for s in todo), unit="img", desc="evaluate",
-               disable=not run.progress, file=sys.stderr, smoothing=0.1)
-    try:
-        while queue or in_flight:
-            for i, actor in enumerate(actors):
-                while queue and load[i] < IN_FLIGHT:
-                    shard = queue.popleft()
-                    in_flight[actor.evaluate_shard.remote(shard, plan.shard_rows(shard))] = (i, shard)
-                    load[i] += 1
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            i, shard = in_flight.pop(ref)
-            load[i] -= 1
-            try:
-                report = ray.get(ref)
-            except (RayActorError, RayTaskError) as error:  # left missing: a rerun tries the shard again
-                cause = getattr(error, "cause", None) or error
-                messages.append(f"shard {shard} not computed (a rerun retries it): "
-                                f"{str(cause).strip().splitlines()[-1]}")
-            else:
-                computed += report["rows"]
-            bar.update(plan.shard_rows(shard).num_rows)
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+    result = dispatch_shards("evaluation", EvaluateActor, EvaluationJob(config, plan.run.target_mode), todo,
+                             lambda actor, shard: actor.evaluate_shard.remote(shard, plan.shard_rows(shard)),
+                             lambda shard: plan.shard_rows(shard).num_rows, fail, config.run, use_gpu)
     summary = summarize(plan)
-    summary.computed_rows, summary.seconds = computed, time.perf_counter() - began
+    summary.computed_rows, summary.seconds = result.computed_rows, result.seconds
     summary.messages += messages
     return summary

@@ -1,19 +1,12 @@
-"""Orchestration of an explain run: plan (validate everything), then shards to a pool of Ray actors.
+"""Orchestration of an explain run: plan (validate everything), then store shards to a pool of Ray actors.
 
-Why plain actors rather than Ray Data: the unit of work must be one *store shard* (whole-shard writes are
-what makes concurrent Zarr writers safe, and the shard is the unit of resuming), the actor must write
-the rows itself (so the driver never holds relevance), and a retried unit must be retried *as a unit*.
-With plain actors each of these is one line of the dispatch loop below; Ray Data would re-batch rows
-across shard boundaries and hide retries inside the streaming executor. Backpressure is explicit: each
-actor has at most ``IN_FLIGHT`` shard tasks queued, and the driver only holds shard descriptors
-(a slice of the Arrow row table), never images.
+The dispatch loop (actor pool, bounded in-flight tasks, retry of a dead actor's shard, progress) is
+:func:`pipeline.dispatch.dispatch_shards`, shared with the evaluation; this module says what a shard is
+for explain: a block of store rows, written by the actor, or recorded as failed by the driver.
 """
 from __future__ import annotations
 
 import platform
-import sys
-import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,13 +16,10 @@ import pyarrow.compute as pc
 from .actors import ActorJob, ExplainActor
 from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
+from .dispatch import dispatch_shards
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
                     RelevanceStore, StoreError)
-
-IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
-RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
-
 
 @dataclass
 class RunPlan:
@@ -230,17 +220,6 @@ def summarize(store: RelevanceStore) -> RunSummary:
     return RunSummary(store.url, store.n_rows, groups, residual, sorted(failures.items()))
 
 
-def _connect(config: RunConfig):
-    import ray
-
-    if not ray.is_initialized():
-        if config.address:
-            ray.init(address=config.address, logging_level="WARNING")
-        else:  # RAY_ADDRESS (set by `ray job submit`) or a new local cluster
-            ray.init(logging_level="WARNING", include_dashboard=False)
-    return ray
-
-
 def _failed_shard(store: RelevanceStore, groups: list[str], start: int, rows: pa.Table, reason: str) -> None:
     """A shard the actors could not finish: every row failed with the reason (the driver writes it)."""
     n = rows.num_rows
@@ -264,96 +243,19 @@ def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
         summary.messages.append("nothing to do: every row of the store is already computed")
         return summary
 
-    ray = _connect(config)
-    from ray.exceptions import RayActorError, RayTaskError
-    from tqdm import tqdm
+    def submit(actor, shard):
+        start, stop = store.shard_rows(shard)
+        return actor.explain_shard.remote(start, plan.rows.slice(start, stop - start), todo[shard])
 
-    gpus = ray.cluster_resources().get("GPU", 0) if use_gpu is None else (1 if use_gpu else 0)
-    if gpus:
-        count = config.num_actors or max(1, int(ray.cluster_resources().get("GPU", 1)))
-        options = dict(num_gpus=1, num_cpus=config.cpus_per_actor)
-    else:
-        count = config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.cpus_per_actor)
-        options = dict(num_gpus=0, num_cpus=config.cpus_per_actor)
-    remote = ray.remote(ExplainActor).options(max_restarts=-1, max_task_retries=0, **options)
-    actors = [remote.remote(plan.job) for _ in range(min(count, len(todo)))]
-    try:
-        ray.get([actor.ready.remote() for actor in actors])
-    except RayActorError as error:
-        raise ConfigError(f"the explain actors could not start: {error}") from error
-
-    began = time.perf_counter()
-    queue = deque(sorted(todo))
-    attempts = {shard: 0 for shard in todo}
-    load = [0] * len(actors)
-    in_flight: dict = {}  # task ref -> (actor index, shard)
-    recovering: dict = {}  # ready-ping ref -> actor index, for actors Ray is restarting
-    recoveries = [0] * len(actors)
-    computed = retries = failed_rows = 0
-    total_rows = sum(np.diff(store.shard_rows(shard))[0] for shard in todo)
-    bar = tqdm(total=int(total_rows), unit="img", desc="explain", disable=not config.progress, file=sys.stderr,
-               smoothing=0.1)
+    def shard_size(shard):
+        start, stop = store.shard_rows(shard)
+        return int(stop - start)
 
     def fail(shard, reason):
         start, stop = store.shard_rows(shard)
         _failed_shard(store, todo[shard], start, plan.rows.slice(start, stop - start), reason)
-        bar.update(stop - start)
 
-    try:
-        while queue or in_flight:
-            usable = [i for i in range(len(actors)) if actors[i] is not None and i not in recovering.values()]
-            for i in usable:
-                while queue and load[i] < IN_FLIGHT:
-                    shard = queue.popleft()
-                    start, stop = store.shard_rows(shard)
-                    attempts[shard] += 1
-                    ref = actors[i].explain_shard.remote(start, plan.rows.slice(start, stop - start), todo[shard])
-                    in_flight[ref] = (i, shard)
-                    load[i] += 1
-            if not in_flight and not recovering:  # every actor is gone for good
-                for shard in queue:
-                    fail(shard, "no explain actor could be kept alive (see the Ray worker logs)")
-                break
-            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
-            for ref in done:
-                if ref in recovering:
-                    i = recovering.pop(ref)
-                    try:
-                        ray.get(ref)  # restarted: usable again
-                    except RayActorError:
-                        recoveries[i] += 1
-                        if recoveries[i] > RECOVERIES:
-                            ray.kill(actors[i], no_restart=True)
-                            actors[i] = None
-                        else:
-                            time.sleep(min(2.0, 0.1 * 2 ** recoveries[i]))
-                            recovering[actors[i].ready.remote()] = i
-                    continue
-                i, shard = in_flight.pop(ref)
-                load[i] -= 1
-                start, stop = store.shard_rows(shard)
-                try:
-                    report = ray.get(ref)
-                except RayActorError as error:  # the actor died (OOM, segfault, node lost): Ray restarts it
-                    if i not in recovering.values() and actors[i] is not None:
-                        recovering[actors[i].ready.remote()] = i
-                    if attempts[shard] < config.max_attempts:
-                        retries += 1
-                        queue.appendleft(shard)
-                    else:
-                        fail(shard, f"the actor died {attempts[shard]} times explaining this shard: {error}")
-                except RayTaskError as error:  # an exception inside the task: not transient, not retried
-                    fail(shard, str(error.cause if error.cause is not None else error).strip().splitlines()[-1])
-                else:
-                    computed += report["rows"]
-                    failed_rows += report["failed"] + report["nonfinite"]
-                    bar.set_postfix(failed=failed_rows, refresh=False)
-                    bar.update(stop - start)
-    finally:
-        bar.close()
-        for actor in actors:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
+    result = dispatch_shards("explain", ExplainActor, plan.job, todo, submit, shard_size, fail, config, use_gpu)
     summary = summarize(store)
-    summary.computed_rows, summary.seconds, summary.retries = computed, time.perf_counter() - began, retries
+    summary.computed_rows, summary.seconds, summary.retries = result.computed_rows, result.seconds, result.retries
     return summary

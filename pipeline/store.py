@@ -67,7 +67,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         lines = []
         for key in sorted(set(old) | set(new), key=str):
@@ -77,7 +77,7 @@ def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
             elif key not in new:
                 lines.append(f"{where}: {old[key]!r} in the store, missing now")
             else:
-                lines += _config_differences(old[key], new[key], where)
+                lines += config_differences(old[key], new[key], where)
         return lines
     if canonical_json(old) != canonical_json(new):
         return [f"{prefix or 'config'}: {old!r} in the store, {new!r} now"]
@@ -168,9 +168,9 @@ class RelevanceStore:
         }
         existing = cls._existing(url, storage_options)
         if existing is not None:
-            differences = _config_differences(existing.attrs.get("config", {}), config)
+            differences = config_differences(existing.attrs.get("config", {}), config)
             old_layout = existing.attrs.get("layout", {})
-            differences += _config_differences(old_layout, layout, "layout")
+            differences += config_differences(old_layout, layout, "layout")
             if differences:
                 raise StoreConfigMismatch(
                     f"the store at {url!r} was made by a run with a different configuration:\n  "
