@@ -96,7 +96,7 @@ def find_spot(share_map: np.ndarray, reference: np.ndarray | None, settings: Bia
     if not np.isfinite(excess).all() or excess.max() <= 0:
         return None
     height, width = excess.shape
-    smooth = _smooth(excess, max(1, min(height, width) // 64))
+    smooth = _smooth(excess, max(3, min(height, width) // 64))  # >= 3 px: a stamp is one spot, not its brightest glyph
     peak = np.unravel_index(np.argmax(smooth), smooth.shape)
     component = _component(smooth >= settings.peak_fraction * smooth[peak], peak)
     ys, xs = np.nonzero(component)
