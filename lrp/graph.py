@@ -87,8 +87,10 @@ class Network:
         self.model = model
         training = {m: m.training for m in model.modules()}
         model.eval()
+        # a bare layer (nn.Linear, nn.Conv2d) is a leaf to fx: wrap it so that it becomes one traced call
+        self._root = nn.Sequential(model) if C.module_kind(model) is not None else model
         try:
-            graph_module = fx.symbolic_trace(model)
+            graph_module = fx.symbolic_trace(self._root)
         except Exception as error:  # fx raises many types; all mean the same to the user
             raise UnsupportedLayerError(
                 f"could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}); "
@@ -125,6 +127,8 @@ class Network:
                 if self.steps[index_of[n]].kind != C.META and index_of[n] not in inputs:
                     inputs.append(index_of[n])
             step = Step(index, node.name, "", inputs, node.target, args, kwargs)
+            if node.op == "call_module":
+                step.name = node.target  # the module path users know ('features.3'), not fx's 'features_3'
             if node.op == "placeholder":
                 step.kind = C.INPUT
             elif node.op == "output":
@@ -135,7 +139,7 @@ class Network:
                 step.kind = C.OUTPUT
             elif node.op == "call_module":
                 module = graph_module.get_submodule(node.target)
-                original = self.model.get_submodule(node.target)
+                original = self._root.get_submodule(node.target)
                 step.target = original
                 step.kind = C.module_kind(module)
                 if step.kind is None:

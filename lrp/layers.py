@@ -46,6 +46,7 @@ class LinearLayer:
             )
         self._cache: dict = {}
         self._cache_key = None
+        self._cache_sources: list[torch.Tensor] = []
 
     @staticmethod
     def _int_padding(module) -> tuple[int, ...]:
@@ -67,7 +68,8 @@ class LinearLayer:
         return [t for t in tensors if t is not None]
 
     def _key(self):
-        return tuple((id(t), t._version, t.dtype, t.device) for t in self._tensors())
+        # data_ptr: ``param.data = new`` swaps the storage without bumping _version
+        return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in self._tensors())
 
     def variant(self, name, make: Callable[[torch.Tensor, torch.Tensor | None], tuple]) -> tuple:
         """Parameters ``make(weight, bias)`` derived from the folded ones, cached until the model changes."""
@@ -75,6 +77,8 @@ class LinearLayer:
         if key != self._cache_key:
             self._cache = {}
             self._cache_key = key
+            # hold the source storages so that a freed one's address cannot be reused by a new tensor and fool the key
+            self._cache_sources = [t.detach() for t in self._tensors()]
         if name not in self._cache:
             with torch.no_grad():
                 if name == "params":

@@ -130,11 +130,12 @@ class AlphaBeta(Rule):
             # one affine map with [w+; w-] stacked on the output axis, one transposed map for both messages
             w_both, b_both = layer.variant("pos_neg", lambda w, b: (
                 torch.cat([_pos(w), _neg(w)]), None if b is None else torch.cat([_pos(b), _neg(b)])))
-            z_pos, z_neg = layer.forward(x, w_both, _bias(b_both, keep)).chunk(2, dim=1)
+            axis = 1 if layer.is_conv else -1  # the output-feature axis: channels, or last for Linear
+            z_pos, z_neg = layer.forward(x, w_both, _bias(b_both, keep)).chunk(2, dim=axis)
             message = torch.cat([
                 self.alpha * safe_divide(relevance, z_pos, self.stabilizer),
                 -self.beta * safe_divide(relevance, z_neg, self.stabilizer),
-            ], dim=1)
+            ], dim=axis)
             return [x * layer.transpose(message, x, w_both)]
         xp, xn = _pos(x), _neg(x)
         z_pos = layer.forward(xp, w_pos, _bias(b_pos, keep)) + layer.forward(xn, w_neg)

@@ -1,0 +1,385 @@
+"""The public API: call shape, clear errors, no effect on the model, cache invalidation, dtypes, the heatmap."""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrp
+
+
+def small_cnn(inplace: bool = False, dropout: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=inplace), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Dropout(0.5) if dropout else nn.Identity(), nn.Linear(32, 5),
+    )
+
+
+def _randomize_batchnorm(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture
+def model():
+    return _randomize_batchnorm(small_cnn()).eval()
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+ALL_COMPOSITES = {name: ({"low": -3.0, "high": 3.0} if name == "epsilon_gamma_box" else {}) for name in lrp.COMPOSITES}
+
+
+def test_composite_names():
+    expected = {"z", "epsilon", "alpha_beta", "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box",
+                "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "gradient", "gradient_x_input", "deconvnet"}
+    assert expected <= set(lrp.COMPOSITES)
+    assert set(lrp.BASELINES) == {"gradient", "gradient_x_input", "deconvnet"}
+
+
+# -- call shape -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("composite", sorted(ALL_COMPOSITES))
+def test_every_composite_has_the_same_call_shape(model, x, composite):
+    result = lrp.Explainer(model, composite, **ALL_COMPOSITES[composite])(x, 1)
+    assert isinstance(result, lrp.Explanation)
+    assert result.relevance.shape == x.shape and result.relevance.dtype == torch.float32
+    assert result.output.shape == (3,) and result.target.tolist() == [1, 1, 1]
+    assert torch.isfinite(result.relevance).all() and result.relevance.abs().sum() > 0
+
+
+def test_int_and_tensor_targets(model, x):
+    explainer = lrp.Explainer(model, "epsilon_plus")
+    per_row = explainer(x, torch.tensor([4, 0, 2]))
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(per_row.output, logits[torch.arange(3), torch.tensor([4, 0, 2])])
+    torch.testing.assert_close(per_row.logits, logits)
+    # each row is explained for its own target: row i equals the single-target explanation of row i
+    for row, target in enumerate([4, 0, 2]):
+        alone = explainer(x[row:row + 1], target)
+        torch.testing.assert_close(per_row.relevance[row:row + 1], alone.relevance, rtol=1e-5, atol=1e-7)
+    same = explainer(x, 2)
+    assert torch.equal(same.relevance, explainer(x, torch.tensor(2)).relevance)
+    assert torch.equal(same.relevance, explainer(x, torch.tensor([2, 2, 2])).relevance)
+
+
+# -- clear errors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target, error, message", [
+    (5, ValueError, r"outside the model's 5 classes \(0\.\.4\)"),
+    (-1, ValueError, "outside the model's 5 classes"),
+    (torch.tensor([0, 1, 7]), ValueError, "outside"),
+    (torch.tensor([0, 1]), ValueError, "2 entries for a batch of 3"),
+    (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer class indices"),
+    (1.5, TypeError, "integer class indices"),
+])
+def test_bad_targets(model, x, target, error, message):
+    with pytest.raises(error, match=message):
+        lrp.Explainer(model, "epsilon")(x, target)
+
+
+def test_bad_inputs(model, x):
+    explainer = lrp.Explainer(model, "epsilon")
+    with pytest.raises(TypeError, match=r"float64.*float32.*model\.double\(\)"):
+        explainer(x.double(), 0)
+    with pytest.raises(TypeError, match="floating point"):
+        explainer((x * 10).long(), 0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        explainer(x.numpy(), 0)
+    with pytest.raises(TypeError, match="same dtype and device"):
+        explainer(x.to("meta"), 0)
+
+
+def test_bad_composites_and_parameters(model):
+    with pytest.raises(ValueError, match=r"unknown composite 'lrp_magic'.*epsilon_gamma_box"):
+        lrp.Explainer(model, "lrp_magic")
+    with pytest.raises(TypeError, match=r"'epsilon' does not use parameter\(s\) gamma.*accepts: epsilon"):
+        lrp.Explainer(model, "epsilon", gamma=0.25)
+    with pytest.raises(TypeError, match="does not use parameter"):
+        lrp.Explainer(model, "gradient", epsilon=0.1)
+    with pytest.raises(ValueError, match="needs low= and high="):
+        lrp.Explainer(model, "epsilon_gamma_box")
+    with pytest.raises(ValueError, match="needs low= and high="):
+        lrp.Explainer(model, "epsilon_gamma_box", low=-1.0)
+    with pytest.raises(ValueError, match="alpha - beta = 1"):
+        lrp.Explainer(model, "alpha_beta", alpha=3.0, beta=1.0)
+
+
+# -- unsupported layers: a clear error naming the module, never a silently wrong map --------------------------------
+class DenseNetStyle(nn.Module):
+    """BN -> ReLU -> Conv (pre-activation): the BatchNorm follows no Conv it could be folded into."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm_first = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.conv(torch.relu(self.norm_first(x)))], 1)
+        return self.head(x[:, 4:].flatten(1))
+
+
+class SharedConvOutput(nn.Module):
+    """The Conv's output is read by its BatchNorm and by a second consumer: folding would change the other one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head((self.bn(y) + y).flatten(1))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.flatten(2).transpose(1, 2))
+        return self.head(out[:, -1])
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head((y * torch.sigmoid(y)).flatten(1))
+
+
+def _conv_then(layer):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), layer, nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+
+@pytest.mark.parametrize("model, names", [
+    (_conv_then(nn.Sigmoid()), [r"'1'", "Sigmoid"]),
+    (_conv_then(nn.GELU()), [r"'1'", "GELU"]),
+    (_conv_then(nn.LeakyReLU()), [r"'1'", "LeakyReLU"]),
+    (_conv_then(nn.LayerNorm([4, 8, 8])), [r"'1'", "LayerNorm"]),
+    (nn.Sequential(nn.Flatten(), nn.Linear(192, 10), nn.Softmax(dim=1)), [r"'2'", "Softmax"]),
+    (LSTMClassifier(), [r"'rnn'", "LSTM"]),
+    (DenseNetStyle(), [r"norm_first", "BatchNorm"]),
+    (SharedConvOutput(), [r"'bn'", "BatchNorm"]),
+    (Gated(), ["sigmoid"]),
+    (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 3)), ["BatchNorm"]),
+], ids=["sigmoid", "gelu", "leaky_relu", "layernorm", "softmax", "lstm", "densenet_bn_first", "shared_conv_output",
+        "functional_sigmoid_gate", "bn_on_input"])
+def test_unsupported_layer_is_refused_by_name(model, names):
+    with pytest.raises(lrp.UnsupportedLayerError) as error:
+        lrp.Explainer(model.eval(), "epsilon_plus")
+    for name in names:
+        assert re.search(name, str(error.value)), (name, str(error.value))
+
+
+def test_unfoldable_batchnorm_is_named_by_its_module_path():
+    model = nn.Sequential()
+    model.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    model.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    with pytest.raises(lrp.UnsupportedLayerError, match=r"'features\.3'"):
+        lrp.Explainer(model.eval(), "epsilon")
+
+
+def test_data_dependent_control_flow_is_refused():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x) if x.sum() > 0 else -self.head(x)
+
+    with pytest.raises(lrp.UnsupportedLayerError, match="Branchy.*torch.fx"):
+        lrp.Explainer(Branchy(), "epsilon")
+
+
+def test_a_bare_linear_layer_is_a_model():
+    torch.manual_seed(0)
+    probe = nn.Linear(6, 3).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    result = lrp.Explainer(probe, "z", include_bias=False)(x, 1)
+    contributions = probe.weight[1].detach() * x
+    z = contributions.sum(1, keepdim=True)
+    # biases out of the denominator: f(x) = z + b is shared in proportion to each input's share of z
+    torch.testing.assert_close(result.relevance, contributions * (z + probe.bias[1].detach()) / z)
+    torch.testing.assert_close(result.relevance.sum(1), result.output)
+
+
+# -- the model is left alone ----------------------------------------------------------------------------------------
+def test_model_parameters_flags_hooks_and_outputs_are_unchanged(x):
+    model = _randomize_batchnorm(small_cnn(inplace=True))
+    model.train()  # train mode: Dropout active, BatchNorm would update its statistics in a forward pass
+    model[0].weight.requires_grad_(False)  # a mix of frozen and trainable parameters
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    training = {name: m.training for name, m in model.named_modules()}
+    calls = []
+    handles = [
+        model.register_forward_hook(lambda *_: calls.append("forward")),
+        model[4].register_forward_pre_hook(lambda *_: calls.append("pre")),
+        model[9].register_full_backward_hook(lambda *_: calls.append("backward")),
+    ]
+    hook_dicts = [dict(model._forward_hooks), dict(model[4]._forward_pre_hooks), dict(model[9]._backward_hooks)]
+    x_before = x.clone()
+
+    explainer = lrp.Explainer(model, "epsilon_gamma_box", low=-3.0, high=3.0)
+    first = explainer(x, torch.tensor([0, 1, 2]))
+    second = explainer(x, torch.tensor([0, 1, 2]))
+
+    assert calls == []  # none of the model's hooks ran
+    assert torch.equal(first.relevance, second.relevance) and torch.equal(first.output, second.output)
+    assert torch.equal(x, x_before)  # in-place ReLUs in the model did not touch the input
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # incl. BN running stats and counter
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: m.training for name, m in model.named_modules()} == training
+    assert [dict(model._forward_hooks), dict(model[4]._forward_pre_hooks), dict(model[9]._backward_hooks)] == hook_dicts
+    assert not first.relevance.requires_grad
+
+    # explained with inference semantics (Dropout off, BatchNorm running statistics), whatever the model's mode
+    reference = lrp.Explainer(copy.deepcopy(model).eval(), "epsilon_gamma_box", low=-3.0, high=3.0)(x, torch.tensor([0, 1, 2]))
+    assert torch.equal(first.relevance, reference.relevance)
+
+    model.eval()
+    with torch.no_grad():
+        model(x.clone())
+    assert calls == ["pre", "forward"]  # the hooks are still registered and work
+    for handle in handles:
+        handle.remove()
+
+
+def test_works_under_no_grad_and_inference_mode(model, x):
+    explainer = lrp.Explainer(model, "epsilon_alpha2_beta1")
+    plain = explainer(x, 1).relevance
+    with torch.no_grad():
+        assert torch.equal(explainer(x, 1).relevance, plain)
+    with torch.inference_mode():
+        assert torch.equal(explainer(x, 1).relevance, plain)
+
+
+def test_input_requiring_grad_is_accepted_and_not_modified(model, x):
+    x = x.clone().requires_grad_(True)
+    result = lrp.Explainer(model, "epsilon_plus")(x, 0)
+    assert x.grad is None and not result.relevance.requires_grad
+
+
+def test_inplace_relu_model_matches_its_out_of_place_twin(x):
+    inplace = _randomize_batchnorm(small_cnn(inplace=True)).eval()
+    out_of_place = small_cnn(inplace=False).eval()
+    out_of_place.load_state_dict(inplace.state_dict())
+    for composite in ("epsilon_plus", "epsilon_alpha2_beta1", "deconvnet"):
+        a = lrp.Explainer(inplace, composite)(x, 3).relevance
+        b = lrp.Explainer(out_of_place, composite)(x, 3).relevance
+        assert torch.equal(a, b)
+
+
+# -- cached parameter variants follow the model -----------------------------------------------------------------------
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1_flat", "alpha_beta"])
+def test_in_place_weight_updates_change_the_explanation(model, x, composite):
+    params = ALL_COMPOSITES[composite]
+    explainer = lrp.Explainer(model, composite, **params)
+    before = explainer(x, 2).relevance
+    with torch.no_grad():
+        model[4].weight.mul_(-1.5)  # in place: the version counter changes
+        model[1].running_mean.add_(0.3)  # a BatchNorm statistic folded into model[0]
+    after = explainer(x, 2).relevance
+    fresh = lrp.Explainer(model, composite, **params)(x, 2).relevance
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, fresh)
+
+
+def test_load_state_dict_changes_the_explanation(model, x):
+    explainer = lrp.Explainer(model, "epsilon_plus")
+    before = explainer(x, 2).relevance
+    state = {k: v * 1.5 - 0.1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # copies in place into the same tensors
+    after = explainer(x, 2).relevance
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, lrp.Explainer(model, "epsilon_plus")(x, 2).relevance)
+
+
+def test_replacing_parameter_data_changes_the_explanation(model, x):
+    explainer = lrp.Explainer(model, "epsilon")
+    before = explainer(x, 2).relevance
+    model[4].weight.data = model[4].weight.data * -1.5
+    after = explainer(x, 2).relevance
+    assert torch.equal(after, lrp.Explainer(model, "epsilon")(x, 2).relevance)
+    assert not torch.allclose(before, after)
+
+
+def test_model_converted_to_float64_after_construction(model, x):
+    explainer = lrp.Explainer(model, "epsilon_plus")
+    model.double()
+    result = explainer(x.double(), 1)
+    assert result.relevance.dtype == torch.float64
+    assert torch.equal(result.relevance, lrp.Explainer(model, "epsilon_plus")(x.double(), 1).relevance)
+
+
+# -- dtypes -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1", "gradient"])
+def test_float32_default_agrees_with_float64(model, x, composite):
+    params = ALL_COMPOSITES[composite]
+    single = lrp.Explainer(model, composite, **params)(x, 2)
+    double_model = copy.deepcopy(model).double()
+    double = lrp.Explainer(double_model, composite, **params)(x.double(), 2)
+    assert single.relevance.dtype == torch.float32 and double.relevance.dtype == torch.float64
+    error = (single.relevance.double() - double.relevance).norm() / double.relevance.norm()
+    assert error < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(model, x):
+    cpu = lrp.Explainer(model, "epsilon_gamma_box", low=-3.0, high=3.0)(x, 1).relevance
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = lrp.Explainer(gpu_model, "epsilon_gamma_box", low=-3.0, high=3.0)(x.cuda(), torch.tensor(1).cuda())
+    torch.testing.assert_close(gpu.relevance.cpu(), cpu, rtol=1e-3, atol=1e-5)
+
+
+# -- heatmap ----------------------------------------------------------------------------------------------------------
+def test_heatmap_colours():
+    relevance = torch.zeros(4, 5)
+    relevance[0, 0], relevance[1, 1], relevance[2, 2] = 1.0, -1.0, 0.5
+    image = lrp.heatmap(relevance, scale=1.0)
+    assert image.dtype == np.uint8 and image.shape == (4, 5, 3)
+    assert image[0, 0].tolist() == [255, 0, 0]  # full positive: red
+    assert image[1, 1].tolist() == [0, 0, 255]  # full negative: blue
+    assert image[3, 4].tolist() == [255, 255, 255]  # zero: white
+    r, g, b = image[2, 2].tolist()
+    assert r == 255 and g == b and 0 < g < 255  # half positive: light red
+
+
+def test_heatmap_is_symmetric_sums_channels_and_handles_all_zero():
+    relevance = torch.randn(3, 6, 7)
+    image = lrp.heatmap(relevance)
+    assert image.shape == (6, 7, 3)
+    assert np.array_equal(lrp.heatmap(relevance.sum(0)), image)
+    flipped = lrp.heatmap(-relevance)
+    assert np.array_equal(flipped, image[..., ::-1])  # negating the map swaps red and blue
+    assert (lrp.heatmap(torch.zeros(5, 5)) == 255).all()
+    assert lrp.heatmap(np.ones((2, 2))).shape == (2, 2, 3)
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(C, H, W\)"):
+        lrp.heatmap(torch.zeros(2, 3, 4, 5))
