@@ -48,6 +48,8 @@ class Step:
     args: Any = ()
     kwargs: Any = None
     layer: LinearLayer | None = None
+    nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, through pools, reshapes and sums)
+    inputs_nonnegative: bool = False  # every tensor input is; rules then skip their x^- branches without a check
 
     def call(self, lookup: Callable[[int], Any]):
         """Run the step's forward computation, reading earlier values through ``lookup``."""
@@ -102,6 +104,7 @@ class Network:
         self.steps: list[Step] = []
         self._build(graph_module)
         self._fold_batchnorms()
+        self._mark_nonnegative()
         self.input_index = next(s.index for s in self.steps if s.kind == C.INPUT)
         self.output_index = next(s.index for s in self.steps if s.kind == C.OUTPUT)
         linear = [s for s in self.steps if s.kind == C.LINEAR]
@@ -180,6 +183,14 @@ class Network:
                 )
             producer.layer = LinearLayer(producer.layer.name, producer.layer.module, step.target)
             step.kind = C.IDENTITY  # the folded layer already produces the normalized output
+
+    def _mark_nonnegative(self):
+        """Decide from the graph alone which values cannot be negative, so rules need no per-batch ``(x >= 0).all()``."""
+        keeps_sign = (C.MAXPOOL, C.AVGPOOL, C.IDENTITY, C.STRUCTURAL, C.SUM)
+        for step in self.steps:
+            inputs = [self.steps[j] for j in step.inputs]
+            step.inputs_nonnegative = bool(inputs) and all(s.nonnegative for s in inputs)
+            step.nonnegative = step.kind == C.ACTIVATION or (step.kind in keeps_sign and step.inputs_nonnegative)
 
     # -- execution ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> list:

@@ -10,9 +10,10 @@ compared with it; ``include_bias=False`` leaves biases out (zennit's ``zero_para
 naive z and alpha-beta conserve relevance exactly: :math:`\sum_i R_i = \sum_j R_j`.
 The stabilizer of each denominator is described in :mod:`lrp.stabilize`.
 
-Fast paths: after a ReLU the inputs are non-negative, so the :math:`x^-` terms vanish and z+, gamma and alpha-beta
-need one (alpha-beta: one concatenated) modified affine map instead of two or four; gamma also skips its negative
-branch when no relevance reaches neurons with negative output (always the case below a ReLU).
+Fast paths: after a ReLU the inputs are non-negative (known from the graph, see ``Step.inputs_nonnegative``, else
+checked per batch), so the :math:`x^-` terms vanish and z+, gamma and alpha-beta need one (alpha-beta: one
+concatenated) modified affine map instead of two or four; gamma also drops its output-sign masks when no relevance
+reaches neurons with non-positive output (the usual case below a ReLU).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class Epsilon(Rule):
         if not self.include_bias and bias is not None:
             z = z - layer.expand_bias(bias, z)
         message = safe_divide(relevance, z, self.epsilon)
-        return [x * layer.transpose(message, x, weight)]
+        return [layer.transpose(message, x, weight).mul_(x)]
 
 
 class ZPlus(Rule):
@@ -94,12 +95,12 @@ class ZPlus(Rule):
 
     def __call__(self, ctx, relevance):
         layer, x = ctx.layer, ctx.inputs[0]
-        w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
-        w_neg, _ = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
+        w_pos, b_pos = _positive_part(layer)
         b_pos = _bias(b_pos, self.include_bias)
-        if _nonnegative(x):
+        if _nonnegative(ctx):
             message = safe_divide(relevance, layer.forward(x, w_pos, b_pos), self.stabilizer)
-            return [x * layer.transpose(message, x, w_pos)]
+            return [layer.transpose(message, x, w_pos).mul_(x)]
+        w_neg, _ = _negative_part(layer)
         xp, xn = _pos(x), _neg(x)
         z = layer.forward(xp, w_pos, b_pos) + layer.forward(xn, w_neg)
         message = safe_divide(relevance, z, self.stabilizer)
@@ -123,10 +124,8 @@ class AlphaBeta(Rule):
     def __call__(self, ctx, relevance):
         layer, x = ctx.layer, ctx.inputs[0]
         keep = self.include_bias
-        w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
-        w_neg, b_neg = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
         stackable = not layer.is_conv or layer.module.groups == 1
-        if stackable and _nonnegative(x):
+        if stackable and _nonnegative(ctx):
             # one affine map with [w+; w-] stacked on the output axis, one transposed map for both messages
             w_both, b_both = layer.variant("pos_neg", lambda w, b: (
                 torch.cat([_pos(w), _neg(w)]), None if b is None else torch.cat([_pos(b), _neg(b)])))
@@ -136,7 +135,8 @@ class AlphaBeta(Rule):
                 self.alpha * safe_divide(relevance, z_pos, self.stabilizer),
                 -self.beta * safe_divide(relevance, z_neg, self.stabilizer),
             ], dim=axis)
-            return [x * layer.transpose(message, x, w_both)]
+            return [layer.transpose(message, x, w_both).mul_(x)]
+        (w_pos, b_pos), (w_neg, b_neg) = _positive_part(layer), _negative_part(layer)
         xp, xn = _pos(x), _neg(x)
         z_pos = layer.forward(xp, w_pos, _bias(b_pos, keep)) + layer.forward(xn, w_neg)
         z_neg = layer.forward(xp, w_neg, _bias(b_neg, keep)) + layer.forward(xn, w_pos)
@@ -160,21 +160,17 @@ class Gamma(Rule):
         layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
         g, keep = self.gamma, self.include_bias
         w_up, b_up = layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
+        if _nonnegative(ctx) and not bool((relevance * (z <= 0)).any()):
+            # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed
+            message = safe_divide(relevance, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
+            return [layer.transpose(message, x, w_up).mul_(x)]
         w_dn, b_dn = layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
         r_pos = relevance * (z > 0)
         r_neg = relevance * (z < 0)
-        need_negative = bool(r_neg.ne(0).any())
-        if _nonnegative(x):
-            m_pos = safe_divide(r_pos, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
-            result = layer.transpose(m_pos, x, w_up)
-            if need_negative:
-                m_neg = safe_divide(r_neg, layer.forward(x, w_dn, _bias(b_dn, keep)), self.stabilizer)
-                result = result + layer.transpose(m_neg, x, w_dn)
-            return [x * result]
         xp, xn = _pos(x), _neg(x)
         m_pos = safe_divide(r_pos, layer.forward(xp, w_up, _bias(b_up, keep)) + layer.forward(xn, w_dn), self.stabilizer)
         result = xp * layer.transpose(m_pos, x, w_up) + xn * layer.transpose(m_pos, x, w_dn)
-        if need_negative:
+        if bool(r_neg.ne(0).any()):
             z_neg = layer.forward(xp, w_dn, _bias(b_dn, keep)) + layer.forward(xn, w_up)
             m_neg = safe_divide(r_neg, z_neg, self.stabilizer)
             result = result + xp * layer.transpose(m_neg, x, w_dn) + xn * layer.transpose(m_neg, x, w_up)
@@ -196,8 +192,7 @@ class ZBox(Rule):
         layer, x = ctx.layer, ctx.inputs[0]
         keep = self.include_bias
         weight, bias = layer.params()
-        w_pos, b_pos = layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
-        w_neg, b_neg = layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
+        (w_pos, b_pos), (w_neg, b_neg) = _positive_part(layer), _negative_part(layer)
         low, high = _bound(self.low, x), _bound(self.high, x)
         z = ctx.output if keep or bias is None else ctx.output - layer.expand_bias(bias, ctx.output)
         # the bounds are the same image for every row: their affine maps are computed once, then broadcast
@@ -300,8 +295,17 @@ def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, f
     )
 
 
-def _nonnegative(x: torch.Tensor) -> bool:
-    return bool((x >= 0).all())
+def _nonnegative(ctx: StepContext) -> bool:
+    """Whether the layer's input has no negative entry: known from the graph (after a ReLU), else checked."""
+    return ctx.step.inputs_nonnegative or bool((ctx.inputs[0] >= 0).all())
+
+
+def _positive_part(layer):
+    return layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
+
+
+def _negative_part(layer):
+    return layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
 
 
 def _bound(bound, x: torch.Tensor) -> torch.Tensor:

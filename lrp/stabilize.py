@@ -15,7 +15,11 @@ import torch
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``numerator / stabilized(denominator)``, see the module docstring for the two conventions."""
     if epsilon > 0:
-        sign = torch.where(denominator >= 0, 1.0, -1.0).to(denominator.dtype)
-        return numerator / (denominator + epsilon * sign)
+        # four elementwise passes, one temporary reused for the quotient (this runs once per layer on every activation)
+        eps = denominator.new_tensor(epsilon)
+        stabilized = torch.where(denominator >= 0, eps, -eps).add_(denominator)
+        if stabilized.shape != torch.broadcast_shapes(numerator.shape, denominator.shape):
+            return numerator / stabilized
+        return torch.div(numerator, stabilized, out=stabilized)
     zero = denominator == 0
     return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, torch.ones_like(denominator), denominator))

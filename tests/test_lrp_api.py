@@ -383,3 +383,25 @@ def test_heatmap_is_symmetric_sums_channels_and_handles_all_zero():
     assert lrp.heatmap(np.ones((2, 2))).shape == (2, 2, 3)
     with pytest.raises(ValueError, match=r"\(H, W\) or \(C, H, W\)"):
         lrp.heatmap(torch.zeros(2, 3, 4, 5))
+
+
+# -- the graph knows which layer inputs are non-negative -------------------------------------------------------------
+def test_layers_after_relu_pool_and_flatten_have_nonnegative_inputs_and_the_first_layer_does_not():
+    network = lrp.Explainer(small_cnn(), "epsilon_plus").network
+    linear = [s.name for s in network.steps if s.layer is not None]
+    known = [s.name for s in network.steps if s.layer is not None and s.inputs_nonnegative]
+    assert linear == ["0", "4", "9"]
+    assert known == ["4", "9"]  # after ReLU -> MaxPool, and ReLU -> AvgPool -> Flatten -> Dropout
+
+
+def test_a_shift_after_relu_is_not_taken_as_nonnegative():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) - 1.0)
+
+    network = lrp.Explainer(Shifted(), "epsilon_plus").network
+    assert not any(s.inputs_nonnegative for s in network.steps if s.layer is not None)
