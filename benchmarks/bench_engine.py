@@ -139,7 +139,7 @@ def bench_model(name: str, args, device: torch.device) -> list[tuple[str, float,
     explainers = {}
     for composite in COMPOSITES:
         params = {"low": LOW, "high": HIGH} if composite == "epsilon_gamma_box" else {}
-        explainer = explainers[composite] = lrp.Explainer(model, composite, **params)
+        explainer = explainers[composite] = lrp.Explainer(model, composite, tf32=args.tf32, **params)
         timer.add(f"ours {composite}", lambda explainer=explainer: explainer(x, target))
         if not args.no_zennit:
             timer.add(f"zennit {composite}", lambda modified: zennit_attribution(modified, x, target),
@@ -163,7 +163,11 @@ def profile(explainer, x, target):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     with torch_profile(activities=activities, record_shapes=False) as prof:
         explainer(x, target)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    events = prof.key_averages()
+    if x.is_cuda:  # GPU-bound if the kernels' time is close to the wall time of the call
+        kernels = sum(e.self_device_time_total for e in events) / 1e6
+        print(f"sum of kernel times {kernels:.4f} s")
+    print(events.table(sort_by="self_device_time_total" if x.is_cuda else "self_cpu_time_total", row_limit=20))
 
 
 def print_table(name: str, rows, base: float, full: float):
@@ -202,12 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-zennit", action="store_true", help="time our engine only")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: TF32 convolutions for every method (default: full float32 for every method)")
     parser.add_argument("--profile", choices=COMPOSITES, help="print a torch.profiler table for this composite")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch = args.batch or (64 if device.type == "cuda" else 8)
+    # the same arithmetic for every method: our explainer runs in full float32 unless tf32=True, so the baselines and
+    # zennit get the same global setting
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{args.size}x{args.size}, float32, median of {args.repeats} after 1 warm-up")
+          f"{args.size}x{args.size}, float32{' (TF32 on)' if args.tf32 else ''}, median of {args.repeats} after 1 warm-up")
     summary = []
     for name in args.models:
         summary += check_targets(name, bench_model(name, args, device))

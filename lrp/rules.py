@@ -160,11 +160,23 @@ class Gamma(Rule):
         layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
         g, keep = self.gamma, self.include_bias
         w_up, b_up = layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
-        if _nonnegative(ctx) and not bool((relevance * (z <= 0)).any()):
-            # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed
-            message = safe_divide(relevance, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
-            return [layer.transpose(message, x, w_up).mul_(x)]
-        w_dn, b_dn = layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
+        w_dn_b_dn = lambda: layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
+        if _nonnegative(ctx):
+            if not bool((relevance * (z <= 0)).any()):
+                # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed
+                message = safe_divide(relevance, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
+                return [layer.transpose(message, x, w_up).mul_(x)]
+            # relevance at non-positive outputs too (e.g. a residual branch feeding a sum): with x >= 0 the x^- terms
+            # vanish, so each sign needs one affine map and one transposed map
+            r_pos, r_neg = relevance * (z > 0), relevance * (z < 0)
+            message = safe_divide(r_pos, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
+            result = layer.transpose(message, x, w_up)
+            if bool(r_neg.ne(0).any()):
+                w_dn, b_dn = w_dn_b_dn()
+                message = safe_divide(r_neg, layer.forward(x, w_dn, _bias(b_dn, keep)), self.stabilizer)
+                result = result.add_(layer.transpose(message, x, w_dn))
+            return [result.mul_(x)]
+        w_dn, b_dn = w_dn_b_dn()
         r_pos = relevance * (z > 0)
         r_neg = relevance * (z < 0)
         xp, xn = _pos(x), _neg(x)

@@ -15,11 +15,11 @@ import torch
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``numerator / stabilized(denominator)``, see the module docstring for the two conventions."""
     if epsilon > 0:
-        # four elementwise passes, one temporary reused for the quotient (this runs once per layer on every activation)
-        eps = denominator.new_tensor(epsilon)
-        stabilized = torch.where(denominator >= 0, eps, -eps).add_(denominator)
+        # three elementwise passes and no host-to-device copy (a tensor built from a Python float on a GPU would
+        # synchronise the stream at every layer); copysign gives sign(+0) = +1 like zennit. It gives -epsilon at an
+        # exact -0.0, which only arises when every contribution is a signed zero, so no input gets relevance either way.
+        stabilized = torch.copysign(denominator.new_full((), epsilon), denominator).add_(denominator)
         if stabilized.shape != torch.broadcast_shapes(numerator.shape, denominator.shape):
             return numerator / stabilized
         return torch.div(numerator, stabilized, out=stabilized)
-    zero = denominator == 0
-    return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, torch.ones_like(denominator), denominator))
+    return (numerator / denominator).masked_fill_(denominator == 0, 0)

@@ -405,3 +405,11 @@ def test_a_shift_after_relu_is_not_taken_as_nonnegative():
 
     network = lrp.Explainer(Shifted(), "epsilon_plus").network
     assert not any(s.inputs_nonnegative for s in network.steps if s.layer is not None)
+
+
+def test_tf32_switch_is_accepted_and_changes_nothing_on_cpu(model, x):
+    full = lrp.Explainer(model, "epsilon_gamma_box", low=-3.0, high=3.0)(x, 1).relevance
+    rough = lrp.Explainer(model, "epsilon_gamma_box", low=-3.0, high=3.0, tf32=True)(x, 1).relevance
+    assert torch.equal(full, rough)
+    with pytest.raises(TypeError):
+        lrp.Explainer(model, "epsilon", True)  # keyword only
