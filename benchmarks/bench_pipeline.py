@@ -1,10 +1,16 @@
 """End-to-end images/s of the explain job (local Ray, CPU) against the bare engine, side by side in one run.
 
 The bare engine loops over the same images, already decoded and preprocessed, in this process with
-all cores; the job reads and decodes the PNGs itself, explains them in Ray actors and writes the Zarr
+all cores; the job reads and decodes the images itself, explains them in Ray actors and writes the Zarr
 store. Both use the same model, composite and batch size. Target: job >= 85% of the bare engine.
 
     .venv/bin/python benchmarks/bench_pipeline.py --images 8192 --size 64 --engine-threads 1
+
+``--in-process`` drives one explain actor (the class the Ray pool runs) in this process, without Ray, on the GPU when
+there is one: it shows whether the actor's decoding and store writes keep a GPU busy.
+
+    python benchmarks/bench_pipeline.py --in-process --images 4096 --size 224 --model resnet50 --format jpg \
+        --batch-size 64 --cpus-per-actor 8
 """
 from __future__ import annotations
 
@@ -20,35 +26,87 @@ import torch
 from PIL import Image
 
 
-def make_images(root: Path, count: int, size: int, classes: int) -> None:
+def make_images(root: Path, count: int, size: int, classes: int, suffix: str = "png") -> None:
     rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (size // 8, (size + size // 4) // 8, 3), dtype=np.uint8)
     for i in range(count):
         folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size + size // 4, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        # smooth images with some noise: photo-like file sizes for JPEG (pure noise would be incompressible)
+        image = Image.fromarray(np.roll(base, i, axis=1)).resize((size + size // 4, size), Image.BILINEAR)
+        pixels = np.asarray(image, np.int16) + rng.integers(-12, 13, (size, size + size // 4, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.{suffix}", quality=90)
 
 
 def bare_engine(config, batch_size: int, threads: int) -> tuple[float, int]:
     """The engine alone: decoded inputs in memory, one process, ``threads`` torch threads."""
     import lrp
     from pipeline.datasets import load_index, read_image
-    from pipeline.models import build_model
+    from pipeline.models import best_device, build_model
     from pipeline.preprocess import Preprocess
 
     index = load_index(config.dataset.source)
     preprocess = Preprocess(config.preprocess)
     inputs = torch.stack([preprocess(read_image(p))[0] for p in index.samples["path"].to_pylist()])
     labels = torch.as_tensor(index.samples["label"].to_numpy().copy())
-    model = build_model(config.model)
+    device = best_device()
+    model = build_model(config.model, device)
     setting = config.explanations[0]
-    explainer = lrp.Explainer(model, setting.composite, **setting.params)
-    torch.set_num_threads(threads)
-    explainer(inputs[:batch_size], labels[:batch_size])  # warm-up, as the actors' first batch is not timed apart
+    explainer = lrp.Explainer(model, setting.composite, tf32=config.tf32, **setting.params)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    explainer(inputs[:batch_size].to(device), labels[:batch_size].to(device))  # warm-up
     began = time.perf_counter()
     for start in range(0, len(inputs), batch_size):
-        result = explainer(inputs[start:start + batch_size], labels[start:start + batch_size])
-        result.relevance.sum(1).numpy()
+        batch = inputs[start:start + batch_size].to(device)
+        result = explainer(batch, labels[start:start + batch_size].to(device))
+        result.relevance.sum(1).cpu().numpy()
     return time.perf_counter() - began, len(inputs)
+
+
+def actor_in_process(config, part: int = 0, parts: int = 1) -> tuple[float, float, int]:
+    """(seconds with start-up, seconds of shard work, rows): the explain actor driven here, without Ray, over every
+    ``parts``-th shard from ``part`` (one writer per shard, as with Ray)."""
+    from pipeline.actors import ExplainActor
+    from pipeline.run import create_store, plan_run
+
+    began = time.perf_counter()
+    plan = plan_run(config)
+    store = create_store(plan)
+    actor = ExplainActor(plan.job)
+    work, rows = 0.0, 0
+    for shard in range(part, store.n_shards, parts):
+        start, stop = store.shard_rows(shard)
+        report = actor.explain_shard(start, plan.rows.slice(start, stop - start), store.group_names)
+        assert report["failed"] == report["nonfinite"] == 0, report
+        work, rows = work + report["seconds"], rows + report["rows"]
+    return time.perf_counter() - began, work, rows
+
+
+def actors_in_processes(config, processes: int) -> tuple[float, float]:
+    """(images/s wall clock with start-up, sum of the processes' shard-work rates): ``processes`` actors on one
+    device, each its own process (its own GIL), as Ray runs ``actors_per_gpu`` actors."""
+    import multiprocessing
+
+    from pipeline.run import create_store, plan_run
+
+    create_store(plan_run(config))  # before the workers, which reopen it
+    began = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.starmap(actor_in_process, [(config, part, processes) for part in range(processes)])
+    wall = time.perf_counter() - began
+    return sum(rows for _, _, rows in results) / wall, sum(rows / work for _, work, rows in results if work)
+
+
+def run_values(args, root: Path, **extra) -> dict:
+    """The run config of the benchmark, without its store."""
+    return {
+        "dataset": str(root / "data"),
+        "model": {"name": args.model, "kwargs": {"num_classes": 10}},
+        "preprocess": {"resize": args.size, "pad_to_square": True},
+        "explanations": [args.composite], "tf32": args.tf32,
+        "batch_size": args.batch_size, "rows_per_shard": 4 * args.batch_size, "progress": False, **extra,
+    }
 
 
 def main() -> None:
@@ -62,26 +120,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate engine and job runs, keep the best of each")
     parser.add_argument("--engine-threads", type=int, nargs="+", help="torch threads of the bare engine "
                         "(default: 1 and all cores; the best is the baseline)")
+    parser.add_argument("--format", choices=["png", "jpg"], default="png", help="image files to generate")
+    parser.add_argument("--in-process", action="store_true",
+                        help="one explain actor in this process (GPU if any) instead of the Ray job")
+    parser.add_argument("--cpus-per-actor", type=int, help="with --in-process: the actor's decoding threads (<= 4)")
+    parser.add_argument("--tf32", action="store_true", help="GPU: TF32 convolutions for engine and actor")
+    parser.add_argument("--processes", type=int, nargs="+", default=[],
+                        help="with --in-process: also K actors in K processes sharing the device, for each K")
     args = parser.parse_args()
-
-    import ray
 
     from pipeline.config import config_from_dict
     from pipeline.run import run
 
     cpus = os.cpu_count() or 1
+    if args.in_process:
+        return main_in_process(args, cpus, config_from_dict)
+    import ray
+
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_images(root / "data", args.images, args.size, 10)
-        values = {
-            "dataset": str(root / "data"),
-            "model": {"name": args.model, "kwargs": {"num_classes": 10}},
-            "preprocess": {"resize": args.size, "pad_to_square": True},
-            "explanations": [args.composite],
-            "batch_size": args.batch_size, "num_actors": args.actors, "cpus_per_actor": max(1, cpus // args.actors),
-            "rows_per_shard": 4 * args.batch_size, "progress": False,
-        }
+        make_images(root / "data", args.images, args.size, 10, args.format)
+        values = run_values(args, root, num_actors=args.actors, cpus_per_actor=max(1, cpus // args.actors))
         engine, job, steady = {threads: [] for threads in args.engine_threads or [1, cpus]}, [], []
         for repeat in range(args.repeats):
             for threads in engine:  # the stronger of one thread and all cores is the baseline
@@ -106,6 +166,47 @@ def main() -> None:
         print(f"| {f'bare engine, decoded inputs, {threads} thread(s)':<44} | {rate:9.1f} | {rate / best_engine:9.0%} |")
     print(f"| {'explain job, end to end (plan+actors+store)':<44} | {best_job:9.1f} | {best_job / best_engine:9.0%} |")
     print(f"| {'explain job, after actors are up':<44} | {best_steady:9.1f} | {best_steady / best_engine:9.0%} |")
+
+
+
+def main_in_process(args, cpus: int, config_from_dict) -> None:
+    from pipeline.models import best_device
+
+    device = best_device()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpus}-core CPU"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "data", args.images, args.size, 10, args.format)
+        values = run_values(args, root, cpus_per_actor=args.cpus_per_actor or cpus)
+        engine, total, work = [], [], []
+        shared = {k: ([], []) for k in args.processes}
+        for repeat in range(args.repeats):
+            seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
+                                         args.batch_size, cpus)
+            engine.append(count / seconds)
+            all_in, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"r{repeat}.zarr")}))
+            total.append(rows / all_in)
+            work.append(rows / shards)
+            for k, (walls, sums) in shared.items():
+                per_process = {**values, "cpus_per_actor": max(1, values["cpus_per_actor"] // k)}
+                wall, summed = actors_in_processes(config_from_dict({**per_process,
+                                                                     "store": str(root / f"p{k}-{repeat}.zarr")}), k)
+                walls.append(wall), sums.append(summed)
+    best = max(engine)
+    print(f"device: {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}")
+    print(f"{args.images} {args.format} images {args.size}x{args.size + args.size // 4} -> {args.size}x{args.size}, "
+          f"{args.model}, {args.composite}, batch {args.batch_size}, decoding threads "
+          f"{min(4, max(2, values['cpus_per_actor']))}")
+    print(f"| {'what':<52} | {'images/s':>9} | {'vs engine':>9} |")
+    print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|")
+    rows = [("bare engine, decoded inputs in memory", best),
+            ("actor in-process, plan + model load + shards", max(total)),
+            ("actor in-process, shard work (decode+explain+write)", max(work))]
+    for k, (walls, sums) in shared.items():
+        rows += [(f"{k} actor processes, wall clock with start-up", max(walls)),
+                 (f"{k} actor processes, sum of shard-work rates", max(sums))]
+    for what, rate in rows:
+        print(f"| {what:<52} | {rate:9.1f} | {rate / best:9.0%} |")
 
 
 if __name__ == "__main__":

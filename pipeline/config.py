@@ -99,8 +99,10 @@ class RunConfig:
     targets: str = "auto"
     classes: list[int | str] = field(default_factory=list)
     per_channel: bool = False
+    tf32: bool = False  # CUDA: TF32 convolutions (faster, ~1e-3 relative error); default full float32
     batch_size: int = 32
     num_actors: int | None = None
+    actors_per_gpu: int = 1  # processes sharing a GPU: one is GIL-bound near 220 images/s (docs/pipeline.md)
     cpus_per_actor: int = 1
     rows_per_shard: int = 256
     max_attempts: int = 3
@@ -116,7 +118,7 @@ class RunConfig:
             raise ConfigError("targets: classes needs a 'classes' list (class indices or names)")
         if self.classes and self.targets != "classes":
             raise ConfigError(f"'classes' is only used with targets: classes (targets is {self.targets!r})")
-        for key in ("batch_size", "cpus_per_actor", "rows_per_shard", "max_attempts"):
+        for key in ("batch_size", "actors_per_gpu", "cpus_per_actor", "rows_per_shard", "max_attempts"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.num_actors is not None and int(self.num_actors) < 1:
@@ -139,6 +141,7 @@ class RunConfig:
             "targets": self.targets,
             "classes": list(self.classes),
             "per_channel": self.per_channel,
+            "tf32": self.tf32,
         }
 
 

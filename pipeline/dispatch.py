@@ -59,8 +59,9 @@ def dispatch_shards(
     ``submit(actor, shard)`` starts one shard task (an ObjectRef of a report with ``rows``, ``failed`` and
     ``nonfinite`` counts); ``shard_size(shard)`` is its row count for the progress bar; ``fail(shard,
     reason)`` records a shard that cannot be done: its task raised (not transient, not retried), or its
-    actor died ``config.max_attempts`` times, or no actor could be kept alive. Actors are one per GPU
-    (``use_gpu``: None asks the cluster) or one per ``config.cpus_per_actor`` CPUs, unless
+    actor died ``config.max_attempts`` times, or no actor could be kept alive. Actors are
+    ``config.actors_per_gpu`` per GPU (``use_gpu``: None asks the cluster; each actor is its own process, with
+    its own GIL, sharing the GPU) or one per ``config.cpus_per_actor`` CPUs, unless
     ``config.num_actors`` says; a dead actor is restarted by Ray and its shard resubmitted by this loop.
     Raises ConfigError when the actors cannot start (e.g. the model does not load on a worker).
     """
@@ -72,10 +73,11 @@ def dispatch_shards(
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0) if use_gpu is None else (1 if use_gpu else 0)
     if gpus:
-        count = config.num_actors or max(1, int(resources.get("GPU", 1)))
+        count = config.num_actors or max(1, int(resources.get("GPU", 1))) * config.actors_per_gpu
     else:
         count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
-    remote = ray.remote(actor_class).options(num_gpus=1 if gpus else 0, num_cpus=config.cpus_per_actor,
+    remote = ray.remote(actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
+                                             num_cpus=config.cpus_per_actor,
                                              max_restarts=-1, max_task_retries=0)
     actors = [remote.remote(job) for _ in range(min(count, len(shards)))]
     try:

@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .actors import prefetch
+from .actors import claim_cpus, prefetch
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
 from .dispatch import dispatch_shards
-from .models import best_device, build_model
+from .models import build_model
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
 from .run import RunPlan, plan_run, software_versions
@@ -171,13 +171,11 @@ class EvaluateActor:
     def __init__(self, job: EvaluationJob):
         self.job = job
         run = job.config.run
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(run.cpus_per_actor)))
-        self.device = best_device()
+        self.device, self.decode_threads = claim_cpus(run.cpus_per_actor)
         self.model = build_model(run.model, self.device)
         import lrp
 
-        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, **s.params) for s in run.explanations}
+        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=run.tf32, **s.params) for s in run.explanations}
         self.reductions = {s.name: job.config.reduction(s) for s in run.explanations}
         self.preprocess = Preprocess(run.preprocess)
         self.perturb = RegionPerturbation(job.config.perturbation)
@@ -207,7 +205,7 @@ class EvaluateActor:
         # rows of one image are consecutive (targets: labels): decode each image once, a window ahead of the model
         firsts = [i for i in range(n) if i == 0 or meta["sample_id"][i] != meta["sample_id"][i - 1]]
         decoded = prefetch(((lambda i=i: self._load(meta["path"][i])) for i in firsts),
-                           window=2 * run.batch_size, threads=min(4, max(2, run.cpus_per_actor)))
+                           window=2 * run.batch_size, threads=self.decode_threads)
         pending: list[tuple[int, torch.Tensor]] = []
         for first, stop, sample in zip(firsts, firsts[1:] + [n], decoded):
             for i in range(first, stop):

@@ -285,6 +285,8 @@ def test_config_errors_name_the_fix(tmp_path):
         plan_run(config_from_dict(values(tmp_path, source, explanations=["epsilonn"])))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['batchsize'\]"):
         config_from_dict(values(tmp_path, source, batchsize=3))
+    with pytest.raises(ConfigError, match="actors_per_gpu must be at least 1, got 0"):
+        config_from_dict(values(tmp_path, source, actors_per_gpu=0))
     (tmp_path / "labels.csv").write_text(f"path,label\n{tmp_path / 'img' / '0.png'},4\n")
     with pytest.raises(ConfigError, match="label outside the model's 3 classes"):
         plan_run(config_from_dict(values(tmp_path, str(tmp_path / "labels.csv"))))
@@ -299,6 +301,18 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "configuration error" in error and "neither" not in error and "DEFAULT" in error
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_gpu_flags_reach_the_config_and_tf32_is_part_of_the_store_identity(tmp_path):
+    from jobs.explain import config_values, parser
+
+    args = parser().parse_args(["--dataset", manifest(tmp_path, 2), "--model", "resnet18", "--store", "s.zarr",
+                                "--tf32", "--actors-per-gpu", "3"])
+    config = config_from_dict(config_values(args))
+    assert config.tf32 and config.actors_per_gpu == 3
+    assert config.identity()["tf32"] is True  # a resume with other arithmetic is refused, not mixed into the store
+    default = config_from_dict(config_values(parser().parse_args(["--dataset", "d", "--model", "resnet18", "--store", "s"])))
+    assert not default.tf32 and default.actors_per_gpu == 1 and default.identity()["tf32"] is False
 
 
 def test_torchvision_weights_by_name_load_through_torchvision(tmp_path, monkeypatch):
