@@ -37,6 +37,7 @@ STATUS_NONFINITE = 3
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_NONFINITE: "nonfinite"}
 
 EXPLANATIONS = "explanations"
+CREATING = "lrp_audit_creating"  # root attribute while a store is being laid out
 
 # name -> (dtype, fill value); the per-row scalar arrays every group has
 _ROW_ARRAYS: dict[str, tuple[Any, Any]] = {
@@ -85,7 +86,25 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
-    return zarr.open_group(str(url), mode=mode, zarr_format=3, storage_options=dict(storage_options or {}) or None)
+    options = dict(storage_options or {})
+    if str(url).startswith("file://"):  # fsspec's local filesystem makes no parent folders unless asked
+        options.setdefault("auto_mkdir", True)
+    return zarr.open_group(str(url), mode=mode, zarr_format=3, storage_options=options or None)
+
+
+def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Creating a store clears its path: refuse a path that holds anything but an unfinished lrp-audit store."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise StoreError(f"{url!r} is a file, not a relevance store: choose another path")
+    entries = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    if entries and "zarr.json" not in entries:
+        raise StoreError(f"{url!r} is a folder that holds other files ({', '.join(sorted(entries)[:5])}): "
+                         "a new store needs an empty or new path")
 
 
 def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> "RelevanceStore":
@@ -166,6 +185,7 @@ class RelevanceStore:
             "num_labels": None if num_labels is None else int(num_labels),
             "channels": None if channels is None else int(channels),
         }
+        _refuse_foreign_content(url, storage_options)
         existing = cls._existing(url, storage_options)
         if existing is not None:
             differences = config_differences(existing.attrs.get("config", {}), config)
@@ -179,9 +199,11 @@ class RelevanceStore:
                 )
             return cls(existing, str(url))
 
+        # the format attribute is written last: a creation cut short (a kill) leaves a store marked as still
+        # being created, which the next run recreates instead of resuming into missing arrays
         root = _open_root(url, "w", storage_options)
         root.attrs.update({
-            "lrp_audit_format": FORMAT_VERSION,
+            CREATING: True,
             "config": config,
             "class_names": [str(name) for name in class_names],
             "software": dict(software or {}),
@@ -191,6 +213,8 @@ class RelevanceStore:
         explanations = root.require_group(EXPLANATIONS)
         for name, setting in settings.items():
             cls._create_group(explanations.require_group(name), dict(setting), layout)
+        root.attrs.update({"lrp_audit_format": FORMAT_VERSION})
+        root.attrs.pop(CREATING, None)
         return cls(root, str(url))
 
     @staticmethod
@@ -200,9 +224,9 @@ class RelevanceStore:
         except FileNotFoundError:  # zarr's GroupNotFoundError is one too
             return None
         if "lrp_audit_format" not in root.attrs:
-            if list(root.keys()):
-                raise StoreError(f"{url!r} holds a Zarr group that is not an lrp-audit store: choose another path")
-            return None
+            if root.attrs.get(CREATING):  # an lrp-audit creation that was cut short: no row was written yet
+                return None
+            raise StoreError(f"{url!r} holds a Zarr group that is not an lrp-audit store: choose another path")
         return root
 
     @staticmethod

@@ -10,7 +10,7 @@ import xarray as xr
 import zarr
 
 from pipeline.store import (
-    FORMAT_VERSION, STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
+    FORMAT_VERSION, STATUS_FAILED, STATUS_NONFINITE, STATUS_OK,
     RelevanceStore, StoreConfigMismatch, StoreError, open_store,
 )
 
@@ -157,4 +157,44 @@ def test_open_errors_say_what_to_do(tmp_path):
     store.zarr_group.attrs["lrp_audit_format"] = FORMAT_VERSION + 1
     with pytest.raises(StoreError, match="upgrade lrp-audit"):
         open_store(store.url)
-    assert STATUS_PENDING == 0
+
+
+def test_a_path_holding_other_files_is_never_cleared(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "important.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="holds other files"):
+        make_store(str(folder))
+    with pytest.raises(StoreError, match="is a file"):
+        make_store(str(folder / "important.txt"))
+    legacy = zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2)
+    legacy.create_array("x", shape=(2,), dtype="int8")
+    with pytest.raises(StoreError, match="holds other files"):
+        make_store(str(tmp_path / "v2.zarr"))
+    assert (folder / "important.txt").read_text() == "keep me"
+    assert zarr.open_group(str(tmp_path / "v2.zarr"), mode="r")["x"].shape == (2,)
+
+
+def test_a_creation_cut_short_is_redone_not_resumed(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    make_store(url)
+    root = zarr.open_group(url, mode="r+")
+    # what a kill during creation leaves: the marker set, the format attribute not yet, an array missing
+    root.attrs.update({"lrp_audit_creating": True})
+    del root.attrs["lrp_audit_format"]
+    del root["explanations/eps/status"]
+    with pytest.raises(StoreError, match="not an lrp-audit"):
+        open_store(url)
+    store = make_store(url)
+    assert store.group("eps").pending_shards() == [0, 1, 2]
+    assert "lrp_audit_creating" not in zarr.open_group(url, mode="r").attrs
+
+
+def test_file_url_store(tmp_path):
+    url = f"file://{tmp_path}/nested/s.zarr"
+    store = make_store(url, n_rows=4)
+    start, block = shard_block(store, 0)
+    store.group("eps").write_block(start, **block)
+    assert make_store(url, n_rows=4).group("eps").pending_shards() == []
+    np.testing.assert_array_equal(open_store(str(tmp_path / "nested" / "s.zarr")).group("eps").relevance.compute(),
+                                  block["relevance"])
