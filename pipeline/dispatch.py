@@ -58,16 +58,17 @@ def dispatch_shards(
 
     ``submit(actor, shard)`` starts one shard task (an ObjectRef of a report with ``rows``, ``failed`` and
     ``nonfinite`` counts); ``shard_size(shard)`` is its row count for the progress bar; ``fail(shard,
-    reason)`` records a shard that cannot be done: its task raised (not transient, not retried), or its
-    actor died ``config.max_attempts`` times, or no actor could be kept alive. Actors are
+    reason)`` records a shard that cannot be done: its task raised or its actor died ``config.max_attempts``
+    times, or no actor could be kept alive. Actors are
     ``config.actors_per_gpu`` per GPU (``use_gpu``: None asks the cluster; each actor is its own process, with
     its own GIL, sharing the GPU) or one per ``config.cpus_per_actor`` CPUs, unless
-    ``config.num_actors`` says; a dead actor is restarted by Ray and its shard resubmitted by this loop.
+    ``config.num_actors`` says; a dead actor is restarted by Ray and its shard resubmitted by this loop. A
+    shard is only ever resubmitted once no process can still be writing it.
     Raises ConfigError when the actors cannot start (e.g. the model does not load on a worker).
     """
     shards = list(shards)
     ray = connect(config.address)
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
     from tqdm import tqdm
 
     resources = ray.cluster_resources()
@@ -87,6 +88,9 @@ def dispatch_shards(
 
     began = time.perf_counter()
     queue = deque(sorted(shards))
+    # shards whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
+    # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
+    pinned: list[deque] = [deque() for _ in actors]
     attempts = {shard: 0 for shard in shards}
     load = [0] * len(actors)
     in_flight: dict = {}  # task ref -> (actor index, shard)
@@ -100,17 +104,29 @@ def dispatch_shards(
         fail(shard, reason)
         bar.update(shard_size(shard))
 
+    def retry_or_give_up(shard, reason, target: deque):
+        nonlocal retries
+        if attempts[shard] < config.max_attempts:
+            retries += 1
+            target.appendleft(shard)
+        else:
+            give_up(shard, f"{reason} (tried {attempts[shard]} times)")
+
+    def recover(i):
+        if i not in recovering.values() and actors[i] is not None:
+            recovering[actors[i].ready.remote()] = i
+
     try:
-        while queue or in_flight:
+        while queue or in_flight or any(pinned):
             usable = [i for i in range(len(actors)) if actors[i] is not None and i not in recovering.values()]
             for i in usable:
-                while queue and load[i] < IN_FLIGHT:
-                    shard = queue.popleft()
+                while (pinned[i] or queue) and load[i] < IN_FLIGHT:
+                    shard = (pinned[i] or queue).popleft()
                     attempts[shard] += 1
                     in_flight[submit(actors[i], shard)] = (i, shard)
                     load[i] += 1
             if not in_flight and not recovering:  # every actor is gone for good
-                for shard in queue:
+                for shard in [*queue, *(shard for waiting in pinned for shard in waiting)]:
                     give_up(shard, f"no {name} actor could be kept alive (see the Ray worker logs)")
                 break
             done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
@@ -124,24 +140,26 @@ def dispatch_shards(
                         if recoveries[i] > RECOVERIES:
                             ray.kill(actors[i], no_restart=True)
                             actors[i] = None
+                            queue.extendleft(reversed(pinned[i]))  # its process is gone for good
+                            pinned[i].clear()
                         else:
                             time.sleep(min(2.0, 0.1 * 2 ** recoveries[i]))
-                            recovering[actors[i].ready.remote()] = i
+                            recover(i)
                     continue
                 i, shard = in_flight.pop(ref)
                 load[i] -= 1
                 try:
                     report = ray.get(ref)
-                except RayActorError as error:  # the actor died (OOM, segfault, node lost): Ray restarts it
-                    if i not in recovering.values() and actors[i] is not None:
-                        recovering[actors[i].ready.remote()] = i
-                    if attempts[shard] < config.max_attempts:
-                        retries += 1
-                        queue.appendleft(shard)
-                    else:
-                        give_up(shard, f"the actor died {attempts[shard]} times on this shard: {error}")
-                except RayTaskError as error:  # an exception inside the task: not transient, not retried
-                    give_up(shard, str(error.cause if error.cause is not None else error).strip().splitlines()[-1])
+                except ActorDiedError as error:  # the process is gone (OOM, segfault, node lost): Ray restarts it
+                    recover(i)
+                    retry_or_give_up(shard, f"the actor died on this shard: {error}", queue)
+                except RayActorError as error:  # unavailable: the task may still run there, so end that process
+                    ray.kill(actors[i], no_restart=False)
+                    recover(i)
+                    retry_or_give_up(shard, f"the actor became unavailable on this shard: {error}", pinned[i])
+                except RayTaskError as error:  # an exception in the task (the actor lives on): retried, then failed
+                    cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1]
+                    retry_or_give_up(shard, cause, queue)
                 else:
                     computed += report["rows"]
                     failed_rows += report["failed"] + report["nonfinite"]

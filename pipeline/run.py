@@ -79,6 +79,15 @@ def plan_run(config: RunConfig) -> RunPlan:
         except (ValueError, TypeError, NotImplementedError, lrp.UnsupportedLayerError) as error:
             raise ConfigError(f"explanation {setting.name!r} cannot explain this model: {error}") from error
 
+    if names and index.class_names is not None and list(index.class_names) != list(names):
+        # the dataset's labels index its own class list: read against the model's names they would be wrong
+        missing = [name for name in index.class_names if name not in names]
+        raise ConfigError(
+            f"the {index.kind} dataset's classes do not match the model's class names"
+            + (f" ({', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''} are not among them)"
+               if missing else " (same names, another order)")
+            + ": rename the class folders to the model's class names, give model.class_names in the dataset's "
+              "order, or use a manifest whose labels are the model's class indices or names")
     class_names = names or index.class_names or [str(i) for i in range(num_classes)]
     source = "model.class_names" if isinstance(config.model.class_names, (str, list)) else (
         "the weights' meta" if names else "the dataset")
@@ -221,13 +230,11 @@ def summarize(store: RelevanceStore) -> RunSummary:
 
 
 def _failed_shard(store: RelevanceStore, groups: list[str], start: int, rows: pa.Table, reason: str) -> None:
-    """A shard the actors could not finish: every row failed with the reason (the driver writes it)."""
-    n = rows.num_rows
+    """A shard the actors could not finish: its rows that are not ok failed with the reason (the driver writes it)."""
     for name in groups:
-        store.group(name).write_block(
-            start, relevance=np.full((n, store.height, store.width), np.nan, np.float32),
-            status=np.full(n, STATUS_FAILED, np.int8), error=[reason] * n, path=rows["path"].to_pylist(),
-            sample_id=rows["sample_id"].to_numpy(), target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
+        store.group(name).write_failed(
+            start, rows.num_rows, reason, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
+            target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
 
 
 def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:

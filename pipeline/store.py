@@ -388,5 +388,30 @@ class ExplanationGroup:
         self.zarr_group["status"][start:stop] = status
         return status
 
+    def write_failed(self, start: int, n: int, reason: str, **arrays: Any) -> None:
+        """Record the rows ``[start, start+n)`` (whole shards) that are not ok as failed with ``reason``.
+
+        Rows already ok (a ``--retry-failed`` run that gave up on their shard) keep everything they had;
+        ``arrays`` (e.g. ``path``, ``target``) fill in the metadata of the failed rows.
+        """
+        stop = start + n
+        try:
+            current = {name: np.array(self.zarr_group[name][start:stop]) for name in self.zarr_group.array_keys()}
+            redo = current["status"] != STATUS_OK
+        except Exception:  # an unreadable shard: nothing in it can be kept
+            current = {name: np.full((n, *self.zarr_group[name].shape[1:]), self.zarr_group[name].fill_value,
+                                     dtype=object if self.zarr_group[name].dtype.kind in "TUO" else self.zarr_group[name].dtype)
+                       for name in self.zarr_group.array_keys()}
+            redo = np.ones(n, bool)
+        for name, values in current.items():
+            if values.dtype.kind in "TUO":
+                values = current[name] = values.astype(object)
+            values[redo] = self.zarr_group[name].fill_value
+        for name, values in arrays.items():
+            current[name][redo] = np.asarray(values, dtype=current[name].dtype)[redo]
+        current["status"][redo] = STATUS_FAILED
+        current["error"][redo] = reason
+        self.write_block(start, **current)
+
     def __repr__(self) -> str:
         return f"ExplanationGroup({self.name!r}, rows={self.n_rows}, setting={self.setting})"

@@ -290,6 +290,16 @@ def test_config_errors_name_the_fix(tmp_path):
     (tmp_path / "labels.csv").write_text(f"path,label\n{tmp_path / 'img' / '0.png'},4\n")
     with pytest.raises(ConfigError, match="label outside the model's 3 classes"):
         plan_run(config_from_dict(values(tmp_path, str(tmp_path / "labels.csv"))))
+    folder = tmp_path / "folder"
+    for name in ("cat", "dog", "zebra"):
+        save_image(folder / name / "0.png", 0)
+    named = {"factory": FACTORY, "weights": str(tmp_path / "w.pt"), "class_names": ["cat", "dog", "horse"]}
+    with pytest.raises(ConfigError, match="classes do not match the model's class names \\('zebra' are not"):
+        plan_run(config_from_dict(values(tmp_path, str(folder), model=named)))
+    (folder / "zebra" / "0.png").rename(folder / "dog" / "1.png")
+    (folder / "zebra").rmdir()
+    plan = plan_run(config_from_dict(values(tmp_path, str(folder), model=named)))  # a subset maps by name
+    assert plan.rows["label"].to_pylist() == [0, 1, 1]
 
 
 def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):

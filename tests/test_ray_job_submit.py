@@ -123,6 +123,10 @@ def test_cluster_yaml_is_a_valid_launcher_config_with_cpu_head_and_gpu_workers()
     types = config["available_node_types"]
     head, workers = types[config["head_node_type"]], [t for n, t in types.items() if n != config["head_node_type"]]
     assert head["node_config"]["InstanceType"].startswith(("m5", "c5", "m6", "c6"))  # CPU head
+    assert head["resources"] == {"CPU": 0}  # that runs no actor
+    import ray
+
+    assert any(f"ray[default,data]=={ray.__version__}" in command for command in config["setup_commands"])
     assert any(w["node_config"]["InstanceType"].startswith(("g4", "g5", "g6", "p3", "p4", "p5"))
                and w["min_workers"] == 0 < w["max_workers"] for w in workers)  # autoscaling GPU workers
     assert any("pip install" in command and "~/lrp-audit" in command for command in config["setup_commands"])

@@ -198,3 +198,24 @@ def test_file_url_store(tmp_path):
     assert make_store(url, n_rows=4).group("eps").pending_shards() == []
     np.testing.assert_array_equal(open_store(str(tmp_path / "nested" / "s.zarr")).group("eps").relevance.compute(),
                                   block["relevance"])
+
+
+def test_write_failed_keeps_rows_that_are_ok(tmp_path):
+    store = make_store(str(tmp_path / "s.zarr"))
+    group = store.group("eps")
+    start, block = shard_block(store, 1)
+    block["status"] = [STATUS_OK, STATUS_FAILED, STATUS_OK, STATUS_NONFINITE]
+    group.write_block(start, **block)
+    group.write_failed(start, 4, "gave up", path=[f"new/{i}" for i in range(4)], target=[9, 9, 9, 9])
+    reread = open_store(store.url).group("eps")
+    rows = reread.rows().slice(start, 4).to_pydict()
+    assert rows["status"] == [STATUS_OK, STATUS_FAILED, STATUS_OK, STATUS_FAILED]
+    assert rows["error"] == ["", "gave up", "", "gave up"]
+    assert rows["path"] == ["img/4.png", "new/1", "img/6.png", "new/3"]
+    assert rows["target"] == [block["target"][0], 9, block["target"][2], 9]
+    relevance = reread.relevance[start:start + 4].compute()
+    np.testing.assert_array_equal(relevance[[0, 2]], block["relevance"][[0, 2]])
+    assert np.isnan(relevance[[1, 3]]).all() and np.isnan(reread.zarr_group["output"][start + 1])
+    # a shard never written: every row fails
+    group.write_failed(8, 2, "no actor", path=["a", "b"])
+    assert reread.rows().slice(8, 2)["status"].to_pylist() == [STATUS_FAILED] * 2
