@@ -103,22 +103,32 @@ _ARITHMETIC = {
 }
 
 
+_DIVISIONS = (operator.truediv, torch.div, "div")
+#: attributes of a tensor that are metadata, not values (``getattr`` nodes reading anything else are refused)
+META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"})
+
+
 def module_kind(module: nn.Module) -> str | None:
     """The canonical kind of a leaf module, or None when LRP has no rule for it."""
+    if getattr(module, "return_indices", False):
+        return None  # a max pool that also returns its indices: a tuple, not a map
     for types, kind in _MODULE_KINDS:
         if isinstance(module, types):
             return kind
     return None
 
 
-def function_kind(target, tensor_args: int) -> str | None:
-    """The canonical kind of a traced function or method call with ``tensor_args`` tensor operands."""
+def function_kind(target, tensor_args: int, first_is_tensor: bool = True) -> str | None:
+    """The canonical kind of a traced function or method call with ``tensor_args`` tensor operands (counted with
+    repeats: ``y * y`` has two) of which the first positional one is a tensor when ``first_is_tensor``."""
     if target in _ARITHMETIC:
         kind = _ARITHMETIC[target]
         if kind == SUM:
             return SUM if tensor_args >= 2 else SHIFT
         if tensor_args >= 2:
             return None  # products and differences of two tensors have no LRP rule here
+        if target in _DIVISIONS and not first_is_tensor:
+            return None  # c / y is not linear in y
         return kind
     if isinstance(target, str):
         return _METHOD_KINDS.get(target)

@@ -53,6 +53,8 @@ _DEFAULT_KINDS = {
     C.SHIFT: Pass(),
     C.MAXPOOL: _GRADIENT,  # winner takes all
     C.STRUCTURAL: _GRADIENT,  # reshape / cat / index: relevance moves, unchanged
+    C.SUM: Norm(1e-6),  # residual sums and average pools: proportional split (zennit's default stabilizer)
+    C.AVGPOOL: Norm(1e-6),
     C.OUTPUT: Pass(),
 }
 

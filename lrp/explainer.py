@@ -110,7 +110,7 @@ class Explainer:
         if target is None:  # explain the prediction
             return logits.argmax(1)
         target = torch.as_tensor(target, device=logits.device)
-        if target.is_floating_point():
+        if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError("target must hold integer class indices")
         target = target.long().reshape(-1)
         if target.numel() == 1:
@@ -143,16 +143,39 @@ class Explainer:
 
 @contextmanager
 def _precision(x: torch.Tensor, tf32: bool):
-    """Full float32 on CUDA for the duration of a call (unless ``tf32``); PyTorch's global flags are restored after."""
+    """Full float32 on CUDA for the duration of a call (unless ``tf32``); PyTorch's global settings are restored after."""
     if not x.is_cuda or tf32:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with ieee_float32():
+        yield
+
+
+@contextmanager
+def ieee_float32():
+    """IEEE float32 matmuls and convolutions (no TF32), through PyTorch's ``fp32_precision`` settings, restored after.
+
+    The ``fp32_precision`` API is the one the legacy ``allow_tf32`` flags and ``set_float32_matmul_precision`` map
+    onto; saving and restoring it leaves whichever the user set as it was.
+    """
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # PyTorch before 2.9: only the legacy flags
+        saved_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_flags
+        return
+    # cuDNN's RNN setting goes with its conv one: the legacy ``cudnn.allow_tf32`` reads both and refuses a mix
+    backends = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn
+    saved = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value
 
 
 class _Vjp:

@@ -77,6 +77,13 @@ class Step:
         return self.target(*args, **kwargs)
 
 
+class _HookFreeTracer(fx.Tracer):
+    """torch.fx's tracer, but entering submodules through ``forward``: the model's hooks never see the trace."""
+
+    def call_module(self, m, forward, args, kwargs):
+        return super().call_module(m, m.forward, args, kwargs)
+
+
 import operator as _op
 
 _INPLACE_SAFE = {_op.iadd: _op.add, _op.isub: _op.sub, _op.imul: _op.mul}
@@ -92,7 +99,7 @@ class Network:
         # a bare layer (nn.Linear, nn.Conv2d) is a leaf to fx: wrap it so that it becomes one traced call
         self._root = nn.Sequential(model) if C.module_kind(model) is not None else model
         try:
-            graph_module = fx.symbolic_trace(self._root)
+            graph_module = fx.GraphModule(self._root, _HookFreeTracer().trace(self._root))
         except Exception as error:  # fx raises many types; all mean the same to the user
             raise UnsupportedLayerError(
                 f"could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}); "
@@ -146,19 +153,31 @@ class Network:
                 step.target = original
                 step.kind = C.module_kind(module)
                 if step.kind is None:
+                    why = " with return_indices=True" if getattr(module, "return_indices", False) else ""
                     raise UnsupportedLayerError(
-                        f"module {node.target!r} ({type(module).__name__}) has no LRP rule; supported: Conv, Linear, "
-                        "BatchNorm after Conv/Linear, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Dropout, Flatten"
+                        f"module {node.target!r} ({type(module).__name__}{why}) has no LRP rule; supported: Conv, "
+                        "Linear, BatchNorm after Conv/Linear, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Dropout, Flatten"
                     )
                 if step.kind == C.LINEAR:
                     step.layer = LinearLayer(node.target, original)
             elif node.op in ("call_function", "call_method"):
                 all_meta = node.all_input_nodes and all(self.steps[index_of[n]].kind == C.META for n in node.all_input_nodes)
-                step.kind = C.META if all_meta else C.function_kind(node.target, len(inputs))
+                # operands counted with repeats (y * y is a product of two tensors), and whether the first is one
+                operands: list = []
+                fx.node.map_arg((node.args, node.kwargs), lambda n: operands.append(self.steps[index_of[n]].kind != C.META))
+                first = bool(node.args) and isinstance(node.args[0], fx.Node) and self.steps[index_of[node.args[0]]].kind != C.META
+                step.kind = C.META if all_meta else C.function_kind(node.target, sum(operands), first)
+                if step.kind == C.META and node.target is getattr and node.args[1] not in C.META_ATTRIBUTES:
+                    step.kind = None  # x.data, x.mT, x.T: tensors, not metadata
                 if step.kind is None:
                     where = f" at {node.stack_trace.strip().splitlines()[-2].strip()}" if node.stack_trace else ""
+                    hint = ""
+                    if node.target is getattr:
+                        hint = f": it reads the tensor attribute {node.args[1]!r}, not metadata like .shape"
+                    elif node.target in C._ARITHMETIC:
+                        hint = ": LRP has rules for sums of tensors and for scaling or shifting one tensor by constants"
                     raise UnsupportedLayerError(
-                        f"operation {_describe(node.target)} (node {node.name!r}{where}) has no LRP rule"
+                        f"operation {_describe(node.target)} (node {node.name!r}{where}) has no LRP rule{hint}"
                     )
             elif node.op == "get_attr":
                 raise UnsupportedLayerError(

@@ -40,6 +40,11 @@ class LinearLayer:
                 )
             self._conv = _CONV[len(module.kernel_size)]
             self._padding = self._int_padding(module)
+        features = module.out_channels if self.is_conv else module.out_features
+        if batchnorm is not None and batchnorm.num_features != features:
+            raise UnsupportedLayerError(
+                f"{name}: the BatchNorm after it normalizes {batchnorm.num_features} features, the layer has {features} "
+                "outputs (it normalizes another axis) and cannot be folded")
         if batchnorm is not None and not batchnorm.track_running_stats:
             raise UnsupportedLayerError(
                 f"{name}: the BatchNorm after it has no running statistics (track_running_stats=False) and cannot be folded"
@@ -99,6 +104,11 @@ class LinearLayer:
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The affine map with the given parameters."""
         if not self.is_conv:
+            if self.batchnorm is not None and x.dim() != 2:
+                # BatchNorm1d normalizes dim 1, which is the Linear's output features only for (B, F) inputs
+                raise UnsupportedLayerError(
+                    f"{self.name}: a Linear on a {x.dim()}-D input followed by BatchNorm normalizes another axis "
+                    "than its output features and cannot be folded")
             return F.linear(x, weight, bias)
         m = self.module
         return self._conv(x, weight, bias, m.stride, self._padding, m.dilation, m.groups)

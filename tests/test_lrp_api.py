@@ -86,6 +86,7 @@ def test_int_and_tensor_targets(model, x):
     (torch.tensor([0, 1]), ValueError, "2 entries for a batch of 3"),
     (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer class indices"),
     (1.5, TypeError, "integer class indices"),
+    (True, TypeError, "integer class indices"),
 ])
 def test_bad_targets(model, x, target, error, message):
     with pytest.raises(error, match=message):
@@ -172,6 +173,31 @@ class Gated(nn.Module):
         return self.head((y * torch.sigmoid(y)).flatten(1))
 
 
+class TwoTensorArithmetic(nn.Module):
+    """``op(y)`` after a Linear + ReLU: products, differences and reciprocals of tensors are not linear maps."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.hidden, self.head = op, nn.Linear(192, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.op(torch.relu(self.hidden(x.flatten(1)))))
+
+
+class LinearOverTokens(nn.Module):
+    """Linear over the last axis of (B, T, F) then BatchNorm1d: the BN normalizes T, not the Linear's features."""
+
+    def __init__(self, tokens: int = 24, features: int = 8):
+        super().__init__()
+        self.tokens, self.features = tokens, features
+        self.proj, self.bn = nn.Linear(features, features), nn.BatchNorm1d(tokens)
+        self.head = nn.Linear(tokens * features, 3)
+
+    def forward(self, x):
+        tokens = x.flatten(1)[:, :self.tokens * self.features].reshape(-1, self.tokens, self.features)
+        return self.head(torch.relu(self.bn(self.proj(tokens))).flatten(1))
+
+
 def _conv_then(layer):
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), layer, nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
 
@@ -187,13 +213,35 @@ def _conv_then(layer):
     (SharedConvOutput(), [r"'bn'", "BatchNorm"]),
     (Gated(), ["sigmoid"]),
     (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 3)), ["BatchNorm"]),
+    (TwoTensorArithmetic(lambda y: y * y), ["mul", "sums of tensors"]),
+    (TwoTensorArithmetic(lambda y: y - y), ["sub"]),
+    (TwoTensorArithmetic(lambda y: 1.0 / (y + 1.0)), ["truediv"]),
+    (TwoTensorArithmetic(lambda y: y.data), ["attribute 'data'"]),
+    (TwoTensorArithmetic(lambda y: y.mT.mT), ["attribute 'mT'"]),
+    (_conv_then(nn.MaxPool2d(1, return_indices=True)), [r"'1'", "return_indices"]),
+    (LinearOverTokens(), [r"proj", "normalizes 24 features, the layer has 8"]),
+    (LinearOverTokens(tokens=8, features=8), [r"proj", "3-D input followed by BatchNorm"]),
 ], ids=["sigmoid", "gelu", "leaky_relu", "layernorm", "softmax", "lstm", "densenet_bn_first", "shared_conv_output",
-        "functional_sigmoid_gate", "bn_on_input"])
-def test_unsupported_layer_is_refused_by_name(model, names):
+        "functional_sigmoid_gate", "bn_on_input", "square", "difference", "reciprocal", "data", "mT", "maxpool_indices",
+        "linear_3d_batchnorm", "linear_3d_batchnorm_square"])
+def test_unsupported_layer_is_refused_by_name(model, names, x):
     with pytest.raises(lrp.UnsupportedLayerError) as error:
-        lrp.Explainer(model.eval(), "epsilon_plus")
+        lrp.Explainer(model.eval(), "epsilon_plus")(torch.randn(2, 3, 8, 8), 0)  # some are only seen running
     for name in names:
         assert re.search(name, str(error.value)), (name, str(error.value))
+
+
+def test_scaling_and_summing_one_tensor_give_the_map_of_the_folded_network():
+    torch.manual_seed(0)
+    model = TwoTensorArithmetic(lambda y: (y / 2 + y) * 3 + y).double().eval()  # = 5.5 y
+    folded = copy.deepcopy(model)
+    folded.op = lambda y: y
+    with torch.no_grad():
+        folded.head.weight.mul_(5.5)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    ours, reference = (lrp.Explainer(m, "z", include_bias=False)(x, 1) for m in (model, folded))
+    torch.testing.assert_close(ours.output, model(x)[:, 1])
+    torch.testing.assert_close(ours.relevance, reference.relevance)
 
 
 def test_unfoldable_batchnorm_is_named_by_its_module_path():
@@ -270,6 +318,49 @@ def test_model_parameters_flags_hooks_and_outputs_are_unchanged(x):
     assert calls == ["pre", "forward"]  # the hooks are still registered and work
     for handle in handles:
         handle.remove()
+
+
+def test_hooks_on_nested_modules_are_not_called_while_tracing_or_explaining(x):
+    model = _randomize_batchnorm(small_cnn()).eval()
+    nested = nn.Sequential(nn.Sequential(*model[:4]), nn.Sequential(*model[4:]))
+    recorded = []
+    nested[0].register_forward_hook(lambda module, args, out: recorded.append(out.detach().mean()))
+    nested[1][0].register_forward_pre_hook(lambda module, args: recorded.append(args[0].detach().mean()))
+    result = lrp.Explainer(nested, "epsilon_plus")(x, 0)
+    assert recorded == []
+    torch.testing.assert_close(result.output, nested(x)[:, 0])
+    assert len(recorded) == 2  # the hooks work for the model itself
+
+
+def test_full_float32_settings_are_restored_whatever_api_set_them():
+    from lrp.explainer import ieee_float32
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32 = True
+        with ieee_float32():
+            assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError, match="inside"):
+            with ieee_float32():
+                raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_a_hand_built_composite_needs_no_rule_for_every_kind():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).double().eval()  # sums and average pooling
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    composite = lrp.Composite("mine", conv=lrp.rules.ZPlus(), linear=lrp.rules.Epsilon(1e-6))
+    ours = lrp.Explainer(model, composite)(x, 1).relevance
+    named = lrp.Explainer(model, "epsilon_plus")(x, 1).relevance
+    torch.testing.assert_close(ours, named)
 
 
 def test_works_under_no_grad_and_inference_mode(model, x):

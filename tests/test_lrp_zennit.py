@@ -374,3 +374,26 @@ def test_alpha_beta_on_linear_over_a_channels_last_tensor_matches_zennit():
     ours = lrp.Explainer(model, "alpha_beta")(x, target)
     reference = zennit_relevance(copy.deepcopy(model), x, target, zennit_composite("alpha_beta"))
     assert relative_error(ours.relevance, reference) < TOLERANCE
+
+
+@pytest.mark.parametrize("include_bias", [True, False])
+def test_w_square_first_layer_matches_zennit(include_bias):
+    from zennit.composites import SpecialFirstLayerMapComposite
+    from zennit.rules import WSquare, ZPlus
+
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).double().eval())
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2, 4])
+    zero_params = None if include_bias else "bias"
+    ours = lrp.Explainer(model, lrp.Composite(
+        "w_square_plus", conv=lrp.rules.ZPlus(include_bias=include_bias),
+        linear=lrp.rules.Epsilon(1e-6, include_bias=include_bias),
+        first=lrp.rules.WSquare(include_bias=include_bias)))(x, target)
+    reference = zennit_relevance(copy.deepcopy(model), x, target, SpecialFirstLayerMapComposite(
+        layer_map=layer_map_base() + [(Convolution, ZPlus(zero_params=zero_params)),
+                                      (nn.Linear, Epsilon(zero_params=zero_params))],
+        first_map=[(Convolution, WSquare(zero_params=zero_params))]))
+    assert relative_error(ours.relevance, reference) < TOLERANCE
