@@ -7,6 +7,7 @@ reshapes, concatenations) use autograd, on their own inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from torch import nn
 from . import canonizers as C
 from .composites import Composite, make_composite
 from .graph import Network
-from .rules import StepContext
+from .rules import StepContext, ZBox, bound_image
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Explainer:
             output = logits[rows, target]
             seed = torch.zeros_like(logits)
             seed[rows, target] = output if self.composite.seed == "relevance" else 1.0
-            relevance = self._backward(values, seed)
+            relevance = self._backward(values, seed, self._composite_for(x))
         if self.composite.times_input:
             relevance = relevance * x
         return Explanation(relevance=relevance, output=output, target=target, logits=logits)
@@ -122,7 +123,24 @@ class Explainer:
         return target
 
     # -- the backward walk --------------------------------------------------------------------------------------
-    def _backward(self, values: list, seed: torch.Tensor) -> torch.Tensor:
+    def _composite_for(self, x: torch.Tensor) -> Composite:
+        """The composite, with z^B's box carried to the first layer's input where the model transforms its input first.
+
+        ``low``/``high`` bound the pixels given to the model. Between them and the first layer there may be
+        elementwise constant scales and shifts (GoogLeNet's ``transform_input``): the bounds of what the layer sees are
+        those steps applied to the bound images (min and max, in case a scale is negative).
+        """
+        rule = self.composite.first
+        if not isinstance(rule, ZBox) or self._first is None:
+            return self.composite
+        layer_input = self.network.steps[self._first].inputs[0]
+        if layer_input == self.network.input_index:
+            return self.composite
+        low, high = (self.network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input] for b in (rule.low, rule.high))
+        carried = ZBox(torch.minimum(low, high), torch.maximum(low, high), rule.stabilizer, rule.include_bias)
+        return dataclasses.replace(self.composite, first=carried)
+
+    def _backward(self, values: list, seed: torch.Tensor, composite: Composite) -> torch.Tensor:
         steps = self.network.steps
         relevance: dict[int, torch.Tensor] = {self.network.output_index: seed}
         for step in reversed(steps):
@@ -133,7 +151,7 @@ class Explainer:
                 values[step.index] = None
                 continue
             ctx = StepContext(step, [values[j] for j in step.inputs], values[step.index], _Vjp(step, values))
-            rule = self.composite.rule_for(step, self._first)
+            rule = composite.rule_for(step, self._first)
             for j, r_in in zip(step.inputs, rule(ctx, r)):
                 if r_in is not None:
                     relevance[j] = relevance[j] + r_in if j in relevance else r_in

@@ -212,11 +212,13 @@ class Network:
             step.nonnegative = step.kind == C.ACTIVATION or (step.kind in keeps_sign and step.inputs_nonnegative)
 
     # -- execution ----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> list:
-        """All step values for input ``x`` (the last one is the output)."""
+    def forward(self, x: torch.Tensor, until: int | None = None) -> list:
+        """All step values for input ``x`` (the last one is the output), or those up to step ``until``."""
         values: list = [None] * len(self.steps)
         values[self.input_index] = x
         for step in self.steps:
+            if until is not None and step.index > until:
+                break
             if step.kind == C.INPUT:
                 continue
             if step.kind == C.OUTPUT:

@@ -205,7 +205,7 @@ class ZBox(Rule):
         keep = self.include_bias
         weight, bias = layer.params()
         (w_pos, b_pos), (w_neg, b_neg) = _positive_part(layer), _negative_part(layer)
-        low, high = _bound(self.low, x), _bound(self.high, x)
+        low, high = bound_image(self.low, x), bound_image(self.high, x)
         z = ctx.output if keep or bias is None else ctx.output - layer.expand_bias(bias, ctx.output)
         # the bounds are the same image for every row: their affine maps are computed once, then broadcast
         z = z - layer.forward(low[:1], w_pos, _bias(b_pos, keep)) - layer.forward(high[:1], w_neg, _bias(b_neg, keep))
@@ -320,7 +320,8 @@ def _negative_part(layer):
     return layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
 
 
-def _bound(bound, x: torch.Tensor) -> torch.Tensor:
+def bound_image(bound, x: torch.Tensor) -> torch.Tensor:
+    """A z^B bound (float, per-channel (C,) tensor, or broadcastable tensor) as a tensor of the shape of ``x``."""
     bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
     if bound.dim() == 1 and x.dim() > 2 and bound.numel() == x.shape[1]:
         bound = bound.reshape((1, -1) + (1,) * (x.dim() - 2))

@@ -166,17 +166,23 @@ class Case:
         self.x = self.x.clamp(LOW, HIGH)
         self.target = torch.tensor([3, 7])
         self.twin_x = self.x
+        self.twin_box = {"low": LOW, "high": HIGH}
         if name == "googlenet_transform_input":
             # Our documented semantics (lrp/canonizers.py): the input transform is a per-channel SCALE and SHIFT, through
             # which relevance passes unchanged. So explaining the model with transform_input=True on x must equal
-            # zennit explaining the same network without the transform on the transformed input T(x).
+            # zennit explaining the same network without the transform on the transformed input T(x), with z^B's
+            # box [LOW, HIGH] of x carried to T(x) too (per channel).
             self.twin.transform_input = False
             self.twin_x = self.model._transform_input(self.x)
+            ends = [self.model._transform_input(torch.full((1, 3, 1, 1), b, dtype=torch.float64)) for b in (LOW, HIGH)]
+            self.twin_box = {"low": torch.minimum(*ends), "high": torch.maximum(*ends)}
 
     def ours(self, composite: str, **params) -> lrp.Explanation:
         return lrp.Explainer(self.model, composite, **params)(self.x, self.target)
 
     def zennit(self, composite: str, include_bias=True, **params) -> torch.Tensor:
+        if composite == "epsilon_gamma_box":
+            params = {**params, **self.twin_box}
         zc = zennit_composite(composite, self.canonizers, include_bias=include_bias, **params)
         return zennit_relevance(self.twin, self.twin_x, self.target, zc, seed_ones=composite == "deconvnet")
 
