@@ -278,6 +278,8 @@ def figure(result: AopcResult):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from aggregations.report_figures import plain_text
+
     methods = result.table["method"].to_pylist()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -288,7 +290,7 @@ def figure(result: AopcResult):
         step = rows["step"].to_numpy()
         f0 = rows["mean_f"].to_numpy() + rows["mean_decline"].to_numpy()  # mean f(x^(0)), the same at every k
         style = dict(color="0.45", linestyle="--") if m == REFERENCE else dict(color=colours[i % len(colours)])
-        left.plot(step, rows["mean_f"].to_numpy(), label=m, linewidth=1.6, **style)
+        left.plot(step, rows["mean_f"].to_numpy(), label=plain_text(m), linewidth=1.6, **style)
         left.fill_between(step, f0 - rows["decline_high"].to_numpy(), f0 - rows["decline_low"].to_numpy(),
                           alpha=0.15, color=style["color"], linewidth=0)
     spec = result.settings.get("perturbation", {})
@@ -301,7 +303,7 @@ def figure(result: AopcResult):
     values = [result.aopc(m) for m in order]
     records = {r["method"]: r for r in result.table.to_pylist()}
     errors = np.array([[v - records[m]["ci_low"], records[m]["ci_high"] - v] for m, v in zip(order, values)]).T
-    right.barh(order, values, xerr=np.nan_to_num(errors), capsize=3,
+    right.barh([plain_text(m) for m in order], values, xerr=np.nan_to_num(errors), capsize=3,
                color=["0.7" if m == REFERENCE else "#4c72b0" for m in order])
     right.set_xlabel("AOPC (higher: the ordering finds what the model uses)")
     right.set_title(f"AOPC, {int(round(100 * records[order[0]]['level']))}% interval")

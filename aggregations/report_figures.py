@@ -115,8 +115,13 @@ def image_uri(image: np.ndarray, boxes=None, spot=None) -> str:
 
 # ---- charts ---------------------------------------------------------------------------------------------
 
+def plain_text(name: str) -> str:
+    """A dataset string as matplotlib shows it literally: ``$`` would start mathtext (and can fail the figure)."""
+    return str(name).replace("$", r"\$")
+
+
 def _short(names: Sequence[str], width: int = 24) -> list[str]:
-    return [name if len(name) <= width else name[: width - 1] + "…" for name in names]
+    return [plain_text(name if len(name) <= width else name[: width - 1] + "…") for name in names]
 
 
 def pools_chart(class_names: Sequence[str], fractions: np.ndarray, region_names: Sequence[str],

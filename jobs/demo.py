@@ -29,6 +29,7 @@ SWEEP = [  # the primary setting first; then Figs. 4-5 of Binder et al. 2016 (ep
     {"name": "alpha1_beta0", "composite": "alpha_beta", "alpha": 1.0, "beta": 0.0},
     {"name": "alpha2_beta1", "composite": "alpha_beta", "alpha": 2.0, "beta": 1.0},
 ]
+MARKER = ".lrp-audit-demo"  # marks a folder as the demo's own, so that a rerun may replace its outputs
 OUTPUTS = ("data", "models", "tagged.zarr", "tagged.aggregates", "clean.zarr", "clean.aggregates", "report.html",
            "demo.json")
 
@@ -76,7 +77,9 @@ def tag_finding(aggregates_dir: str, group: str, tag_class: str, tag_box) -> dic
             "reason": top["reason"] if top else "", "flagged": [r["class_name"] for r in flagged],
             "tag_share": share, "tag_area": area,
             "spot_box": [top["spot_x0"], top["spot_y0"], top["spot_x1"], top["spot_y1"]] if top else None,
-            "found": bool(top and top["class_name"] == tag_class and share > 0.25)}
+            "found": bool(top and top["class_name"] == tag_class and "cue" in top["flag"] and share > 0.25
+                          and x0 - 1 <= top["spot_x0"] < top["spot_x1"] <= x1 + 1
+                          and y0 - 1 <= top["spot_y0"] < top["spot_y1"] <= y1 + 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     audit_per_class = args.audit_per_class or (30 if args.quick else 60)
     epochs = args.epochs or 10
     out = Path(args.out).resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+        print(f"lrp-audit demo: {out} is not empty and not a demo folder (no {MARKER}); the demo replaces its "
+              "data/ and models/ there: give a new or empty folder", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by lrp-audit demo: a rerun here replaces this folder's demo outputs\n")
     for name in OUTPUTS:  # start over: only the demo's own outputs are replaced
         target = out / name
         if target.is_dir():

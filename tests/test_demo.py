@@ -71,3 +71,18 @@ def test_the_demo_finds_the_planted_tag(ray_cluster, tmp_path, capsys):
     assert page.index("Flagged: class <span class=\"cls\">ring</span>") < page.index('id="summary"')
     assert 'id="sweep"' in page and 'id="comparison"' in page
     assert Path(summary["report"]) == report
+    # the shortcut table: the stamp-removed and stamp-moved accuracies are in the report
+    assert "The planted cue and the model&#39;s dependence on it" in page or \
+        "The planted cue and the model's dependence on it" in page
+    for column in ("stamp removed", "stamp on the other classes"):
+        assert column in page
+
+
+def test_the_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
+    from jobs.demo import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "thesis.tex").write_text("keep me")
+    assert main(["--out", str(tmp_path), "--quick"]) == 2
+    assert "not a demo folder" in capsys.readouterr().err
+    assert (tmp_path / "data" / "thesis.tex").read_text() == "keep me"

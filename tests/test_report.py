@@ -24,7 +24,7 @@ from aggregations.run import aggregate
 from pipeline.store import STATUS_FAILED, STATUS_OK, RelevanceStore
 
 EVIL = "<script>alert(1)</script>"
-CLASSES = [EVIL, "cat", "dog & <b>bird</b>"]
+CLASSES = [EVIL, "cat $x^$ \\frac", "dog & <b>bird</b>"]  # markup, and text matplotlib would take for math
 SIZE, PER_CLASS = 16, 8
 SPOT = (0, 12, 3, 15)  # x0, y0, x1, y1: where class 0 of model A looks
 BOX = (5.0, 5.0, 11.0, 11.0)
