@@ -325,22 +325,32 @@ def _interval(low: float, high: float) -> str:
     return "" if not (np.isfinite(low) and np.isfinite(high)) else f"[{low:.3g}, {high:.3g}]"
 
 
-def report_section(out_dir: str | None, storage_options: dict | None = None) -> dict | None:
+def report_section(out_dir: str | None, storage_options: dict | None = None,
+                   store_config: dict | None = None) -> dict | None:
     """What the HTML report shows for an evaluation directory, or None when there is no evaluation there.
 
     Returns ``title``, ``summary`` (one sentence), ``figure_png`` (bytes), ``figure_uri`` (a data URI for an
     ``<img src>``), ``columns`` and ``rows`` (formatted strings, best method first), ``records`` (the raw
-    numbers) and ``settings``. When only the curves exist the summary is computed (bootstrap), not written:
+    numbers), ``settings`` and ``warning`` (an evaluation of another model or dataset than ``store_config``
+    says, or one that cannot be read, which then has no figure or rows). When only the curves exist the summary is computed (bootstrap), not written:
     rendering a report never writes into the evaluation directory.
     """
     if not out_dir:
         return None
-    result = load(out_dir, storage_options)
-    if result is None:
-        try:
+    title = "Explanation quality: region perturbation (AOPC)"
+    try:
+        result = load(out_dir, storage_options)
+        if result is None:
             result = aggregate_evaluation(out_dir, storage_options=storage_options, write=False)
-        except FileNotFoundError:
-            return None
+        identity = read_settings(out_dir, storage_options).get("config", {})
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # a broken evaluation folder must not take the rest of the report with it
+        return {"title": title, "warning": f"The evaluation at {out_dir} could not be read "
+                                           f"({type(error).__name__}: {error}); it is left out.", "rows": []}
+    mismatched = [name.replace("_", " ") for name in ("weights_digest", "dataset_fingerprint")
+                  if store_config and identity.get(name) is not None and store_config.get(name) is not None
+                  and identity[name] != store_config[name]]
     records = result.table.to_pylist()
     png = figure_png(result)
     level = int(round(100 * records[0]["level"])) if records else 95
@@ -349,7 +359,9 @@ def report_section(out_dir: str | None, storage_options: dict | None = None) -> 
              "" if r["method"] == REFERENCE else _interval(r["vs_random_low"], r["vs_random_high"]),
              str(r["n"]) + (f" ({r['excluded']} excluded)" if r["excluded"] else "")] for r in records]
     return {
-        "title": "Explanation quality: region perturbation (AOPC)",
+        "title": title,
+        "warning": (f"This evaluation ({out_dir}) was made with another {' and '.join(mismatched)} than the audited "
+                    "store: its numbers describe that run, not this one.") if mismatched else "",
         "summary": _summary(records),
         "figure_png": png,
         "figure_uri": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),

@@ -441,7 +441,9 @@ def render_report(store_url: str, out: str | None = None, *, compare: str | None
         run.label, other.label = f"{run.label} [{Path(str(store_url).rstrip('/')).name}]", \
             f"{other.label} [{Path(str(compare).rstrip('/')).name}]"
     context = build_context(run, other, group=group, max_classes=max_classes, title=title, notes=notes)
-    context["evaluation"] = aopc.report_section(evaluation or aopc.default_evaluation_dir(store_url))
+    store_config = run.store.config if isinstance(run.store.config, dict) else {}
+    context["evaluation"] = aopc.report_section(evaluation or aopc.default_evaluation_dir(store_url),
+                                                store_config=store_config)
     page = render_html(context)
     out = out or (str(store_url).rstrip("/").removesuffix(".zarr") + ".report.html")
     with fsspec.open(out, "w", encoding="utf-8") as handle:

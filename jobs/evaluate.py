@@ -30,6 +30,20 @@ def _steps(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--steps takes a number of regions or 'all', not {text!r}") from None
 
 
+def _level(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--level is a probability between 0 and 1 (e.g. 0.95), not {text}")
+    return value
+
+
+def _resamples(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--resamples must be at least 1, not {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = base_parser("lrp-audit evaluate", __doc__.split("\n\n")[0])
     add_target_options(p, composite_help="method to evaluate (same as --method)",
@@ -62,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how a method's channels become pixel scores: sum, max_abs, l2 (default: max_abs for "
                         "gradient and deconvnet, sum otherwise)")
     e.add_argument("--ci", choices=["bootstrap", "t"], default="bootstrap", help="confidence intervals of AOPC")
-    e.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
-    e.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    e.add_argument("--level", type=_level, default=0.95, help="confidence level (default 0.95)")
+    e.add_argument("--resamples", type=_resamples, default=2000, help="bootstrap resamples (default 2000)")
     return p
 
 

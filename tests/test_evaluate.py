@@ -179,6 +179,10 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert "always evaluated" in capsys.readouterr().err
     assert main(common + ["--method", "epsilon:gamma=2"]) == 2
     assert "does not use parameter(s) gamma" in capsys.readouterr().err
+    for flag, value, message in (("--level", "1.5", "between 0 and 1"), ("--resamples", "0", "at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(common + [flag, value])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     # the explain YAML with an `evaluation:` mapping; out defaults to beside the store
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"dataset": data, "model": {"factory": FACTORY}, "store": str(tmp_path / "x.zarr"),
