@@ -198,9 +198,10 @@ def judge(spot: Spot | None, image_shares: np.ndarray, context_share: float, con
     score = max(cue_score, context_score if np.isfinite(context_score) else 0.0, 0.0)
 
     reasons = []
-    if n_images < settings.min_images:
+    if n_images < settings.min_images:  # no scores either: an unjudged class must not outrank a flagged one
         reasons.append(f"not judged: {n_images} image(s), fewer than {settings.min_images}")
         cue = context = False
+        cue_score = score = 0.0
     if cue:
         x0, y0, x1, y1 = spot.box
         reasons.append(

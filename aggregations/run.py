@@ -296,7 +296,9 @@ def _classes_table(name, classes, class_names, meta, regions, total, region_sums
         shares = inside_share[on_class & (target == c)]
         shares = shares[np.isfinite(shares)]
         context_share[i] = 1 - shares.mean() if shares.size else np.nan
-    context_score, context_reference = bias.context_scores(context_share)
+    # classes too small to judge are left out of the other classes' median too
+    judged = np.array([(on_class & (target == c)).sum() >= settings.min_images for c in classes], bool)
+    context_score, context_reference = bias.context_scores(np.where(judged, context_share, np.nan))
     usage = context.distribution(context_usage[ok], target[ok], "context_usage").to_pydict()
     inside = context.distribution(inside_share[on_class], target[on_class], "inside_share_positive").to_pydict()
     usage_of = {k: i for i, k in enumerate(usage["group"])}

@@ -110,5 +110,6 @@ def test_a_spot_every_class_has_is_not_a_class_cue():
 
 def test_small_classes_are_not_judged():
     spot = bias.Spot((0, 0, 2, 2), 0.01, 0.5, True)
-    verdict = bias.judge(spot, np.array([0.9, 0.9]), 0.1, 0.0, 0.1, n_images=2)
+    verdict = bias.judge(spot, np.array([0.9, 0.9]), 0.9, 0.5, 0.4, n_images=2)
     assert verdict["flag"] == "" and verdict["reason"].startswith("not judged")
+    assert verdict["bias_score"] == 0 and verdict["cue_score"] == 0  # so it cannot outrank a judged class
