@@ -128,14 +128,17 @@ class Explainer:
 
         ``low``/``high`` bound the pixels given to the model. Between them and the first layer there may be
         elementwise constant scales and shifts (GoogLeNet's ``transform_input``): the bounds of what the layer sees are
-        those steps applied to the bound images (min and max, in case a scale is negative).
+        those steps applied to the bound images (min and max, in case a scale is negative). Only elementwise affine
+        steps (scales, shifts, reshapes, indexing, concatenation) map a box onto a box exactly; after anything else
+        (a pooling, say) ``low``/``high`` bound the layer's input as given.
         """
         rule = self.composite.first
         if not isinstance(rule, ZBox) or self._first is None:
             return self.composite
         layer_input = self.network.steps[self._first].inputs[0]
-        if layer_input == self.network.input_index:
-            return self.composite
+        before = [step.kind for step in self.network.steps[:layer_input + 1] if step.kind not in (C.INPUT, C.META)]
+        if not before or not set(before) <= _ELEMENTWISE_AFFINE:
+            return self.composite  # the box is taken as the bounds of what the layer sees, as zennit takes it
         low, high = (self.network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input] for b in (rule.low, rule.high))
         carried = ZBox(torch.minimum(low, high), torch.maximum(low, high), rule.stabilizer, rule.include_bias)
         return dataclasses.replace(self.composite, first=carried)
@@ -157,6 +160,9 @@ class Explainer:
                     relevance[j] = relevance[j] + r_in if j in relevance else r_in
             values[step.index] = None  # every consumer of this value has been processed
         raise AssertionError("the input step was not reached")
+
+
+_ELEMENTWISE_AFFINE = {C.SCALE, C.SHIFT, C.STRUCTURAL, C.IDENTITY}
 
 
 @contextmanager

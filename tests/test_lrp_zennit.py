@@ -181,7 +181,7 @@ class Case:
         return lrp.Explainer(self.model, composite, **params)(self.x, self.target)
 
     def zennit(self, composite: str, include_bias=True, **params) -> torch.Tensor:
-        if composite == "epsilon_gamma_box":
+        if composite == "epsilon_gamma_box" and self.name == "googlenet_transform_input":
             params = {**params, **self.twin_box}
         zc = zennit_composite(composite, self.canonizers, include_bias=include_bias, **params)
         return zennit_relevance(self.twin, self.twin_x, self.target, zc, seed_ones=composite == "deconvnet")
