@@ -22,6 +22,7 @@ from .config import ConfigError, RunConfig
 
 IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
 RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
+RECOVERY_TIMEOUT = 900.0  # seconds a restarting actor may stay unscheduled (a lost node, no room) before it is dropped
 
 
 def connect(address: str | None = None):
@@ -112,9 +113,20 @@ def dispatch_shards(
         else:
             give_up(shard, f"{reason} (tried {attempts[shard]} times)")
 
+    recovering_since: dict = {}  # actor index -> when its current recovery began
+
     def recover(i):
         if i not in recovering.values() and actors[i] is not None:
             recovering[actors[i].ready.remote()] = i
+            recovering_since.setdefault(i, time.monotonic())
+
+    def drop(i):
+        """Actor ``i`` leaves the pool; the shards waiting for it go to the others."""
+        ray.kill(actors[i], no_restart=True)
+        actors[i] = None
+        queue.extendleft(reversed(pinned[i]))
+        pinned[i].clear()
+        recovering_since.pop(i, None)
 
     try:
         while queue or in_flight or any(pinned):
@@ -129,19 +141,21 @@ def dispatch_shards(
                 for shard in [*queue, *(shard for waiting in pinned for shard in waiting)]:
                     give_up(shard, f"no {name} actor could be kept alive (see the Ray worker logs)")
                 break
-            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
+            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1, timeout=30.0)
+            for ref, i in list(recovering.items()):
+                if ref not in done and time.monotonic() - recovering_since[i] > RECOVERY_TIMEOUT:
+                    del recovering[ref]  # never rescheduled: do not wait for it forever
+                    drop(i)
             for ref in done:
                 if ref in recovering:
                     i = recovering.pop(ref)
                     try:
                         ray.get(ref)  # restarted: usable again
+                        recovering_since.pop(i, None)
                     except RayActorError:
                         recoveries[i] += 1
                         if recoveries[i] > RECOVERIES:
-                            ray.kill(actors[i], no_restart=True)
-                            actors[i] = None
-                            queue.extendleft(reversed(pinned[i]))  # its process is gone for good
-                            pinned[i].clear()
+                            drop(i)
                         else:
                             time.sleep(min(2.0, 0.1 * 2 ** recoveries[i]))
                             recover(i)
@@ -154,9 +168,11 @@ def dispatch_shards(
                     recover(i)
                     retry_or_give_up(shard, f"the actor died on this shard: {error}", queue)
                 except RayActorError as error:  # unavailable: the task may still run there, so end that process
-                    ray.kill(actors[i], no_restart=False)
-                    recover(i)
-                    retry_or_give_up(shard, f"the actor became unavailable on this shard: {error}", pinned[i])
+                    if actors[i] is not None:
+                        ray.kill(actors[i], no_restart=False)
+                        recover(i)
+                    retry_or_give_up(shard, f"the actor became unavailable on this shard: {error}",
+                                     queue if actors[i] is None else pinned[i])
                 except RayTaskError as error:  # an exception in the task (the actor lives on): retried, then failed
                     cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1]
                     retry_or_give_up(shard, cause, queue)
