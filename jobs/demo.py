@@ -7,11 +7,12 @@ real Ray pipeline with several LRP settings; aggregate with Dask; render the HTM
 model trained on stamp-free images is explained too, for the report's model comparison. Prints where
 the report is and the headline finding::
 
-    lrp-audit demo --out demo-out          # a few minutes on 2 CPU cores
+    lrp-audit demo --out demo-out          # about 1.5 minutes on 2 CPU cores
     lrp-audit demo --out /tmp/d --quick    # smaller and faster (used by the tests)
 
-The demo replaces its own outputs in ``--out`` (data/, models/, *.zarr, *.aggregates, report.html).
-Exit status 0 when the audit flags the tagged class at the stamp, 1 when it does not.
+The demo replaces its own outputs in ``--out`` (data/, models/, *.zarr, *.aggregates, report.html) and
+refuses a non-empty folder that is not its own (no ``.lrp-audit-demo`` marker). Exit status 0 when the
+audit flags the tagged class for a cue at the stamp, 1 when it does not, 2 for a bad ``--out`` or config.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ file with every image embedded::
     lrp-audit report runs/voc.zarr                                  # -> runs/voc.report.html
     lrp-audit report runs/caffenet.zarr --compare runs/googlenet.zarr --out compare.html
     lrp-audit report runs/voc.zarr --group epsilon_0.01             # another explanation setting first
+    lrp-audit report runs/voc.zarr --evaluation runs/voc.evaluation # AOPC section (default: beside the store)
 
 Exit status 0 on success, 2 when a store or its aggregates cannot be read.
 """
