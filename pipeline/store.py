@@ -85,11 +85,12 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+def _open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None,
+               attributes: dict | None = None) -> zarr.Group:
     options = dict(storage_options or {})
     if str(url).startswith("file://"):  # fsspec's local filesystem makes no parent folders unless asked
         options.setdefault("auto_mkdir", True)
-    return zarr.open_group(str(url), mode=mode, zarr_format=3, storage_options=options or None)
+    return zarr.open_group(str(url), mode=mode, zarr_format=3, storage_options=options or None, attributes=attributes)
 
 
 def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None) -> None:
@@ -201,8 +202,7 @@ class RelevanceStore:
 
         # the format attribute is written last: a creation cut short (a kill) leaves a store marked as still
         # being created, which the next run recreates instead of resuming into missing arrays
-        root = _open_root(url, "w", storage_options)
-        root.attrs.update({
+        root = _open_root(url, "w", storage_options, attributes={  # one write: the marker is there from the start
             CREATING: True,
             "config": config,
             "class_names": [str(name) for name in class_names],
