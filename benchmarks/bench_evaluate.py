@@ -15,7 +15,7 @@ import time
 import torch
 
 from pipeline.perturbation import PerturbationSpec, RegionPerturbation
-from pipeline.tinycnn import tiny_cnn
+from jobs.demo.tinycnn import tiny_cnn
 
 
 def naive_curves(perturb: RegionPerturbation, model, x, target, orders, sample_ids):

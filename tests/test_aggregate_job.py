@@ -200,7 +200,7 @@ def test_end_to_end_from_a_pipeline_run(ray_cluster, tmp_path):
 
     from pipeline.config import config_from_dict
     from pipeline.run import run as explain
-    from pipeline.synthetic import SyntheticSpec, generate
+    from jobs.demo.synthetic import SyntheticSpec, generate
 
     data = generate(tmp_path / "data", SyntheticSpec(audit_per_class=4, image_size=32), splits=("audit",))
     torch.manual_seed(0)

@@ -13,9 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from aggregations.aopc import (
-    aggregate_evaluation, aopc_per_row, load, mean_interval, report_section, summarize, t_quantile,
-)
+from aggregations.aopc import aggregate_evaluation, aopc_per_row, load, mean_interval, summarize, t_quantile
+from aggregations.report.evaluation import report_section
 from pipeline.config import ConfigError
 from pipeline.evaluation import CURVE_SCHEMA, EvaluateActor, EvaluationJob, config_from_values, evaluate, plan_evaluation
 

@@ -153,22 +153,22 @@ def test_the_report_is_one_self_contained_file_with_every_section(report):
 def test_the_evaluation_section_shows_the_aopc_table_and_warns_about_another_run(report, tmp_path):
     import json
 
-    from aggregations import aopc
+    from aggregations.report import evaluation
 
     text = " ".join(_parse(report.read_text(encoding="utf-8")).text)
     section = text.split("Explanation quality: region perturbation (AOPC)", 1)[1]
     assert "epsilon_plus" in section and "random" in section and "AOPC" in section
-    expected = aopc.report_section(str(report.parent / "a.evaluation"))["rows"]
+    expected = evaluation.report_section(str(report.parent / "a.evaluation"))["rows"]
     assert expected[0][0] == "epsilon_plus" and expected[0][1] in section  # the formatted AOPC itself
     assert "made with another" not in section
 
     other = tmp_path / "other.evaluation"
     _evaluation(other)
     (other / "evaluation.json").write_text(json.dumps({"config": {"weights_digest": "abc", "dataset_fingerprint": "same"}}))
-    warned = aopc.report_section(str(other), store_config={"weights_digest": "def", "dataset_fingerprint": "same"})
+    warned = evaluation.report_section(str(other), store_config={"weights_digest": "def", "dataset_fingerprint": "same"})
     assert "another weights digest than the audited store" in warned["warning"] and warned["rows"]
     (other / "aopc.parquet").write_bytes(b"not parquet")
-    broken = aopc.report_section(str(other))
+    broken = evaluation.report_section(str(other))
     assert "could not be read" in broken["warning"] and broken["rows"] == []
 
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import lrp
-from pipeline import synthetic, tinycnn
+from jobs.demo import synthetic, tinycnn
 from pipeline.models import ModelSpec, build_model
 
 
 def test_the_pipeline_builds_it_from_the_factory_and_a_state_dict(tmp_path):
     model = tinycnn.tiny_cnn(num_classes=3)
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    built = build_model(ModelSpec(factory="pipeline.tinycnn:tiny_cnn", weights=str(tmp_path / "weights.pt"),
+    built = build_model(ModelSpec(factory="jobs.demo.tinycnn:tiny_cnn", weights=str(tmp_path / "weights.pt"),
                                   kwargs={"num_classes": 3}))
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 The network uses only layers the LRP engine has rules for (Conv2d, BatchNorm2d, ReLU, MaxPool2d,
 AdaptiveAvgPool2d, Flatten, Linear), so it can be explained as it is. Load it in the pipeline as
-``pipeline.tinycnn:tiny_cnn`` with ``{"num_classes": 5}`` and the state_dict file that :func:`train` saved.
+``jobs.demo.tinycnn:tiny_cnn`` with ``{"num_classes": 5}`` and the state_dict file that :func:`train` saved.
 
 Training reads the same manifest the pipeline explains, with the same preprocessing (pixels scaled to
 [0, 1], then normalised by :data:`MEAN` / :data:`STD`), and uses no augmentation: a flip would move the
