@@ -119,54 +119,7 @@ def scheduler_options(scheduler: str | None = None, num_workers: int | None = No
                          "or a distributed scheduler address like tcp://host:8786")
 
 
-class ZarrRows:
-    """A zarr array behind a plain object: ``reader[key]`` and ``reader.rows(indices)`` (only those rows).
-
-    A plain object because Ray's Dask scheduler rebuilds every dataclass among a task's arguments
-    through its ``__init__`` (ray/util/dask/common.py, ``unpack_object_refs``), and zarr 3 arrays are
-    dataclasses with init=False fields, so the rebuild fails.
-    """
-
-    def __init__(self, array: zarr.Array):
-        self.array, self.shape, self.dtype, self.ndim = array, array.shape, np.dtype(array.dtype), array.ndim
-
-    def __getitem__(self, key):
-        return self.array[key]
-
-    def rows(self, indices: np.ndarray) -> np.ndarray:
-        """Just these rows (sorted), one read per run of consecutive rows: the store's inner chunks are
-        single rows, so this decompresses nothing else (zarr's ``oindex`` is slower for scattered rows)."""
-        indices = np.asarray(indices, np.int64)
-        runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1) if len(indices) else []
-        parts = [self.array[run[0]:run[-1] + 1] for run in runs]
-        return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
-
-
-def _lazy_arrays(group: ExplanationGroup, ray: bool) -> tuple[da.Array, da.Array | None]:
-    """The group's relevance and object masks, as the store gives them (or readable under Ray)."""
-    relevance, mask = group.relevance, group.mask
-    if ray:
-        def wrap(name, like):
-            reader = ZarrRows(group.zarr_group[name])
-            return da.from_array(reader, chunks=like.chunks, lock=False, meta=np.empty((0,) * reader.ndim, reader.dtype))
-        relevance = wrap("relevance", relevance)
-        mask = None if mask is None else wrap("mask", mask)
-    return relevance, mask
-
-
 # ---- per-group metadata --------------------------------------------------------------------------------------
-
-def _row_labels(group: ExplanationGroup, columns: np.ndarray) -> np.ndarray:
-    """Per row, the multi-label bit of class ``columns[row]`` (False where the column is -1); read shard by shard."""
-    labels = group.zarr_group["labels"]
-    out = np.zeros(len(columns), bool)
-    step = group.rows_per_shard
-    for start in range(0, len(columns), step):
-        block, picked = labels[start:start + step], columns[start:start + step]
-        valid = (picked >= 0) & (picked < block.shape[1])
-        out[start:start + step][valid] = block[np.flatnonzero(valid), picked[valid]]
-    return out
-
 
 def _metadata(group: ExplanationGroup) -> dict[str, np.ndarray]:
     rows = group.rows()
@@ -175,10 +128,10 @@ def _metadata(group: ExplanationGroup) -> dict[str, np.ndarray]:
     label, prediction, target = meta["label"], meta["prediction"], meta["target"]
     correct = np.where((label >= 0) & (prediction >= 0), (label == prediction).astype(np.int64), -1)
     on_class = (target >= 0) & ((label == target) | (label < 0))
-    if "labels" in group.zarr_group:  # multi-label: an image is of every class it is labelled with
+    if group.has("labels"):  # multi-label: an image is of every class it is labelled with
         multi = label < 0
-        correct = np.where(multi & (prediction >= 0), _row_labels(group, prediction).astype(np.int64), correct)
-        on_class = (target >= 0) & np.where(multi, _row_labels(group, target), label == target)
+        correct = np.where(multi & (prediction >= 0), group.label_bits(prediction).astype(np.int64), correct)
+        on_class = (target >= 0) & np.where(multi, group.label_bits(target), label == target)
     meta["correct"] = correct
     meta["on_class"] = meta["ok"] & on_class  # the class's own images: what its bias is judged on
     return meta
@@ -191,7 +144,7 @@ def _aggregate_group(group: ExplanationGroup, regions: pools.Regions, settings: 
     meta = _metadata(group)
     ok, on_class, target = meta["ok"], meta["on_class"], meta["target"]
     on_ray = getattr(compute_options["scheduler"], "__module__", "").startswith("ray.")
-    relevance, mask = _lazy_arrays(group, ray=on_ray)
+    relevance, mask = group.lazy("relevance", ray=on_ray), group.lazy("mask", ray=on_ray)
     relevance = relevance.rechunk({1: -1, 2: -1})
     boxes = group.boxes
     fine_keys = np.stack([meta[name] for name in FINE_KEYS], axis=1)
@@ -220,8 +173,8 @@ def _aggregate_group(group: ExplanationGroup, regions: pools.Regions, settings: 
     image_share = np.full(n, np.nan)
     checked = np.flatnonzero(np.isfinite(row_boxes[:, 0]))
     if checked.size:
-        read_mask = ZarrRows(group.zarr_group["mask"]).rows if mask is not None else None
-        lazy = bias.spot_sums(ZarrRows(group.zarr_group["relevance"]).rows, checked, row_boxes[checked],
+        read_mask = group.row_reader("mask").rows if mask is not None else None
+        lazy = bias.spot_sums(group.row_reader("relevance").rows, checked, row_boxes[checked],
                               None if boxes is None else boxes[checked], read_mask)
         clock = time.perf_counter()
         (spot_sum,) = dask.compute(lazy, **compute_options)

@@ -66,12 +66,12 @@ def build(path: Path, n_rows: int, seed: int = 0) -> None:
 def measure_read(store_path: str, workers: int) -> dict:
     from pipeline.store import open_store
 
-    array = open_store(store_path).group("lrp").zarr_group["relevance"]
+    group = open_store(store_path).group("lrp")
     step = ROWS_PER_SHARD
-    starts = range(0, array.shape[0], step)
+    starts = range(0, group.n_rows, step)
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        nbytes = sum(pool.map(lambda s: array[s:s + step].nbytes, starts))
+        nbytes = sum(pool.map(lambda s: group.read("relevance", s, s + step).nbytes, starts))
     return {"seconds": time.perf_counter() - start, "bytes": nbytes}
 
 
