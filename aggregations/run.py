@@ -10,7 +10,7 @@
     <out>/summary.json       counts of excluded rows, settings
 
 A class whose hot spot qualifies as a possible cue costs a second read of just its rows
-(aggregations/bias.py). Rows whose status is not ok are excluded from every aggregate and counted.
+(aggregations/bias.py). The two tables are built column family by column family in aggregations/tables.py. Rows whose status is not ok are excluded from every aggregate and counted.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from aggregations import bias, context, heatmaps, pools, scan
+from aggregations import bias, context, heatmaps, pools, scan, tables
+from aggregations.tables import FINE_KEYS
 from pipeline.store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING, ExplanationGroup, open_store
 
 OUTPUT_FORMAT = 1
@@ -40,7 +41,6 @@ VIEWS = {
     "prediction": ("prediction",),
     "target_correct": ("target", "correct"),
 }
-FINE_KEYS = ("target", "label", "prediction", "correct")
 
 
 @dataclass
@@ -119,227 +119,83 @@ def scheduler_options(scheduler: str | None = None, num_workers: int | None = No
                          "or a distributed scheduler address like tcp://host:8786")
 
 
-# ---- per-group metadata --------------------------------------------------------------------------------------
-
-def _metadata(group: ExplanationGroup) -> dict[str, np.ndarray]:
-    rows = group.rows()
-    meta = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
-    meta["ok"] = meta["status"] == STATUS_OK
-    label, prediction, target = meta["label"], meta["prediction"], meta["target"]
-    correct = np.where((label >= 0) & (prediction >= 0), (label == prediction).astype(np.int64), -1)
-    on_class = (target >= 0) & ((label == target) | (label < 0))
-    if group.has("labels"):  # multi-label: an image is of every class it is labelled with
-        multi = label < 0
-        correct = np.where(multi & (prediction >= 0), group.label_bits(prediction).astype(np.int64), correct)
-        on_class = (target >= 0) & np.where(multi, group.label_bits(target), label == target)
-    meta["correct"] = correct
-    meta["on_class"] = meta["ok"] & on_class  # the class's own images: what its bias is judged on
-    return meta
-
-
 # ---- one explanation group -----------------------------------------------------------------------------------
 
+@dataclass
+class GroupAggregate:
+    """What one explanation group contributes: its two tables, its heatmap views (name, maps, summary table),
+    its row counts for summary.json and the seconds of its phases."""
+
+    regions: pa.Table
+    classes: pa.Table
+    views: list[tuple[str, heatmaps.GroupedMaps, pa.Table]]
+    counts: dict
+    seconds: dict
+
+
 def _aggregate_group(group: ExplanationGroup, regions: pools.Regions, settings: bias.BiasSettings,
-                     compute_options: dict, class_names: Sequence[str]) -> dict:
-    meta = _metadata(group)
-    ok, on_class, target = meta["ok"], meta["on_class"], meta["target"]
+                     compute_options: dict, class_names: Sequence[str]) -> GroupAggregate:
+    meta = tables.GroupMeta.read(group, class_names)
     on_ray = getattr(compute_options["scheduler"], "__module__", "").startswith("ray.")
-    relevance, mask = group.lazy("relevance", ray=on_ray), group.lazy("mask", ray=on_ray)
-    relevance = relevance.rechunk({1: -1, 2: -1})
-    boxes = group.boxes
-    fine_keys = np.stack([meta[name] for name in FINE_KEYS], axis=1)
-    lazy = scan.scan(relevance, boxes, mask, regions, fine_keys, FINE_KEYS, ok, target, on_class)
+    mask = group.lazy("mask", ray=on_ray)
+    lazy = scan.scan(group.lazy("relevance", ray=on_ray), group.boxes, mask, regions, meta.keys(FINE_KEYS), FINE_KEYS,
+                     meta["ok"], meta["target"], meta["on_class"])
     clock = time.perf_counter()
     (done,) = dask.compute(lazy, **compute_options)
     seconds = {"scan": time.perf_counter() - clock, "spot_check": 0.0}
-    stats = {name: done.stats[:, i] for i, name in enumerate(scan.ROW_STATS)}
-    region_sums = done.stats[:, len(scan.ROW_STATS):]
-
-    total, positive_total = stats["total"], stats["positive_total"]
-    residual, conserved = pools.conservation(region_sums, total, 2 * positive_total - total)
-    n = len(total)
-    inside_sum, inside_positive, object_area = stats["inside"], stats["inside_positive"], stats["object_area"]
-    has_object = object_area > 0
-    context_usage = np.where(has_object, context.ratio(inside_sum, total), np.nan)
-    inside_share = np.where(has_object, context.ratio(inside_positive, positive_total), np.nan)
-
-    # ---- bias: spots from the class maps, then a second read of just the rows of classes with a candidate
-    classes = _class_universe(class_names, target)
+    stats = scan.RowStats.from_array(done.stats, regions.names)
+    views = _views(meta, stats, done)
     spots = bias.find_spots(done.positive, done.outside, settings)
-    row_boxes = np.full((n, 4), np.nan)
-    for c, spot in spots.items():
-        if spot is not None and spot.qualifies:
-            row_boxes[on_class & (target == c)] = spot.box
-    image_share = np.full(n, np.nan)
-    checked = np.flatnonzero(np.isfinite(row_boxes[:, 0]))
-    if checked.size:
-        read_mask = group.row_reader("mask").rows if mask is not None else None
-        lazy = bias.spot_sums(group.row_reader("relevance").rows, checked, row_boxes[checked],
-                              None if boxes is None else boxes[checked], read_mask)
-        clock = time.perf_counter()
-        (spot_sum,) = dask.compute(lazy, **compute_options)
-        seconds["spot_check"] = time.perf_counter() - clock
-        image_share[checked] = context.ratio(spot_sum, positive_total[checked])
+    seconds["spot_check"] = _spot_check(group, meta, stats, spots, compute_options)
+    evidence = tables.BiasEvidence.judge(meta, stats, spots, views[0][2], settings)
+    status = meta["status"]
+    ok = meta["ok"]
+    counts = {"rows": meta.n_rows, "ok": int(ok.sum()), "failed": int((status == STATUS_FAILED).sum()),
+              "nonfinite": int((status == STATUS_NONFINITE).sum()), "pending": int((status == STATUS_PENDING).sum()),
+              "not_conserved": int((ok & ~stats.conserved).sum()),
+              "spot_checked_rows": int(np.isfinite(stats.spot_share).sum())}
+    return GroupAggregate(tables.regions_table(meta, stats, evidence, settings),
+                          tables.classes_table(meta, stats, evidence, settings), views, counts, seconds)
 
+
+def _views(meta: tables.GroupMeta, stats: scan.RowStats, done: scan.ScanResult) -> list:
+    """Every heatmap view with its summary table (the ``target`` view first: the class table reads it)."""
     views = {name: done.maps.regroup(keys) for name, keys in VIEWS.items()}
     views["target_positive"] = done.positive
     if done.outside is not None:
         views["target_positive_outside"] = done.outside
-
-    regions_table = _regions_table(group.name, meta, regions, total, positive_total, region_sums, residual,
-                                   conserved, inside_sum, inside_positive, object_area, context_usage, inside_share,
-                                   image_share)
-    classes_table = _classes_table(group.name, classes, class_names, meta, regions, total, region_sums, conserved,
-                                   residual, context_usage, inside_share, object_area, views["target"], spots,
-                                   image_share, settings, objects_known=boxes is not None or mask is not None)
-    heatmap_rows = []
+    out = []
     for name, view in views.items():
-        key_rows = np.stack([meta[k] for k in view.key_names], axis=1)
+        key_rows = meta.keys(view.key_names)
         if name == "target_positive":
-            table = heatmaps.summary(view, key_rows, on_class, positive_total)
+            table = heatmaps.summary(view, key_rows, meta["on_class"], stats.positive_total)
         elif name == "target_positive_outside":
-            table = heatmaps.summary(view, key_rows, on_class, positive_total - inside_positive)
+            table = heatmaps.summary(view, key_rows, meta["on_class"], stats.positive_total - stats.inside_positive)
         else:
-            table = heatmaps.summary(view, key_rows, ok, total, meta["output"])
-        heatmap_rows.append((name, view, table))
-    status = meta["status"]
-    counts = {"rows": n, "ok": int(ok.sum()), "failed": int((status == STATUS_FAILED).sum()),
-              "nonfinite": int((status == STATUS_NONFINITE).sum()), "pending": int((status == STATUS_PENDING).sum()),
-              "not_conserved": int((ok & ~conserved).sum()), "spot_checked_rows": int(np.isfinite(row_boxes[:, 0]).sum())}
-    return {"regions": regions_table, "classes": classes_table, "views": heatmap_rows, "counts": counts,
-            "seconds": seconds}
+            table = heatmaps.summary(view, key_rows, meta["ok"], stats.total, meta["output"])
+        out.append((name, view, table))
+    return out
 
 
-def _class_universe(class_names: Sequence[str], target: np.ndarray) -> np.ndarray:
-    present = np.unique(target[target >= 0])
-    return np.union1d(np.arange(len(class_names)), present).astype(np.int64)
-
-
-def _regions_table(name, meta, regions, total, positive_total, region_sums, residual, conserved, inside_sum,
-                   inside_positive, object_area, context_usage, inside_share, image_share) -> pa.Table:
-    ok = meta["ok"]
-    columns = {"group": pa.array([name] * int(ok.sum()), pa.string())}
-    for key in ("row", "sample_id", "path", "target", "label", "prediction", "correct"):
-        columns[key] = meta[key][ok]
-    columns["score"] = meta["output"][ok]
-    columns["relevance_sum"] = meta["relevance_sum"][ok]
-    columns["residual"] = meta["residual"][ok]
-    columns["total"] = total[ok]
-    columns["positive_total"] = positive_total[ok]
-    for r, region in enumerate(regions.names):
-        columns[f"region_{region}"] = region_sums[ok, r]
-    columns["region_residual"] = residual[ok]
-    columns["conserved"] = conserved[ok]
-    columns["inside"] = inside_sum[ok]
-    columns["inside_positive"] = inside_positive[ok]
-    columns["object_area"] = object_area[ok]
-    columns["context_usage"] = context_usage[ok]
-    columns["inside_share_positive"] = inside_share[ok]
-    columns["spot_share"] = image_share[ok]
-    return pa.table({k: v if isinstance(v, pa.Array) else pa.array(v) for k, v in columns.items()})
-
-
-def _classes_table(name, classes, class_names, meta, regions, total, region_sums, conserved, residual, context_usage,
-                   inside_share, object_area, target_maps, spots, image_share, settings, objects_known) -> pa.Table:
-    ok, on_class, target, status = meta["ok"], meta["on_class"], meta["target"], meta["status"]
-    heat = heatmaps.summary(target_maps, target[:, None], ok, total, meta["output"]).to_pydict()
-    heat_of = {k: i for i, k in enumerate(heat["target"])}
-    context_share = np.full(len(classes), np.nan)
-    for i, c in enumerate(classes):
-        shares = inside_share[on_class & (target == c)]
-        shares = shares[np.isfinite(shares)]
-        context_share[i] = 1 - shares.mean() if shares.size else np.nan
-    # classes too small to judge are left out of the other classes' median too
-    judged = np.array([(on_class & (target == c)).sum() >= settings.min_images for c in classes], bool)
-    context_score, context_reference = bias.context_scores(np.where(judged, context_share, np.nan))
-    usage = context.distribution(context_usage[ok], target[ok], "context_usage").to_pydict()
-    inside = context.distribution(inside_share[on_class], target[on_class], "inside_share_positive").to_pydict()
-    usage_of = {k: i for i, k in enumerate(usage["group"])}
-    inside_of = {k: i for i, k in enumerate(inside["group"])}
-
-    rows = []
-    for i, c in enumerate(classes):
-        of_class = target == c
-        mine = ok & of_class
-        n_images = int((on_class & of_class).sum())
-        total_sum = total[mine].sum()
-        h = heat_of.get(int(c))
-        row = {
-            "group": name, "class": int(c), "class_name": class_names[c] if c < len(class_names) else str(c),
-            "n_rows": int(of_class.sum()), "n_ok": int(mine.sum()), "n_images": n_images,
-            "n_failed": int((of_class & (status == STATUS_FAILED)).sum()),
-            "n_nonfinite": int((of_class & (status == STATUS_NONFINITE)).sum()),
-            "n_pending": int((of_class & (status == STATUS_PENDING)).sum()),
-            "n_correct": int((mine & (meta["correct"] == 1)).sum()),
-            "accuracy": _mean(meta["correct"][mine & (meta["correct"] >= 0)]),
-            "mean_score": np.nan if h is None else heat["mean_score"][h],
-            "mean_total": np.nan if h is None else heat["mean_total"][h],
-            "heatmap_sum": np.nan if h is None else heat["heatmap_sum"][h],
-            "aggregation_gap": np.nan if h is None else heat["aggregation_gap"][h],
-            "explanation_gap": np.nan if h is None else heat["explanation_gap"][h],
-        }
-        for r, region in enumerate(regions.names):
-            row[f"fraction_{region}"] = float(region_sums[mine, r].sum() / total_sum) if mine.any() and total_sum else np.nan
-        row["n_conserved"] = int((mine & conserved).sum())
-        row["max_region_residual"] = float(np.abs(residual[mine]).max()) if mine.any() else np.nan
-        for table, index, prefix in ((usage, usage_of, "context_usage"), (inside, inside_of, "inside_share_positive")):
-            j = index.get(int(c))
-            for key in table:
-                if key != "group":
-                    row[key] = (0 if key.endswith("_n") else np.nan) if j is None else table[key][j]
-        row["object_area"] = _mean(object_area[on_class & of_class])
-        row["context_share"] = context_share[i]
-
-        spot = spots.get(int(c))
-        shares = image_share[on_class & of_class]
-        checked = spot is not None and spot.qualifies
-        verdict = bias.judge(spot, shares if checked else np.zeros(0), context_share[i], context_score[i],
-                             context_reference[i], n_images, settings, objects_known)
-        x0, y0, x1, y1 = spot.box if spot is not None else (-1, -1, -1, -1)
-        row.update(spot_x0=x0, spot_y0=y0, spot_x1=x1, spot_y1=y1,
-                   spot_area=spot.area if spot else np.nan, spot_share=spot.share if spot else np.nan)
-        row.update(verdict)
-        top = np.zeros(0, np.int64)
-        if checked:
-            candidates = np.flatnonzero(on_class & of_class & np.isfinite(image_share))
-            order = np.lexsort((candidates, -image_share[candidates]))  # most first, ties by row
-            top = candidates[order[: settings.top_images]]
-        row.update(top_rows=meta["row"][top].tolist(), top_sample_ids=meta["sample_id"][top].tolist(),
-                   top_paths=[str(p) for p in meta["path"][top]], top_spot_shares=image_share[top].tolist())
-        rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=_classes_schema(regions, rows))
-    ranking = np.lexsort((table["class"].to_numpy(), -np.nan_to_num(table["bias_score"].to_numpy(), nan=-np.inf)))
-    rank = np.empty(len(ranking), np.int64)
-    rank[ranking] = np.arange(1, len(ranking) + 1)
-    return table.append_column("bias_rank", pa.array(rank))
-
-
-def _classes_schema(regions: pools.Regions, rows: list[dict]) -> pa.Schema:
-    """Explicit types so that empty or all-NaN columns keep their type (int, float, list) in every run."""
-    fields = []
-    for key in rows[0] if rows else []:
-        if key in ("group", "class_name", "flag", "reason"):
-            kind = pa.string()
-        elif key == "flagged":
-            kind = pa.bool_()
-        elif key in ("top_rows", "top_sample_ids"):
-            kind = pa.list_(pa.int64())
-        elif key == "top_paths":
-            kind = pa.list_(pa.string())
-        elif key == "top_spot_shares":
-            kind = pa.list_(pa.float64())
-        elif key == "class" or key.startswith(("n_", "spot_x", "spot_y")) or key.endswith("_n") or key == "spot_images":
-            kind = pa.int64()
-        else:
-            kind = pa.float64()
-        fields.append(pa.field(key, kind))
-    return pa.schema(fields)
-
-
-def _mean(values: np.ndarray) -> float:
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else np.nan
+def _spot_check(group: ExplanationGroup, meta: tables.GroupMeta, stats: scan.RowStats, spots: dict,
+                compute_options: dict) -> float:
+    """The second read: each qualifying spot on every image of its class; fills ``stats.spot_share``, returns seconds."""
+    on_class, target = meta["on_class"], meta["target"]
+    row_boxes = np.full((meta.n_rows, 4), np.nan)
+    for c, spot in spots.items():
+        if spot is not None and spot.qualifies:
+            row_boxes[on_class & (target == c)] = spot.box
+    checked = np.flatnonzero(np.isfinite(row_boxes[:, 0]))
+    if not checked.size:
+        return 0.0
+    boxes = group.boxes
+    read_mask = group.row_reader("mask").rows if group.has("mask") else None
+    lazy = bias.spot_sums(group.row_reader("relevance").rows, checked, row_boxes[checked],
+                          None if boxes is None else boxes[checked], read_mask)
+    clock = time.perf_counter()
+    (spot_sum,) = dask.compute(lazy, **compute_options)
+    stats.spot_share[checked] = context.ratio(spot_sum, stats.positive_total[checked])
+    return time.perf_counter() - clock
 
 
 # ---- entry points ----------------------------------------------------------------------------------------------
@@ -374,19 +230,19 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
         for name in names:
             start = time.perf_counter()
             per_group[name] = _aggregate_group(store.group(name), regions, settings, options, store.class_names)
-            seconds[name] = dict(per_group[name]["seconds"], total=time.perf_counter() - start)
+            seconds[name] = dict(per_group[name].seconds, total=time.perf_counter() - start)
 
     summary = {
         "format": OUTPUT_FORMAT, "store": str(store_url), "class_names": store.class_names,
         "map_shape": [store.height, store.width], "regions": regions.describe(), "settings": settings.as_dict(),
         "views": {**{k: list(v) for k, v in VIEWS.items()}, "target_positive": ["target"],
                   "target_positive_outside": ["target"]},
-        "groups": {name: result["counts"] for name, result in per_group.items()},
+        "groups": {name: result.counts for name, result in per_group.items()},
     }
     result = AggregateResult(
         out_dir=out_dir,
-        regions=pa.concat_tables([r["regions"] for r in per_group.values()]),
-        classes=pa.concat_tables([r["classes"] for r in per_group.values()]),
+        regions=pa.concat_tables([r.regions for r in per_group.values()]),
+        classes=pa.concat_tables([r.classes for r in per_group.values()]),
         heatmap_table=_heatmap_table(per_group),
         summary=summary, seconds=seconds,
     )
@@ -396,10 +252,10 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
     return result
 
 
-def _heatmap_table(per_group: dict) -> pa.Table:
+def _heatmap_table(per_group: dict[str, GroupAggregate]) -> pa.Table:
     tables = []
     for name, result in per_group.items():
-        for view_name, _, table in result["views"]:
+        for view_name, _, table in result.views:
             columns = {"group": [name] * len(table), "view": [view_name] * len(table)}
             for key in FINE_KEYS:
                 columns[key] = table[key].to_numpy() if key in table.column_names else np.full(len(table), -1, np.int64)
@@ -414,7 +270,8 @@ _HEATMAP_SCHEMA = pa.schema([("group", pa.string()), ("view", pa.string()), *[(k
                                                       "heatmap_sum", "aggregation_gap", "explanation_gap")]])
 
 
-def _write(result: AggregateResult, regions: pools.Regions, per_group: dict, class_names: Sequence[str]) -> None:
+def _write(result: AggregateResult, regions: pools.Regions, per_group: dict[str, GroupAggregate],
+           class_names: Sequence[str]) -> None:
     fs, path = fsspec.core.url_to_fs(result.out_dir)
     fs.makedirs(path, exist_ok=True)
     for name, table in (("regions", result.regions), ("classes", result.classes), ("heatmaps", result.heatmap_table)):
@@ -428,7 +285,7 @@ def _write(result: AggregateResult, regions: pools.Regions, per_group: dict, cla
     root.create_array("regions", data=regions.mask_stack(), dimension_names=("region", "y", "x"))
     for name, result_group in per_group.items():
         node = root.require_group(name)
-        for view_name, view, _ in result_group["views"]:  # one array per view; its groups' keys in attrs
+        for view_name, view, _ in result_group.views:  # one array per view; its groups' keys in attrs
             array = node.create_array(view_name, shape=view.sums.shape, dtype="float64", fill_value=np.nan,
                                       chunks=(1, *view.sums.shape[1:]), dimension_names=("group", "y", "x"))
             if len(view.sums):
