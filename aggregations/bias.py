@@ -111,18 +111,29 @@ def find_spots(positive: GroupedMaps, outside: GroupedMaps | None, settings: Bia
     """Per class with at least ``min_images`` images: its spot (:func:`find_spot`), against the mean of the
     other classes' share maps. ``positive``/``outside``: summed R+ and R+ outside the object per class
     (the same classes, in the same order); without ``outside`` all of R+ counts as outside."""
+    return spots_of(share_maps(positive, outside, settings), settings)
+
+
+def share_maps(positive: GroupedMaps, outside: GroupedMaps | None, settings: BiasSettings = BiasSettings()) -> dict:
+    """Per class with at least ``min_images`` images and positive mass: R+ outside the object / sum R+ (H, W)."""
     outside = positive if outside is None else outside
-    share_maps = {}
+    shares = {}
     for key, positive_sum, outside_sum, count in zip(positive.keys[:, 0], positive.sums, outside.sums, positive.counts):
         mass = positive_sum.sum()
         if count >= settings.min_images and mass > 0:
-            share_maps[int(key)] = outside_sum / mass
-    if not share_maps:
+            shares[int(key)] = outside_sum / mass
+    return shares
+
+
+def spots_of(shares: dict, settings: BiasSettings = BiasSettings()) -> dict[int, Spot | None]:
+    """Each class's spot from its share map, against the mean share map of the other classes (in class order)."""
+    if not shares:
         return {}
-    total = np.sum(list(share_maps.values()), axis=0)
-    others = len(share_maps) - 1
+    shares = dict(sorted(shares.items()))
+    total = np.sum(list(shares.values()), axis=0)
+    others = len(shares) - 1
     return {c: find_spot(share_map, (total - share_map) / others if others else None, settings)
-            for c, share_map in share_maps.items()}
+            for c, share_map in shares.items()}
 
 
 def _spot_batch(read_rows: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, spot_boxes: np.ndarray,

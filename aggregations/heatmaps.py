@@ -135,7 +135,7 @@ def grouped_sums(values: da.Array, keys: np.ndarray, key_names: Sequence[str], s
 
 
 def summary(maps: GroupedMaps, row_keys: np.ndarray, select: np.ndarray, totals: np.ndarray,
-            scores: np.ndarray | None = None) -> pa.Table:
+            scores: np.ndarray | None = None, heatmap_sum: np.ndarray | None = None) -> pa.Table:
     """Per group: count, E[f(x)], E[sum_p R_p] and sum_p E[R_p] side by side (the aggregate conservation).
 
     ``row_keys`` (N, k) are the rows' keys in ``maps.key_names`` order, ``totals`` the rows' float64 map
@@ -143,6 +143,7 @@ def summary(maps: GroupedMaps, row_keys: np.ndarray, select: np.ndarray, totals:
     logits f(x) (None for maps of derived values, e.g. positive relevance: no score to compare with).
     ``aggregation_gap`` = sum_p E[R_p] - E[sum_p R_p] (rounding only); ``explanation_gap`` =
     E[sum_p R_p] - E[f(x)] (what the explanations leak or absorb, e.g. through biases or epsilon).
+    ``heatmap_sum``: sum_p E[R_p] per group when the caller has the means already (no second copy of the maps).
     """
     row_keys = np.asarray(row_keys, np.int64).reshape(len(select), -1)
     index = {tuple(key): g for g, key in enumerate(maps.keys.tolist())}
@@ -153,7 +154,7 @@ def summary(maps: GroupedMaps, row_keys: np.ndarray, select: np.ndarray, totals:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_score = np.bincount(group_of[rows], weights=scores[rows], minlength=len(maps.keys)) / n
         mean_total = np.bincount(group_of[rows], weights=totals[rows], minlength=len(maps.keys)) / n
-    heatmap_sum = maps.means().sum(axis=(1, 2))
+    heatmap_sum = maps.means().sum(axis=(1, 2)) if heatmap_sum is None else heatmap_sum
     columns = {name: maps.keys[:, i] for i, name in enumerate(maps.key_names)}
     columns.update(count=maps.counts, mean_score=mean_score, mean_total=mean_total, heatmap_sum=heatmap_sum,
                    aggregation_gap=heatmap_sum - mean_total, explanation_gap=mean_total - mean_score)

@@ -29,20 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from aggregations import bias, context, heatmaps, pools, scan, tables
+from aggregations import bias, context, pools, scan, tables, views
+from aggregations.views import VIEWS
 from aggregations.tables import FINE_KEYS
 from pipeline.store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING, ExplanationGroup, open_store
 
 OUTPUT_FORMAT = 1
-# heatmap views: name -> key columns of the finest grouping (target, label, prediction, correct)
-VIEWS = {
-    "target": ("target",),
-    "label_target": ("label", "target"),
-    "prediction": ("prediction",),
-    "target_correct": ("target", "correct"),
-}
-
-
 @dataclass
 class AggregateResult:
     """What ``aggregate`` wrote (and ``load`` reads back): the tables, the heatmap group and a summary."""
@@ -52,7 +44,7 @@ class AggregateResult:
     classes: pa.Table
     heatmap_table: pa.Table
     summary: dict
-    seconds: dict = field(default_factory=dict)  # {group: {"scan", "spot_check", "tables"}, "write": s}: timings only
+    seconds: dict = field(default_factory=dict)  # {group: {"scan", "spot_check", "total", "passes"}, "write": s}
 
     @property
     def heatmaps(self) -> zarr.Group:
@@ -123,58 +115,63 @@ def scheduler_options(scheduler: str | None = None, num_workers: int | None = No
 
 @dataclass
 class GroupAggregate:
-    """What one explanation group contributes: its two tables, its heatmap views (name, maps, summary table),
-    its row counts for summary.json and the seconds of its phases."""
+    """What one explanation group contributes: its two tables, the summary table of each heatmap view (the maps
+    themselves are in ``heatmaps.zarr`` already), its row counts for summary.json and the seconds of its phases."""
 
     regions: pa.Table
     classes: pa.Table
-    views: list[tuple[str, heatmaps.GroupedMaps, pa.Table]]
+    views: list[tuple[str, pa.Table]]
     counts: dict
     seconds: dict
 
 
-def _aggregate_group(group: ExplanationGroup, regions: pools.Regions, settings: bias.BiasSettings,
-                     compute_options: dict, class_names: Sequence[str]) -> GroupAggregate:
-    meta = tables.GroupMeta.read(group, class_names)
-    on_ray = getattr(compute_options["scheduler"], "__module__", "").startswith("ray.")
-    mask = group.lazy("mask", ray=on_ray)
-    lazy = scan.scan(group.lazy("relevance", ray=on_ray), group.boxes, mask, regions, meta.keys(FINE_KEYS), FINE_KEYS,
-                     meta["ok"], meta["target"], meta["on_class"])
-    clock = time.perf_counter()
-    (done,) = dask.compute(lazy, **compute_options)
-    seconds = {"scan": time.perf_counter() - clock, "spot_check": 0.0}
-    stats = scan.RowStats.from_array(done.stats, regions.names)
-    views = _views(meta, stats, done)
-    spots = bias.find_spots(done.positive, done.outside, settings)
-    seconds["spot_check"] = _spot_check(group, meta, stats, spots, compute_options)
-    evidence = tables.BiasEvidence.judge(meta, stats, spots, views[0][2], settings)
-    status = meta["status"]
-    ok = meta["ok"]
+@dataclass
+class GroupJob:
+    """How to aggregate one group: regions, bias settings, Dask options, class names, where its maps go, budget."""
+
+    regions: pools.Regions
+    settings: bias.BiasSettings
+    compute_options: dict
+    class_names: Sequence[str]
+    node: zarr.Group
+    memory_budget: int | None
+
+
+def _aggregate_group(group: ExplanationGroup, job: GroupJob) -> GroupAggregate:
+    meta = tables.GroupMeta.read(group, job.class_names)
+    stats, view_tables, spots, seconds = _scan_passes(group, meta, job)
+    seconds["spot_check"] = _spot_check(group, meta, stats, spots, job.compute_options)
+    evidence = tables.BiasEvidence.judge(meta, stats, spots, dict(view_tables)["target"], job.settings)
+    status, ok = meta["status"], meta["ok"]
     counts = {"rows": meta.n_rows, "ok": int(ok.sum()), "failed": int((status == STATUS_FAILED).sum()),
               "nonfinite": int((status == STATUS_NONFINITE).sum()), "pending": int((status == STATUS_PENDING).sum()),
               "not_conserved": int((ok & ~stats.conserved).sum()),
               "spot_checked_rows": int(np.isfinite(stats.spot_share).sum())}
-    return GroupAggregate(tables.regions_table(meta, stats, evidence, settings),
-                          tables.classes_table(meta, stats, evidence, settings), views, counts, seconds)
+    return GroupAggregate(tables.regions_table(meta, stats, evidence, job.settings),
+                          tables.classes_table(meta, stats, evidence, job.settings), view_tables, counts, seconds)
 
 
-def _views(meta: tables.GroupMeta, stats: scan.RowStats, done: scan.ScanResult) -> list:
-    """Every heatmap view with its summary table (the ``target`` view first: the class table reads it)."""
-    views = {name: done.maps.regroup(keys) for name, keys in VIEWS.items()}
-    views["target_positive"] = done.positive
-    if done.outside is not None:
-        views["target_positive_outside"] = done.outside
-    out = []
-    for name, view in views.items():
-        key_rows = meta.keys(view.key_names)
-        if name == "target_positive":
-            table = heatmaps.summary(view, key_rows, meta["on_class"], stats.positive_total)
-        elif name == "target_positive_outside":
-            table = heatmaps.summary(view, key_rows, meta["on_class"], stats.positive_total - stats.inside_positive)
-        else:
-            table = heatmaps.summary(view, key_rows, meta["ok"], stats.total, meta["output"])
-        out.append((name, view, table))
-    return out
+def _scan_passes(group: ExplanationGroup, meta: tables.GroupMeta, job: GroupJob) -> tuple:
+    """The scan, one pass per block of target classes (aggregations/views.py): row stats, view tables, spots."""
+    on_ray = getattr(job.compute_options["scheduler"], "__module__", "").startswith("ray.")
+    relevance, mask, boxes = group.lazy("relevance", ray=on_ray), group.lazy("mask", ray=on_ray), group.boxes
+    shape = tuple(relevance.shape[1:])
+    blocks = views.plan_passes(meta, int(np.prod(shape)) * 8, job.memory_budget)
+    writer = views.ViewWriter(job.node, meta, shape)
+    merged, shares, seconds = None, {}, {"scan": 0.0}
+    for block in blocks:
+        in_block = np.isin(meta["target"], block)
+        lazy = scan.scan(relevance, boxes, mask, job.regions, meta.keys(FINE_KEYS), FINE_KEYS, meta["ok"] & in_block,
+                         meta["target"], meta["on_class"] & in_block)
+        clock = time.perf_counter()
+        (done,) = dask.compute(lazy, **job.compute_options)
+        seconds["scan"] += time.perf_counter() - clock
+        merged = done.stats if merged is None else np.where(np.isnan(merged), done.stats, merged)
+        writer.add(done, scan.RowStats.from_array(done.stats, job.regions.names))
+        shares.update(bias.share_maps(done.positive, done.outside, job.settings))
+        del done
+    stats = scan.RowStats.from_array(merged, job.regions.names)
+    return stats, writer.finish(stats), bias.spots_of(shares, job.settings), dict(seconds, passes=len(blocks))
 
 
 def _spot_check(group: ExplanationGroup, meta: tables.GroupMeta, stats: scan.RowStats, spots: dict,
@@ -204,12 +201,16 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
               grid: str | tuple[int, int] = "3x1", masks: Mapping[str, np.ndarray] | None = None,
               scheduler: str | None = None, num_workers: int | None = None,
               settings: bias.BiasSettings = bias.BiasSettings(),
-              storage_options: Mapping | None = None) -> AggregateResult:
+              storage_options: Mapping | None = None,
+              memory_budget: int | None = views.DEFAULT_MEMORY_BUDGET) -> AggregateResult:
     """Aggregate every explanation group of a store (or ``groups``) and write the outputs to ``out_dir``.
 
     ``grid`` ("ROWSxCOLS", default thirds) or ``masks`` (name -> (H, W) bool, disjoint) define the region
-    pools; ``scheduler`` picks where Dask runs (see :func:`scheduler_options`). Rerunning overwrites
-    the outputs with identical values.
+    pools; ``scheduler`` picks where Dask runs (see :func:`scheduler_options`); ``memory_budget`` bounds the
+    bytes of heatmaps held at once (more passes over the store when the groups need more; None: one pass).
+    Rerunning overwrites the outputs with identical values; ``summary.json`` is written last, so an
+    interrupted run leaves no outputs that :func:`load` accepts. The keyword options are those of
+    ``lrp-audit aggregate``, passed through one to one: hence their number.
     """
     store = open_store(store_url, storage_options=storage_options)
     out_dir = str(out_dir or default_out_dir(store_url))
@@ -225,16 +226,19 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
         rows, cols = pools.parse_grid(grid) if isinstance(grid, str) else grid
         regions = pools.grid(store.height, store.width, rows, cols)
 
+    root = _start_outputs(out_dir, regions, store.class_names, str(store_url))
     per_group, seconds = {}, {}
     with scheduler_options(scheduler, num_workers) as options:
         for name in names:
             start = time.perf_counter()
-            per_group[name] = _aggregate_group(store.group(name), regions, settings, options, store.class_names)
+            job = GroupJob(regions, settings, options, store.class_names, root.require_group(name), memory_budget)
+            per_group[name] = _aggregate_group(store.group(name), job)
             seconds[name] = dict(per_group[name].seconds, total=time.perf_counter() - start)
 
     summary = {
         "format": OUTPUT_FORMAT, "store": str(store_url), "class_names": store.class_names,
         "map_shape": [store.height, store.width], "regions": regions.describe(), "settings": settings.as_dict(),
+        "memory_budget": memory_budget,
         "views": {**{k: list(v) for k, v in VIEWS.items()}, "target_positive": ["target"],
                   "target_positive_outside": ["target"]},
         "groups": {name: result.counts for name, result in per_group.items()},
@@ -247,7 +251,7 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
         summary=summary, seconds=seconds,
     )
     start = time.perf_counter()
-    _write(result, regions, per_group, store.class_names)
+    _write(result)
     seconds["write"] = time.perf_counter() - start
     return result
 
@@ -255,7 +259,7 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
 def _heatmap_table(per_group: dict[str, GroupAggregate]) -> pa.Table:
     tables = []
     for name, result in per_group.items():
-        for view_name, _, table in result.views:
+        for view_name, table in result.views:
             columns = {"group": [name] * len(table), "view": [view_name] * len(table)}
             for key in FINE_KEYS:
                 columns[key] = table[key].to_numpy() if key in table.column_names else np.full(len(table), -1, np.int64)
@@ -270,28 +274,26 @@ _HEATMAP_SCHEMA = pa.schema([("group", pa.string()), ("view", pa.string()), *[(k
                                                       "heatmap_sum", "aggregation_gap", "explanation_gap")]])
 
 
-def _write(result: AggregateResult, regions: pools.Regions, per_group: dict[str, GroupAggregate],
-           class_names: Sequence[str]) -> None:
-    fs, path = fsspec.core.url_to_fs(result.out_dir)
+def _start_outputs(out_dir: str, regions: pools.Regions, class_names: Sequence[str], store_url: str) -> zarr.Group:
+    """A fresh ``heatmaps.zarr`` (the scan writes its maps into it) and no ``summary.json`` until the end."""
+    fs, path = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(path, exist_ok=True)
+    if fs.exists(_join(path, "summary.json")):
+        fs.rm(_join(path, "summary.json"))
+    root = zarr.open_group(_join(out_dir, "heatmaps.zarr"), mode="w", zarr_format=3)
+    root.attrs.update({"lrp_audit_aggregates": OUTPUT_FORMAT, "class_names": list(class_names),
+                       "regions": regions.describe(), "store": store_url})
+    root.create_array("regions", data=regions.mask_stack(), dimension_names=("region", "y", "x"))
+    return root
+
+
+def _write(result: AggregateResult) -> None:
+    """The three tables, then ``summary.json``: the mark of a finished run."""
+    fs, path = fsspec.core.url_to_fs(result.out_dir)
     for name, table in (("regions", result.regions), ("classes", result.classes), ("heatmaps", result.heatmap_table)):
         pq.write_table(table, _join(path, f"{name}.parquet"), filesystem=fs)
     with fs.open(_join(path, "summary.json"), "w") as handle:
         json.dump(result.summary, handle, indent=2, sort_keys=True, default=str)
-
-    root = zarr.open_group(_join(result.out_dir, "heatmaps.zarr"), mode="w", zarr_format=3)
-    root.attrs.update({"lrp_audit_aggregates": OUTPUT_FORMAT, "class_names": list(class_names),
-                       "regions": regions.describe(), "store": result.summary["store"]})
-    root.create_array("regions", data=regions.mask_stack(), dimension_names=("region", "y", "x"))
-    for name, result_group in per_group.items():
-        node = root.require_group(name)
-        for view_name, view, _ in result_group.views:  # one array per view; its groups' keys in attrs
-            array = node.create_array(view_name, shape=view.sums.shape, dtype="float64", fill_value=np.nan,
-                                      chunks=(1, *view.sums.shape[1:]), dimension_names=("group", "y", "x"))
-            if len(view.sums):
-                array[...] = view.means()
-            array.attrs.update({"key_names": list(view.key_names), "keys": view.keys.tolist(),
-                                "count": view.counts.tolist()})
 
 
 def load(out_dir: str) -> AggregateResult:

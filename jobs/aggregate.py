@@ -11,6 +11,7 @@ import numpy as np
 
 from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
+from aggregations.views import DEFAULT_MEMORY_BUDGET
 from pipeline.store import StoreError
 
 
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", default=None,
                         help="threads (default), sync, processes, ray, or a distributed address like tcp://host:8786")
     parser.add_argument("--workers", type=int, default=None, help="threads/processes of the local scheduler")
+    parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
+                        help="GiB of heatmaps held at once; more (target, label, prediction) groups than fit take "
+                             "more passes over the store (default 2; 0: one pass, no bound)")
     defaults = BiasSettings()
     bias = parser.add_argument_group("bias flags (see docs/aggregates.md)")
     for name, value in defaults.as_dict().items():
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             with np.load(args.masks) as archive:
                 masks = {name: archive[name] for name in archive.files}
         result = aggregate(args.store, args.out, groups=args.groups, grid=args.grid, masks=masks,
-                           scheduler=args.scheduler, num_workers=args.workers, settings=settings)
+                           scheduler=args.scheduler, num_workers=args.workers, settings=settings,
+                           memory_budget=int(args.memory_gb * 2**30) if args.memory_gb > 0 else None)
     except (StoreError, ValueError, FileNotFoundError, KeyError) as error:
         print(f"lrp-audit aggregate: {error}", file=sys.stderr)
         return 2

@@ -147,6 +147,49 @@ def test_masks_file_defines_the_regions(mixed_store, tmp_path):
     assert regions["region_rest"][0] == 2.0
 
 
+def test_a_memory_budget_splits_the_scan_into_passes_with_identical_outputs(tmp_path):
+    """Many (target, label, prediction) groups and a budget a few maps wide: one pass per class, same bits."""
+    import zarr
+
+    from aggregations import views
+
+    rng = np.random.default_rng(5)
+    n = 90
+    maps = rng.standard_normal((n, 8, 6)).astype(np.float32)
+    target = rng.integers(0, 6, n)
+    prediction = np.where(rng.random(n) < 0.5, target, rng.integers(0, 6, n))
+    label = np.where(rng.random(n) < 0.8, target, rng.integers(0, 6, n))
+    maps[(target == 4) & (label == 4), 6:, :2] += 4.0  # a corner cue on most of class 4
+    boxes = np.tile(np.array([[1, 1, 5, 6]], np.float32), (n, 1))
+    status = np.where(rng.random(n) < 0.1, FAILED, OK)
+    url = make_store(tmp_path / "s.zarr", maps, target=target, label=label, prediction=prediction, boxes=boxes,
+                     status=status, rows_per_shard=8)
+    one = run.aggregate(url, tmp_path / "one", memory_budget=None)
+    map_bytes = 8 * 6 * 8
+    tight = run.aggregate(url, tmp_path / "tight", memory_budget=20 * map_bytes)
+    assert one.seconds["lrp"]["passes"] == 1 and tight.seconds["lrp"]["passes"] == 6
+    assert any(row["flagged"] for row in one.classes.to_pylist())
+    for name in ("regions", "classes", "heatmap_table"):
+        assert_tables_equal(getattr(one, name), getattr(tight, name))
+    for view in one.summary["views"]:
+        a, b = (zarr.open_group(str(path / "heatmaps.zarr"), mode="r")[f"lrp/{view}"] for path in
+                (tmp_path / "one", tmp_path / "tight"))
+        np.testing.assert_array_equal(a[...], b[...])
+        assert a.attrs.asdict() == b.attrs.asdict()
+    meta = tables_meta(url)
+    budget = views.pass_bytes(meta, map_bytes, np.arange(6)) // 2  # half of what one pass holds
+    blocks = views.plan_passes(meta, map_bytes, budget)
+    assert 1 < len(blocks) < 6 and all(views.pass_bytes(meta, map_bytes, b) <= budget for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(6))
+
+
+def tables_meta(url):
+    from aggregations.tables import GroupMeta
+
+    store = open_store(url)
+    return GroupMeta.read(store.group("lrp"), store.class_names)
+
+
 @pytest.mark.parametrize("geometry", ["boxes", "mask", "none"])
 def test_the_one_pass_scan_agrees_with_the_separate_lazy_functions(geometry):
     import dask
