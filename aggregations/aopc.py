@@ -18,11 +18,8 @@ The report's figure and table of these numbers are in aggregations/report/evalua
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -30,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.paths import beside, join_url
 
 REFERENCE = "random"
 CI_METHODS = ("bootstrap", "t")
@@ -210,16 +209,13 @@ def summarize(curves: pa.Table, *, ci: str = "bootstrap", level: float = 0.95, r
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
-def _join(base: str, name: str) -> str:
-    return f"{str(base).rstrip('/')}/{name}"
-
-
 def read_curves(out_dir: str, storage_options: dict | None = None) -> pa.Table:
     """Every shard of ``<out>/curves`` as one table (finished shards only; a run in progress reads partially)."""
-    fs, root = fsspec.core.url_to_fs(_join(out_dir, CURVES_DIR), **dict(storage_options or {}))
-    files = sorted(fs.glob(_join(root, "shard-*.parquet")))
+    fs, root = fsspec.core.url_to_fs(join_url(out_dir, CURVES_DIR), **dict(storage_options or {}))
+    files = sorted(fs.glob(join_url(root, "shard-*.parquet")))
     if not files:
-        raise FileNotFoundError(f"no perturbation curves under {_join(out_dir, CURVES_DIR)!r}: run 'lrp-audit evaluate'")
+        raise FileNotFoundError(f"no perturbation curves under {join_url(out_dir, CURVES_DIR)!r}: "
+                                "run 'lrp-audit evaluate'")
     tables = []
     for path in files:
         with fs.open(path, "rb") as handle:
@@ -229,7 +225,7 @@ def read_curves(out_dir: str, storage_options: dict | None = None) -> pa.Table:
 
 def read_settings(out_dir: str, storage_options: dict | None = None) -> dict:
     try:
-        with fsspec.open(_join(out_dir, SETTINGS), "rt", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, SETTINGS), "rt", **dict(storage_options or {})) as handle:
             return json.load(handle)
     except FileNotFoundError:
         return {}
@@ -237,7 +233,9 @@ def read_settings(out_dir: str, storage_options: dict | None = None) -> dict:
 
 def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 0.95, resamples: int = 2000,
                          seed: int = 0, storage_options: dict | None = None, write: bool = True) -> AopcResult:
-    """Summarize an evaluation directory and (``write``) store ``aopc.parquet`` and ``aopc_curves.parquet`` in it."""
+    """Summarize an evaluation directory and (``write``) store ``aopc.parquet`` and ``aopc_curves.parquet`` in it.
+
+    The keywords are :func:`summarize`'s and the storage options, passed through: hence seven parameters."""
     stored = read_settings(out_dir, storage_options)
     settings = {"methods": stored.get("config", {}).get("explanations", {}),
                 "perturbation": stored.get("config", {}).get("perturbation", {}),
@@ -248,7 +246,7 @@ def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 
         return result
     metadata = {b"lrp_audit_aopc": json.dumps(settings, sort_keys=True, default=str).encode()}
     for name, table in ((TABLE, result.table), (CURVES, result.curves)):
-        with fsspec.open(_join(out_dir, name), "wb", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, name), "wb", **dict(storage_options or {})) as handle:
             pq.write_table(table.replace_schema_metadata(metadata), handle)
     return result
 
@@ -256,9 +254,9 @@ def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 
 def load(out_dir: str, storage_options: dict | None = None) -> AopcResult | None:
     """The written summary of an evaluation directory, or None when there is none."""
     try:
-        with fsspec.open(_join(out_dir, TABLE), "rb", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, TABLE), "rb", **dict(storage_options or {})) as handle:
             table = pq.read_table(handle)
-        with fsspec.open(_join(out_dir, CURVES), "rb", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, CURVES), "rb", **dict(storage_options or {})) as handle:
             curves = pq.read_table(handle)
     except FileNotFoundError:
         return None
@@ -268,5 +266,4 @@ def load(out_dir: str, storage_options: dict | None = None) -> AopcResult | None
 
 def default_evaluation_dir(store_url: str) -> str:
     """``runs/name.zarr`` -> ``runs/name.evaluation``: where the report looks for an evaluation of that run."""
-    base = str(store_url).rstrip("/")
-    return (base[:-5] if base.endswith(".zarr") else base) + ".evaluation"
+    return beside(store_url, ".evaluation")

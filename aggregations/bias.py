@@ -9,7 +9,8 @@ and evidence (see docs/aggregates.md for the definitions and defaults):
 - spot (the tag): on the class's mean map of positive relevance outside the object, the connected hot
   spot around its peak (after subtracting what the other classes put there). It qualifies when its box
   covers at most ``max_area`` of the map, holds at least ``min_spot_share`` of the class's positive
-  relevance, and is ``min_concentration`` times denser than uniform (share / area). Qualifying spots are checked on every image of the class (a second, selective read):
+  relevance, and is ``min_concentration`` times denser than uniform (share / area). Qualifying spots are
+  checked on every image of the class (a second, selective read):
   ``cue_score = spot_share * image_fraction``, flagged when ``image_fraction >= min_image_fraction``.
 - context (the water): ``context_share`` = mean over the class's images of the share of positive
   relevance outside the object; ``context_score = context_share - median over the other classes``,
@@ -65,7 +66,8 @@ def _smooth(image: np.ndarray, size: int) -> np.ndarray:
     pad = size // 2
     padded = np.pad(image, ((pad, size - 1 - pad), (pad, size - 1 - pad)), mode="edge")
     integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    return (integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]) / size**2
+    window = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    return window / size**2
 
 
 def _component(above: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
@@ -84,7 +86,8 @@ def _component(above: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
         component = grown
 
 
-def find_spot(share_map: np.ndarray, reference: np.ndarray | None, settings: BiasSettings = BiasSettings()) -> Spot | None:
+def find_spot(share_map: np.ndarray, reference: np.ndarray | None,
+              settings: BiasSettings = BiasSettings()) -> Spot | None:
     """The hot spot of one class.
 
     ``share_map`` (H, W): the class's mean positive relevance outside the object divided by its mean
@@ -103,11 +106,13 @@ def find_spot(share_map: np.ndarray, reference: np.ndarray | None, settings: Bia
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     area = (x1 - x0) * (y1 - y0) / (height * width)
     share = float(share_map[y0:y1, x0:x1].sum())
-    qualifies = area <= settings.max_area and share >= settings.min_spot_share and share >= settings.min_concentration * area
+    qualifies = (area <= settings.max_area and share >= settings.min_spot_share
+                 and share >= settings.min_concentration * area)
     return Spot((x0, y0, x1, y1), area, share, qualifies)
 
 
-def find_spots(positive: GroupedMaps, outside: GroupedMaps | None, settings: BiasSettings = BiasSettings()) -> dict[int, Spot | None]:
+def find_spots(positive: GroupedMaps, outside: GroupedMaps | None,
+               settings: BiasSettings = BiasSettings()) -> dict[int, Spot | None]:
     """Per class with at least ``min_images`` images: its spot (:func:`find_spot`), against the mean of the
     other classes' share maps. ``positive``/``outside``: summed R+ and R+ outside the object per class
     (the same classes, in the same order); without ``outside`` all of R+ counts as outside."""
@@ -198,6 +203,8 @@ def judge(spot: Spot | None, image_shares: np.ndarray, context_share: float, con
     ``image_shares``: per image of the class, the share of its positive relevance in the spot (outside
     the object); empty when the spot did not qualify for the check. Without object geometry
     (``objects_known=False``) a spot may be where the class's objects usually are, and the reason says so.
+    Eight parameters because each is one measured number of the class, from three places (spot, image
+    shares, context scores): the verdict is a pure function of them, testable without a store.
     """
     image_shares = np.asarray(image_shares, np.float64)
     shown = int((image_shares >= settings.min_image_share).sum())

@@ -10,7 +10,8 @@
     <out>/summary.json       counts of excluded rows, settings
 
 A class whose hot spot qualifies as a possible cue costs a second read of just its rows
-(aggregations/bias.py). The two tables are built column family by column family in aggregations/tables.py. Rows whose status is not ok are excluded from every aggregate and counted.
+(aggregations/bias.py). The two tables are built column family by column family in aggregations/tables.py.
+Rows whose status is not ok are excluded from every aggregate and counted.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import dask
-import dask.array as da
 import fsspec
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,8 @@ import zarr
 from aggregations import bias, context, pools, scan, tables, views
 from aggregations.views import VIEWS
 from aggregations.tables import FINE_KEYS
-from pipeline.store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING, ExplanationGroup, open_store
+from pipeline.paths import beside, join_url
+from pipeline.store import STATUS_FAILED, STATUS_NONFINITE, STATUS_PENDING, ExplanationGroup, open_store
 
 OUTPUT_FORMAT = 1
 @dataclass
@@ -50,10 +51,11 @@ class AggregateResult:
     def heatmaps(self) -> zarr.Group:
         """The Zarr group of aggregate heatmaps: ``heatmaps[f"{group}/{view}"]`` is (G, H, W) float64 E[R_p],
         its attrs ``key_names``, ``keys`` (G lists) and ``count`` (G rows) say which rows each map averages."""
-        return zarr.open_group(_join(self.out_dir, "heatmaps.zarr"), mode="r")
+        return zarr.open_group(join_url(self.out_dir, "heatmaps.zarr"), mode="r")
 
     def heatmap(self, group: str, view: str = "target", **key: int) -> np.ndarray | None:
-        """One mean map E[R_p], e.g. ``heatmap("epsilon", target=3)`` or ``heatmap(g, "target_correct", target=3, correct=0)``.
+        """One mean map E[R_p], e.g. ``heatmap("epsilon", target=3)`` or
+        ``heatmap(g, "target_correct", target=3, correct=0)``.
 
         Views: ``target``, ``label_target``, ``prediction``, ``target_correct``, and over the class's
         own images ``target_positive`` (E[R+]) and ``target_positive_outside`` (E[R+ outside the object]).
@@ -70,14 +72,9 @@ class AggregateResult:
         return None
 
 
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
-
-
 def default_out_dir(store_url: str) -> str:
     """``runs/store.zarr`` -> ``runs/store.aggregates``: beside the store, which may be read-only."""
-    base = str(store_url).rstrip("/")
-    return (base[:-5] if base.endswith(".zarr") else base) + ".aggregates"
+    return beside(store_url, ".aggregates")
 
 
 # ---- schedulers --------------------------------------------------------------------------------------------
@@ -95,11 +92,11 @@ def scheduler_options(scheduler: str | None = None, num_workers: int | None = No
     elif scheduler in ("sync", "synchronous", "processes"):
         yield {"scheduler": scheduler, **({"num_workers": num_workers} if num_workers else {})}
     elif scheduler == "ray":
-        import ray
         from ray.util.dask import ray_dask_get
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        from pipeline.dispatch import connect
+
+        connect()  # the connected cluster, else RAY_ADDRESS, else a local one
         yield {"scheduler": ray_dask_get}
     elif "://" in scheduler or ":" in scheduler:
         from distributed import Client
@@ -176,7 +173,9 @@ def _scan_passes(group: ExplanationGroup, meta: tables.GroupMeta, job: GroupJob)
 
 def _spot_check(group: ExplanationGroup, meta: tables.GroupMeta, stats: scan.RowStats, spots: dict,
                 compute_options: dict) -> float:
-    """The second read: each qualifying spot on every image of its class; fills ``stats.spot_share``, returns seconds."""
+    """The second read: each qualifying spot on every image of its class; fills ``stats.spot_share``.
+
+    Returns its seconds."""
     on_class, target = meta["on_class"], meta["target"]
     row_boxes = np.full((meta.n_rows, 4), np.nan)
     for c, spot in spots.items():
@@ -221,7 +220,8 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
     if masks is not None:
         regions = pools.from_masks(masks)
         if (regions.height, regions.width) != (store.height, store.width):
-            raise ValueError(f"masks are {regions.height}x{regions.width}, the store's maps {store.height}x{store.width}")
+            raise ValueError(f"masks are {regions.height}x{regions.width}, "
+                             f"the store's maps {store.height}x{store.width}")
     else:
         rows, cols = pools.parse_grid(grid) if isinstance(grid, str) else grid
         regions = pools.grid(store.height, store.width, rows, cols)
@@ -278,9 +278,9 @@ def _start_outputs(out_dir: str, regions: pools.Regions, class_names: Sequence[s
     """A fresh ``heatmaps.zarr`` (the scan writes its maps into it) and no ``summary.json`` until the end."""
     fs, path = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(path, exist_ok=True)
-    if fs.exists(_join(path, "summary.json")):
-        fs.rm(_join(path, "summary.json"))
-    root = zarr.open_group(_join(out_dir, "heatmaps.zarr"), mode="w", zarr_format=3)
+    if fs.exists(join_url(path, "summary.json")):
+        fs.rm(join_url(path, "summary.json"))
+    root = zarr.open_group(join_url(out_dir, "heatmaps.zarr"), mode="w", zarr_format=3)
     root.attrs.update({"lrp_audit_aggregates": OUTPUT_FORMAT, "class_names": list(class_names),
                        "regions": regions.describe(), "store": store_url})
     root.create_array("regions", data=regions.mask_stack(), dimension_names=("region", "y", "x"))
@@ -291,18 +291,18 @@ def _write(result: AggregateResult) -> None:
     """The three tables, then ``summary.json``: the mark of a finished run."""
     fs, path = fsspec.core.url_to_fs(result.out_dir)
     for name, table in (("regions", result.regions), ("classes", result.classes), ("heatmaps", result.heatmap_table)):
-        pq.write_table(table, _join(path, f"{name}.parquet"), filesystem=fs)
-    with fs.open(_join(path, "summary.json"), "w") as handle:
+        pq.write_table(table, join_url(path, f"{name}.parquet"), filesystem=fs)
+    with fs.open(join_url(path, "summary.json"), "w") as handle:
         json.dump(result.summary, handle, indent=2, sort_keys=True, default=str)
 
 
 def load(out_dir: str) -> AggregateResult:
     """Read the outputs of :func:`aggregate` back (tables in memory, heatmaps lazily via ``.heatmaps``)."""
     fs, path = fsspec.core.url_to_fs(str(out_dir))
-    if not fs.exists(_join(path, "summary.json")):
+    if not fs.exists(join_url(path, "summary.json")):
         raise FileNotFoundError(f"no aggregates in {out_dir!r}: run 'lrp-audit aggregate STORE --out {out_dir}'")
-    with fs.open(_join(path, "summary.json")) as handle:
+    with fs.open(join_url(path, "summary.json")) as handle:
         summary = json.load(handle)
-    tables = {name: pq.read_table(_join(path, f"{name}.parquet"), filesystem=fs)
+    tables = {name: pq.read_table(join_url(path, f"{name}.parquet"), filesystem=fs)
               for name in ("regions", "classes", "heatmaps")}
     return AggregateResult(str(out_dir), tables["regions"], tables["classes"], tables["heatmaps"], summary)

@@ -1,12 +1,12 @@
 """The one pass of the aggregation job: every per-row statistic and every partial class map, per chunk.
 
-Each statistic alone (``pools.row_totals``, ``pools.region_sums``, ``context.inside_sums``,
-``heatmaps.grouped_sums``) is a cheap, memory-bound sweep; as separate Dask tasks they sweep each
+Each statistic alone (the plain Dask reductions of tests/helpers/reductions.py: row totals, region
+sums, inside sums, grouped map sums) is a cheap, memory-bound sweep; as separate Dask tasks they sweep each
 51 MB chunk six times, with fresh float32/float64 temporaries each time, and together cost several
 times the zarr decompression they follow. Here a chunk is swept a few maps at a time through
 preallocated buffers that stay in cache, and every statistic is taken from them: the job then runs at
 the speed of reading the store. tests/test_aggregate_job.py checks that this pass and the separate
-lazy functions agree.
+reductions agree.
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def scan_chunk(block: np.ndarray, boxes: np.ndarray | None, mask: np.ndarray | N
                         x_in, p_in = np.where(local, x_in, zero), np.where(local, p_in, zero)
                     stats[row, INSIDE] = x_in.sum(dtype=np.float64)
                     stats[row, INSIDE_POSITIVE] = p_in.sum(dtype=np.float64)
-                    stats[row, OBJECT_AREA] = (x_in.size if local is None else np.count_nonzero(local)) / (height * width)
+                    area = x_in.size if local is None else np.count_nonzero(local)
+                    stats[row, OBJECT_AREA] = area / (height * width)
             if codes[row] >= 0:
                 sums[np.searchsorted(fine, codes[row])] += x[j]
             if class_codes[row] >= 0:
@@ -171,12 +172,15 @@ def scan(relevance: da.Array, boxes: np.ndarray | None, mask: da.Array | None, r
     else unknown (inside stats NaN, ``outside`` None). ``fine_keys`` (N, k) group the relevance maps of
     the rows in ``select``; ``class_keys`` (N,) group the positive maps of the rows in ``class_select``.
     Chunks without a selected row (failed or pending shards) are not read; their rows' stats are NaN.
+    Nine parameters: each is one input array of the pass (kept apart so that a pass over a block of
+    classes differs from the full pass in the selections only, and tests can drive it without a store).
     """
     relevance = relevance.rechunk({1: -1, 2: -1})
     codes, unique_fine = heatmaps.encode(fine_keys, select)
     class_codes, unique_classes = heatmaps.encode(np.asarray(class_keys).reshape(-1, 1), class_select)
     blocks = relevance.to_delayed(optimize_graph=False).ravel()
-    masks = [None] * len(blocks) if mask is None else mask.rechunk(relevance.chunks).to_delayed(optimize_graph=False).ravel()
+    masks = ([None] * len(blocks) if mask is None
+             else mask.rechunk(relevance.chunks).to_delayed(optimize_graph=False).ravel())
     bounds = np.cumsum((0, *relevance.chunks[0]))
     width = REGIONS + len(regions.names)
     objects = mask is not None or boxes is not None

@@ -147,7 +147,8 @@ def _mean(values: np.ndarray) -> float:
 
 
 def _class_counts(meta: GroupMeta, stats: RowStats, evidence: BiasEvidence, settings) -> dict:
-    ok, on_class, target, status, correct = meta["ok"], meta["on_class"], meta["target"], meta["status"], meta["correct"]
+    ok, on_class, target = meta["ok"], meta["on_class"], meta["target"]
+    status, correct = meta["status"], meta["correct"]
     columns = {key: [] for key in ("group", "class", "class_name", "n_rows", "n_ok", "n_images", "n_failed",
                                    "n_nonfinite", "n_pending", "n_correct", "accuracy")}
     for c in meta.classes:
@@ -184,7 +185,8 @@ def _class_regions(meta: GroupMeta, stats: RowStats, evidence: BiasEvidence, set
             columns[f"fraction_{region}"].append(float(stats.region_sums[mine, r].sum() / total_sum)
                                                  if mine.any() and total_sum else np.nan)
         columns["n_conserved"].append(int((mine & stats.conserved).sum()))
-        columns["max_region_residual"].append(float(np.abs(stats.region_residual[mine]).max()) if mine.any() else np.nan)
+        largest = float(np.abs(stats.region_residual[mine]).max()) if mine.any() else np.nan
+        columns["max_region_residual"].append(largest)
     return columns
 
 

@@ -80,8 +80,9 @@ def build_groups(path: Path, classes: int, per_class: int, wrong: int, size: int
     for c in range(classes):
         rows = np.flatnonzero(target == c)[:wrong]
         prediction[rows] = (c + 1 + rng.permutation(classes - 1)[:len(rows)]) % classes
-    store = RelevanceStore.create(str(path), config={"benchmark": "groups"}, class_names=[f"c{i}" for i in range(classes)],
-                                  groups=["lrp"], n_rows=n_rows, height=size, width=size, rows_per_shard=ROWS_PER_SHARD)
+    store = RelevanceStore.create(str(path), config={"benchmark": "groups"},
+                                  class_names=[f"c{i}" for i in range(classes)], groups=["lrp"], n_rows=n_rows,
+                                  height=size, width=size, rows_per_shard=ROWS_PER_SHARD)
     group = store.group("lrp")
     for start in range(0, n_rows, ROWS_PER_SHARD):
         rows = slice(start, min(start + ROWS_PER_SHARD, n_rows))
@@ -191,7 +192,8 @@ def main() -> int:
         for kind, name in names.items():
             seconds = best[kind]["seconds"]
             rss = max(r["peak_rss_mb"] for r in runs[kind])
-            print(f"{name:<28}{gb / seconds:>8.3f}{seconds:>10.2f}{best['read']['seconds'] / seconds:>9.0%}{rss:>13.0f}")
+            share = best["read"]["seconds"] / seconds
+            print(f"{name:<28}{gb / seconds:>8.3f}{seconds:>10.2f}{share:>9.0%}{rss:>13.0f}")
         phases = best["aggregate"]["phases"]
         print("\naggregate phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
         print(f"flagged: {best['aggregate']['flagged']} (planted: class 3 cue); rows re-read for the spot check: "
@@ -211,7 +213,8 @@ def main_groups(args) -> int:
         if not store_path.exists():
             start = time.perf_counter()
             build_groups(store_path, args.classes, args.per_class, args.wrong, args.size)
-            print(f"built {args.classes * args.per_class} rows of {args.size}x{args.size} in {time.perf_counter() - start:.0f}s")
+            print(f"built {args.classes * args.per_class} rows of {args.size}x{args.size} "
+                  f"in {time.perf_counter() - start:.0f}s")
         map_mb = args.size * args.size * 8 / 2**20
         print(f"\n{args.classes} classes x {args.per_class} rows, {args.wrong} mispredicted per class, "
               f"{args.size}x{args.size} maps ({map_mb * 1024:.0f} kB per float64 map); {args.workers} worker threads")

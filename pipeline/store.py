@@ -108,7 +108,7 @@ def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None)
                          "a new store needs an empty or new path")
 
 
-def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> "RelevanceStore":
+def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> RelevanceStore:
     """Open an existing store at a local path or any fsspec URL (``s3://...``); read-only by default."""
     try:
         root = _open_root(url, mode, storage_options)
@@ -160,13 +160,15 @@ class RelevanceStore:
         channels: int | None = None,
         software: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
-    ) -> "RelevanceStore":
+    ) -> RelevanceStore:
         """Create the store, or reopen it for resuming when it was made with the same config.
 
         ``groups`` names the explanation settings (a dict maps each name to its setting, kept in the
         group's attrs). ``channels`` adds per-channel relevance (N,C,H,W); ``max_boxes`` K > 0 adds
         boxes (N,K,4); ``num_labels`` adds multi-label targets (N,L); ``with_mask`` adds masks (N,H,W).
-        A store made with a different config is refused, never overwritten.
+        A store made with a different config is refused, never overwritten. The keywords are the layout,
+        one each; validating, comparing with an existing store and laying out a new one stay together here
+        so that the order of those writes (docs/store-format.md) is in one place: hence its length.
         """
         settings = dict(groups) if isinstance(groups, Mapping) else {name: {} for name in groups}
         if not settings:
@@ -246,7 +248,8 @@ class RelevanceStore:
             make(name, (n,), dtype, fill, ("row",))
         if layout["channels"]:
             c = layout["channels"]
-            make("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"), inner=(1, c, h, w))
+            make("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"),
+                 inner=(1, c, h, w))
         if layout["num_labels"]:
             make("labels", (n, layout["num_labels"]), "bool", False, ("row", "class"))
         if layout["max_boxes"]:
@@ -266,16 +269,17 @@ class RelevanceStore:
         start = shard * self.rows_per_shard
         return start, min(start + self.rows_per_shard, self.n_rows)
 
-    def group(self, name: str) -> "ExplanationGroup":
+    def group(self, name: str) -> ExplanationGroup:
         if name not in self.group_names:
             raise KeyError(f"no explanation group {name!r} in {self.url!r}; groups: {self.group_names}")
         return ExplanationGroup(self._group[f"{EXPLANATIONS}/{name}"], name, self.rows_per_shard)
 
-    def groups(self) -> list["ExplanationGroup"]:
+    def groups(self) -> list[ExplanationGroup]:
         return [self.group(name) for name in self.group_names]
 
     def __repr__(self) -> str:
-        return f"RelevanceStore({self.url!r}, rows={self.n_rows}, map={self.height}x{self.width}, groups={self.group_names})"
+        return (f"RelevanceStore({self.url!r}, rows={self.n_rows}, map={self.height}x{self.width}, "
+                f"groups={self.group_names})")
 
 
 class RowReader:
@@ -408,7 +412,8 @@ class ExplanationGroup:
                 todo.append(shard)
         return todo
 
-    def write_block(self, start: int, *, relevance: np.ndarray, status: np.ndarray | None = None, **arrays: Any) -> np.ndarray:
+    def write_block(self, start: int, *, relevance: np.ndarray, status: np.ndarray | None = None,
+                    **arrays: Any) -> np.ndarray:
         """Write rows ``[start, start+n)`` covering whole shards; ``status`` goes last and is returned.
 
         Rows whose status is ok (the default) but whose relevance or output is NaN/Inf are stored as
@@ -428,7 +433,8 @@ class ExplanationGroup:
         if "relevance_sum" not in arrays:
             arrays["relevance_sum"] = relevance.sum(axis=(1, 2), dtype=np.float64)
         if "residual" not in arrays and "output" in arrays:
-            arrays["residual"] = np.asarray(arrays["relevance_sum"], np.float64) - np.asarray(arrays["output"], np.float64)
+            relevance_sum, output = (np.asarray(arrays[k], np.float64) for k in ("relevance_sum", "output"))
+            arrays["residual"] = relevance_sum - output
         status = np.full(n, STATUS_OK, np.int8) if status is None else np.asarray(status, np.int8).copy()
         finite = np.isfinite(relevance).all(axis=(1, 2))
         for name in ("relevance_channels", "output"):

@@ -54,7 +54,8 @@ def test_training_learns_the_shortcut(tmp_path):
 
 
 def test_load_manifest_rejects_labels_the_model_does_not_know(tmp_path):
-    data = synthetic.generate(tmp_path, synthetic.SyntheticSpec(train_per_class=1, audit_per_class=1), splits=("audit",))
+    spec = synthetic.SyntheticSpec(train_per_class=1, audit_per_class=1)
+    data = synthetic.generate(tmp_path, spec, splits=("audit",))
     with pytest.raises(ValueError, match="not among the class names"):
         tinycnn.load_manifest(data.manifest("audit"), ["disc", "ring"])
 

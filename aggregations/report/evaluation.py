@@ -68,7 +68,8 @@ def report_section(out_dir: str | None, storage_options: dict | None = None,
     Returns ``title``, ``summary`` (one sentence), ``figure_png`` (bytes), ``figure_uri`` (a data URI for an
     ``<img src>``), ``columns`` and ``rows`` (formatted strings, best method first), ``records`` (the raw
     numbers), ``settings`` and ``warning`` (an evaluation of another model or dataset than ``store_config``
-    says, or one that cannot be read, which then has no figure or rows). When only the curves exist the summary is computed (bootstrap), not written:
+    says, or one that cannot be read, which then has no figure or rows). When only the curves exist the summary
+    is computed (bootstrap), not written:
     rendering a report never writes into the evaluation directory.
     """
     if not out_dir:

@@ -12,6 +12,7 @@ from aggregations.report import sections
 from aggregations.report.evaluation import report_section as evaluation_section
 from aggregations.report.runs import AuditRun, open_run
 from aggregations.run import default_out_dir, load
+from pipeline.paths import beside
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_CLASSES = 40  # per-class galleries show at most this many classes (flagged and highest-scored first)
@@ -74,7 +75,7 @@ def render_report(store_url: str, out: str | None = None, *, compare: str | None
     context["evaluation"] = evaluation_section(evaluation or aopc.default_evaluation_dir(store_url),
                                                store_config=store_config)
     page = render_html(context)
-    out = out or (str(store_url).rstrip("/").removesuffix(".zarr") + ".report.html")
+    out = out or beside(store_url, ".report.html")
     with fsspec.open(out, "w", encoding="utf-8") as handle:
         handle.write(page)
     return out

@@ -79,7 +79,8 @@ def _evidence(run: AuditRun, group: str, row: dict) -> list[dict]:
     caption = "{:.0%} of its positive relevance in the spot"
     if not picks:  # a context flag: the images with the most positive relevance outside the object
         regions = run.aggregates.regions
-        mine = regions.filter(pc.and_(pc.and_(pc.equal(regions["group"], group), pc.equal(regions["target"], row["class"])),
+        of_class = pc.and_(pc.equal(regions["group"], group), pc.equal(regions["target"], row["class"]))
+        mine = regions.filter(pc.and_(of_class,
                                       pc.is_in(regions["label"], pa.array([row["class"], -1], pa.int64()))))
         inside = np.nan_to_num(mine["inside_share_positive"].to_numpy(zero_copy_only=False), nan=np.inf)
         order = np.lexsort((mine["row"].to_numpy(), inside))[:EVIDENCE_IMAGES]
@@ -144,7 +145,8 @@ def _config_rows(run: AuditRun) -> list[tuple[str, str]]:
     if config.get("weights_digest"):
         rows.append(("weights", str(config["weights_digest"])))
     if dataset:
-        rows.append(("dataset", f"{dataset.get('source', '?')} ({config.get('dataset_kind', dataset.get('kind', '?'))})"))
+        kind = config.get("dataset_kind", dataset.get("kind", "?"))
+        rows.append(("dataset", f"{dataset.get('source', '?')} ({kind})"))
     if config.get("target_mode"):
         rows.append(("explained target", str(config["target_mode"])))
     for group in run.store.groups():
@@ -164,7 +166,7 @@ def header_section(run: AuditRun, group: str, title: str | None) -> dict:
     """The page title and what was audited."""
     return {
         "title": title or "lrp-audit report",
-        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "store": run.url, "model": run.label, "group": group,
         "group_setting": _setting_text(run.store.group(group).setting),
     }

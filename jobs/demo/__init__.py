@@ -7,7 +7,7 @@ real Ray pipeline with several LRP settings; aggregate with Dask; render the HTM
 model trained on stamp-free images is explained too, for the report's model comparison. Prints where
 the report is and the headline finding::
 
-    lrp-audit demo --out demo-out          # about 1.5 minutes on 2 CPU cores
+    lrp-audit demo --out demo-out          # its timings: benchmarks/RESULTS.md
     lrp-audit demo --out /tmp/d --quick    # smaller and faster (used by the tests)
 
 The demo replaces its own outputs in ``--out`` (data/, models/, *.zarr, *.aggregates, report.html) and
@@ -167,7 +167,8 @@ def train_models(out: Path, data, models: dict[str, str], epochs: int, seed: int
         accuracy[model_name] = {s: tinycnn.accuracy_report(tinycnn.predict(model, x), y, names)
                                 for s, (x, y) in evaluation.items()}
         a = accuracy[model_name]
-        step(f"  '{model_name}' accuracy: audit {a['audit']['accuracy']:.0%}, stamp removed {a['clean']['accuracy']:.0%}, "
+        step(f"  '{model_name}' accuracy: audit {a['audit']['accuracy']:.0%}, "
+             f"stamp removed {a['clean']['accuracy']:.0%}, "
              f"stamp on the other classes {a['swapped']['accuracy']:.0%} "
              f"({a['swapped']['predicted_as'][tag_class]:.0%} of those predicted {tag_class!r})")
     return accuracy
@@ -231,7 +232,8 @@ def write_report(out: Path, data, stores: dict[str, str], finding: dict, accurac
 def print_finding(finding: dict, tag_class: str, report: str) -> int:
     """Step 5: the headline for the terminal; exit status 0 when the audit found the planted stamp."""
     if finding["top_flagged"]:
-        print(f"Headline: class {finding['top_flagged']!r} is the top flagged class ({finding['flag']}): {finding['reason']}")
+        print(f"Headline: class {finding['top_flagged']!r} is the top flagged class ({finding['flag']}): "
+              f"{finding['reason']}")
     print(f"Planted cue: the '(C)' stamp on class {tag_class!r} holds {finding['tag_share']:.0%} of that class's "
           f"positive relevance while covering {finding['tag_area']:.0%} of the image.")
     if not finding["found"]:
