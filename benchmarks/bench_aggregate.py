@@ -195,7 +195,8 @@ def main() -> int:
             share = best["read"]["seconds"] / seconds
             print(f"{name:<28}{gb / seconds:>8.3f}{seconds:>10.2f}{share:>9.0%}{rss:>13.0f}")
         phases = best["aggregate"]["phases"]
-        print("\naggregate phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        print("\naggregate phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if k != "passes")
+              + f"; passes {phases.get('passes', 1)}")
         print(f"flagged: {best['aggregate']['flagged']} (planted: class 3 cue); rows re-read for the spot check: "
               f"{best['aggregate']['summary']['spot_checked_rows']} of {n_rows}; one pass only flags "
               f"{best['single']['flagged']}")
