@@ -33,7 +33,7 @@ import torch
 from .actors import claim_cpus, prefetch
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
-from .dispatch import dispatch_shards
+from .dispatch import Part, ShardPool
 from .models import build_model
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
@@ -374,15 +374,29 @@ def evaluate(config: EvaluationConfig, use_gpu: bool | None = None) -> Evaluatio
         summary.messages.append("nothing to do: every shard is already computed")
         return summary
 
-    messages = []
-
-    def fail(shard, reason):  # left missing: a rerun tries the shard again
-        messages.append(f"shard {shard} not computed (a rerun retries it): {reason}")
-
-    result = dispatch_shards("evaluation", EvaluateActor, EvaluationJob(config, plan.run.target_mode), todo,
-                             lambda actor, shard: actor.evaluate_shard.remote(shard, plan.shard_rows(shard)),
-                             lambda shard: plan.shard_rows(shard).num_rows, fail, config.run, use_gpu)
+    task = EvaluationTask(plan)
+    pool = ShardPool("evaluation", EvaluateActor, EvaluationJob(config, plan.run.target_mode), config.run, use_gpu)
+    result = pool.run(todo, task)
     summary = summarize(plan)
     summary.computed_rows, summary.seconds = result.computed_rows, result.seconds
-    summary.messages += messages
+    summary.messages += task.messages
     return summary
+
+
+class EvaluationTask:
+    """The evaluation's shards for the :class:`~pipeline.dispatch.ShardPool`: one Parquet file each, written whole
+    by its actor (so never bisected); a shard that cannot be done is left missing, and a rerun retries it."""
+
+    bisect = False
+
+    def __init__(self, plan: EvaluationPlan):
+        self.plan, self.messages = plan, []
+
+    def submit(self, actor, part: Part):
+        return actor.evaluate_shard.remote(part.shard, self.plan.shard_rows(part.shard))
+
+    def size(self, shard: int) -> int:
+        return self.plan.shard_rows(shard).num_rows
+
+    def fail(self, part: Part, reason: str) -> None:
+        self.messages.append(f"shard {part.shard} not computed (a rerun retries it): {reason}")

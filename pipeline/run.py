@@ -1,8 +1,8 @@
 """Orchestration of an explain run: plan (validate everything), then store shards to a pool of Ray actors.
 
 The dispatch loop (actor pool, bounded in-flight tasks, retry of a dead actor's shard, progress) is
-:func:`pipeline.dispatch.dispatch_shards`, shared with the evaluation; this module says what a shard is
-for explain: a block of store rows, written by the actor, or recorded as failed by the driver.
+:class:`pipeline.dispatch.ShardPool`, shared with the evaluation; this module says what a shard is for explain
+(:class:`ExplainTask`): a block of store rows, written by the actor, or recorded as failed by the driver.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from .actors import ActorJob, ExplainActor
 from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
-from .dispatch import dispatch_shards
+from .dispatch import Part, ShardPool
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
                     RelevanceStore, StoreError)
@@ -229,12 +229,34 @@ def summarize(store: RelevanceStore) -> RunSummary:
     return RunSummary(store.url, store.n_rows, groups, residual, sorted(failures.items()))
 
 
-def _failed_shard(store: RelevanceStore, groups: list[str], start: int, rows: pa.Table, reason: str) -> None:
-    """A shard the actors could not finish: its rows that are not ok failed with the reason (the driver writes it)."""
-    for name in groups:
-        store.group(name).write_failed(
-            start, rows.num_rows, reason, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
-            target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
+class ExplainTask:
+    """Explain's shards for the :class:`~pipeline.dispatch.ShardPool`: store row blocks, each written by one actor
+    to the groups that still miss rows there; a shard the actors cannot finish is recorded failed by the driver."""
+
+    bisect = False
+
+    def __init__(self, plan: RunPlan, store: RelevanceStore, todo: dict[int, list[str]]):
+        self.plan, self.store, self.todo = plan, store, todo
+
+    def _rows(self, shard: int) -> tuple[int, pa.Table]:
+        start, stop = self.store.shard_rows(shard)
+        return start, self.plan.rows.slice(start, stop - start)
+
+    def submit(self, actor, part: Part):
+        start, rows = self._rows(part.shard)
+        return actor.explain_shard.remote(start, rows, self.todo[part.shard])
+
+    def size(self, shard: int) -> int:
+        start, stop = self.store.shard_rows(shard)
+        return int(stop - start)
+
+    def fail(self, part: Part, reason: str) -> None:
+        """The part's rows that are not ok become failed with the reason (rows already ok keep their values)."""
+        start, rows = self._rows(part.shard)
+        for name in self.todo[part.shard]:
+            self.store.group(name).write_failed(
+                start, rows.num_rows, reason, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
+                target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
 
 
 def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
@@ -250,19 +272,7 @@ def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
         summary.messages.append("nothing to do: every row of the store is already computed")
         return summary
 
-    def submit(actor, shard):
-        start, stop = store.shard_rows(shard)
-        return actor.explain_shard.remote(start, plan.rows.slice(start, stop - start), todo[shard])
-
-    def shard_size(shard):
-        start, stop = store.shard_rows(shard)
-        return int(stop - start)
-
-    def fail(shard, reason):
-        start, stop = store.shard_rows(shard)
-        _failed_shard(store, todo[shard], start, plan.rows.slice(start, stop - start), reason)
-
-    result = dispatch_shards("explain", ExplainActor, plan.job, todo, submit, shard_size, fail, config, use_gpu)
+    result = ShardPool("explain", ExplainActor, plan.job, config, use_gpu).run(todo, ExplainTask(plan, store, todo))
     summary = summarize(store)
     summary.computed_rows, summary.seconds, summary.retries = result.computed_rows, result.seconds, result.retries
     return summary
