@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .actors import claim_cpus, prefetch
+from .actors import claim_cpus
+from .batches import Sample, ShardReader
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
 from .dispatch import Part, ShardPool
@@ -183,9 +184,9 @@ class EvaluateActor:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
 
-    def _load(self, path: str):
+    def _load(self, row: dict) -> Sample | str:
         try:
-            return self.preprocess(read_image(path, self.job.config.run.dataset.storage_options))[0]
+            return Sample(self.preprocess(read_image(row["path"], self.job.config.run.dataset.storage_options))[0])
         except Exception as error:  # missing, corrupt or unreadable: recorded as failed, the run goes on
             return f"{type(error).__name__}: {error}"
 
@@ -202,21 +203,12 @@ class EvaluateActor:
         errors = {m: [""] * n for m in methods}
         curves = {m: [[] for _ in range(n)] for m in methods}
 
-        # rows of one image are consecutive (targets: labels): decode each image once, a window ahead of the model
-        firsts = [i for i in range(n) if i == 0 or meta["sample_id"][i] != meta["sample_id"][i - 1]]
-        decoded = prefetch(((lambda i=i: self._load(meta["path"][i])) for i in firsts),
-                           window=2 * run.batch_size, threads=self.decode_threads)
-        pending: list[tuple[int, torch.Tensor]] = []
-        for first, stop, sample in zip(firsts, firsts[1:] + [n], decoded):
-            for i in range(first, stop):
-                if isinstance(sample, str):
-                    for m in methods:
-                        errors[m][i] = sample
-                else:
-                    pending.append((i, sample))
-            while len(pending) >= run.batch_size or (stop == n and pending):
-                batch, pending = pending[: run.batch_size], pending[run.batch_size:]
-                self._evaluate(batch, meta, target, prediction, status, errors, curves)
+        reader = ShardReader(rows.to_pylist(), self._load, run.batch_size, self.decode_threads)
+        for batch in reader:
+            self._evaluate(batch, meta, target, prediction, status, errors, curves)
+        for i, reason in reader.failures.items():
+            for m in methods:
+                errors[m][i] = reason
 
         records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=meta["path"][i], target=target[i],
                         label=meta["label"][i], prediction=prediction[i], method=m, status=status[m][i],
@@ -228,8 +220,8 @@ class EvaluateActor:
         return {"shard": shard, "rows": n, **counts, "failures": failures, "seconds": time.perf_counter() - began}
 
     def _evaluate(self, batch, meta, target, prediction, status, errors, curves):
-        index = [i for i, _ in batch]
-        x = torch.stack([sample for _, sample in batch]).to(self.device, non_blocking=True)
+        index = list(batch.rows)
+        x = batch.inputs(self.device)
         with torch.no_grad():
             logits = self.model(x)
         prediction[index] = logits.argmax(1).cpu().numpy()
