@@ -73,11 +73,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         raise ConfigError(str(error)) from error
     except RuntimeError as error:  # a forward pass that does not fit the input size or channels
         raise ConfigError(f"the model cannot run on a {3}x{height}x{width} input: {error}") from error
-    for setting in config.explanations:
-        try:
-            lrp.Explainer(model, setting.composite, **setting.params)
-        except (ValueError, TypeError, NotImplementedError, lrp.UnsupportedLayerError) as error:
-            raise ConfigError(f"explanation {setting.name!r} cannot explain this model: {error}") from error
+    _dry_run(model, config, height, width)
 
     if names and index.class_names is not None and list(index.class_names) != list(names):
         # the dataset's labels index its own class list: read against the model's names they would be wrong
@@ -106,6 +102,30 @@ def plan_run(config: RunConfig) -> RunPlan:
         "class_names": class_names,
     }
     return RunPlan(config, index, rows, class_names, mode, height, width, store_config)
+
+
+DRY_RUN_BATCH = 2  # rows of the zero batch every explainer runs once on the driver before any actor starts
+
+
+def _dry_run(model, config: RunConfig, height: int, width: int) -> None:
+    """Build every explainer and run it once on a small zero batch, so that a setting that fails only on the first
+    batch (a box of the wrong length, a shape the engine cannot fold) is a configuration error before any work."""
+    import lrp
+    import torch
+
+    x = torch.zeros(DRY_RUN_BATCH, 3, height, width)
+    target = torch.zeros(DRY_RUN_BATCH, dtype=torch.long)
+    for setting in config.explanations:
+        try:
+            explainer = lrp.Explainer(model, setting.composite, **setting.params)
+        except (ValueError, TypeError, NotImplementedError, lrp.UnsupportedLayerError) as error:
+            raise ConfigError(f"explanation {setting.name!r} cannot explain this model: {error}") from error
+        try:
+            explainer(x, target)
+        except Exception as error:  # any failure here would fail every batch of the run
+            raise ConfigError(
+                f"explanation {setting.name!r} fails on a {DRY_RUN_BATCH}x3x{height}x{width} zero batch (the dry run "
+                f"before any actor starts): {type(error).__name__}: {error}") from error
 
 
 def _rows(index: DatasetIndex, mode: str, classes: list, class_names: list[str]) -> pa.Table:
