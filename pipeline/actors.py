@@ -84,11 +84,14 @@ class ExplainActor:
             return f"{type(error).__name__}: {error}"
 
     # ---- one shard --------------------------------------------------------------------------------------
-    def explain_shard(self, start: int, rows: pa.Table, groups: list[str]) -> dict:
-        """Explain and write one whole shard (rows ``start ...``) to every group in ``groups``; returns counts."""
+    def explain_shard(self, start: int, rows: pa.Table, groups: list[str], part: tuple[int, int] | None = None) -> dict:
+        """Explain and write one shard (rows ``start ...``) to every group in ``groups``; returns counts.
+
+        ``part`` ``(lo, hi)``: only the shard's rows ``[lo, hi)`` are explained (a retry bisecting a shard that
+        killed its actor); the other rows keep what the store has."""
         began = time.perf_counter()
         job = self.job
-        reader = ShardReader(rows.to_pylist(), self._load, job.config.batch_size, self.decode_threads)
+        reader = ShardReader(rows.to_pylist(), self._load, job.config.batch_size, self.decode_threads, part)
         buffers = ShardBuffers(start, rows.to_pydict(), groups, self.preprocess.size, job)
         explainers = {name: self.explainers[name] for name in groups}
         for batch in reader:
@@ -97,7 +100,7 @@ class ExplainActor:
                                       job.target_mode == "prediction", job.config.per_channel)
             buffers.add(batch, explained)
         buffers.fail(reader.failures)
-        report = buffers.write(self.store, groups)
+        report = buffers.write(self.store, groups, part)
         report["seconds"] = time.perf_counter() - began
         return report
 
@@ -188,13 +191,21 @@ class ShardBuffers:
             arrays["labels"] = _multi_hot(meta["labels"], self.job.num_classes)
         return arrays
 
-    def write(self, store: RelevanceStore, groups: list[str]) -> dict:
-        """Write the shard to every group (status last in each); the report counts the rows as stored."""
-        report = {"start": self.start, "rows": self.n, "ok": 0, "failed": 0, "nonfinite": 0,
-                  "failures": [(self.meta["path"][i], self.errors[i]) for i in range(self.n)
+    def write(self, store: RelevanceStore, groups: list[str], part: tuple[int, int] | None = None) -> dict:
+        """Write the shard to every group (status last in each); the report counts the rows as stored.
+
+        With ``part`` only rows ``[lo, hi)`` are new: the others keep the store's values (still one shard write)."""
+        mine = np.zeros(self.n, bool)
+        mine[slice(*part) if part is not None else slice(None)] = True
+        report = {"start": self.start, "rows": int(mine.sum()), "ok": 0, "failed": 0, "nonfinite": 0,
+                  "failures": [(self.meta["path"][i], self.errors[i]) for i in np.flatnonzero(mine)
                                if self.status[i] == STATUS_FAILED]}
         for name in groups:
-            final = store.group(name).write_block(self.start, status=self.status, **self.arrays(name))
+            group = store.group(name)
+            if part is None:
+                final = group.write_block(self.start, status=self.status, **self.arrays(name))
+            else:
+                final = group.write_rows(self.start, self.n, mine, status=self.status, **self.arrays(name))[mine]
             report["ok"] += int((final == STATUS_OK).sum())
             report["failed"] += int((final == STATUS_FAILED).sum())
             report["nonfinite"] += int((final == STATUS_NONFINITE).sum())

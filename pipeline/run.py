@@ -253,7 +253,7 @@ class ExplainTask:
     """Explain's shards for the :class:`~pipeline.dispatch.ShardPool`: store row blocks, each written by one actor
     to the groups that still miss rows there; a shard the actors cannot finish is recorded failed by the driver."""
 
-    bisect = False
+    bisect = True  # a part of a shard is written as the whole shard with the other rows kept (write_rows)
 
     def __init__(self, plan: RunPlan, store: RelevanceStore, todo: dict[int, list[str]]):
         self.plan, self.store, self.todo = plan, store, todo
@@ -264,7 +264,7 @@ class ExplainTask:
 
     def submit(self, actor, part: Part):
         start, rows = self._rows(part.shard)
-        return actor.explain_shard.remote(start, rows, self.todo[part.shard])
+        return actor.explain_shard.remote(start, rows, self.todo[part.shard], None if part.whole else part[1:3])
 
     def size(self, shard: int) -> int:
         start, stop = self.store.shard_rows(shard)
@@ -273,9 +273,11 @@ class ExplainTask:
     def fail(self, part: Part, reason: str) -> None:
         """The part's rows that are not ok become failed with the reason (rows already ok keep their values)."""
         start, rows = self._rows(part.shard)
+        mine = np.zeros(rows.num_rows, bool)
+        mine[part.lo:part.hi] = True
         for name in self.todo[part.shard]:
             self.store.group(name).write_failed(
-                start, rows.num_rows, reason, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
+                start, rows.num_rows, reason, mine, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
                 target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
 
 
