@@ -17,6 +17,7 @@ from .actors import ActorJob, ExplainActor
 from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
 from .dispatch import Part, ShardPool
+from .lease import LeaseHeld, StoreLease
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
                     RelevanceStore, StoreError)
@@ -284,7 +285,25 @@ class ExplainTask:
 def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
     """Explain every missing row of the store; resumable, idempotent, and never holds images in the driver."""
     plan = plan_run(config)  # every config error surfaces here, before any work
-    store = create_store(plan)
+    lease = StoreLease(config.store, config.storage_options)
+    try:
+        lease.acquire()  # one driver per store: a second one is refused, naming the first
+    except LeaseHeld as error:
+        raise ConfigError(str(error)) from None
+    try:
+        store = create_store(plan)
+        lease.renew()  # a store laid out anew cleared its folder, the lease with it
+        summary = _explain_pending(plan, store, use_gpu)
+    finally:
+        lease.release()
+    if lease.lost is not None:
+        summary.messages.append(f"warning: another driver took the store's lease over during this run: "
+                                f"{lease.lost.describe()}")
+    return summary
+
+
+def _explain_pending(plan: RunPlan, store: RelevanceStore, use_gpu: bool | None) -> RunSummary:
+    config = plan.config
     todo: dict[int, list[str]] = {}
     for group in store.groups():
         for shard in group.pending_shards(retry_failed=config.retry_failed):
