@@ -24,6 +24,7 @@ from .config import RunConfig
 from .datasets import read_image, read_mask
 from .models import best_device, build_model
 from .preprocess import Preprocess
+from .secrets import redact
 from .store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, RelevanceStore, open_store
 
 
@@ -180,7 +181,8 @@ class ShardBuffers:
         meta = self.meta
         arrays = dict(relevance=self.relevance[name], output=self.output[name], relevance_sum=self.relevance_sum[name],  # noqa: C408
                       target=self.target, label=meta["label"], prediction=self.prediction,
-                      sample_id=meta["sample_id"], path=meta["path"], error=self.errors)
+                      sample_id=meta["sample_id"], path=[redact(path) for path in meta["path"]],
+                      error=[redact(error) for error in self.errors])
         if self.channels is not None:
             arrays["relevance_channels"] = self.channels[name]
         if self.boxes is not None:
@@ -198,7 +200,7 @@ class ShardBuffers:
         mine = np.zeros(self.n, bool)
         mine[slice(*part) if part is not None else slice(None)] = True
         report = {"start": self.start, "rows": int(mine.sum()), "ok": 0, "failed": 0, "nonfinite": 0,
-                  "failures": [(self.meta["path"][i], self.errors[i]) for i in np.flatnonzero(mine)
+                  "failures": [(redact(self.meta["path"][i]), redact(self.errors[i])) for i in np.flatnonzero(mine)
                                if self.status[i] == STATUS_FAILED]}
         for name in groups:
             group = store.group(name)

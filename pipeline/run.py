@@ -18,6 +18,7 @@ from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
 from .dispatch import Part, ShardPool
 from .lease import LeaseHeld, StoreLease
+from .secrets import redact
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
                     RelevanceStore, StoreError)
@@ -278,7 +279,8 @@ class ExplainTask:
         mine[part.lo:part.hi] = True
         for name in self.todo[part.shard]:
             self.store.group(name).write_failed(
-                start, rows.num_rows, reason, mine, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
+                start, rows.num_rows, redact(reason), mine, path=[redact(path) for path in rows["path"].to_pylist()],
+                sample_id=rows["sample_id"].to_numpy(),
                 target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
 
 
