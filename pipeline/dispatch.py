@@ -259,6 +259,7 @@ class ShardPool:
         try:
             self.ray.get(ref)
             self.recovering_since.pop(i, None)
+            self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
         except RayActorError:
             self.recoveries[i] += 1
             if self.recoveries[i] > RECOVERIES:
@@ -277,12 +278,15 @@ class ShardPool:
 
     # ---- retry or give up -------------------------------------------------------------------------------
     def _bisect_or_retry(self, part: Part, what: str, error: Exception, target: deque) -> None:
-        """The actor's process ended on ``part``: a row in it may be what kills the process (a decoder segfault, an
-        out-of-memory image), so with ``task.bisect`` the part is halved until that row runs alone (each half a new
-        part, the second waiting for the first); a single row is retried up to ``max_attempts``, then failed."""
+        """The actor's process ended on ``part``. A whole shard is first retried as it is (most deaths are
+        transient: a lost node, memory pressure from elsewhere), so the rerun gives the same bits. When it ends the
+        process again, a row in it may be what kills it (a decoder segfault, an out-of-memory image): with
+        ``task.bisect`` the part is halved until that row runs alone (each half a new part, the second waiting for
+        the first); a single row is retried up to ``max_attempts``, then failed."""
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else type(error).__name__
-        if self.task.bisect and part.size > 1:
+        suspect = not part.whole or self.attempts[part] >= min(2, self.config.max_attempts)
+        if self.task.bisect and part.size > 1 and suspect:
             first, second = part.halves()
             self.retries += 1
             self.waiting.setdefault(part.shard, deque()).appendleft(second)
