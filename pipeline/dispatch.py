@@ -36,6 +36,9 @@ def connect(address: str | None = None):
             ray.init(address=address, logging_level="WARNING")
         else:
             ray.init(logging_level="WARNING", include_dashboard=False)
+            from . import watchdog
+
+            watchdog.start()  # a kill -9 of this driver leaves no Ray process of its cluster behind
     return ray
 
 

@@ -191,3 +191,63 @@ def test_actor_sigkill_mid_shard_is_retried_and_the_store_equals_an_uninterrupte
     assert killed and summary.retries >= 1 and summary.exit_code == 0
     assert_whole(str(tmp_path / "run.zarr"))
     assert_same_store(reference, str(tmp_path / "run.zarr"))
+
+
+def live_descendants(root: int) -> dict[int, str]:
+    """pid -> command line of the live (not zombie) descendants of ``root``."""
+    parents = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(name)] = int(fields[1])
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent:
+                todo.append(pid)
+                try:
+                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+                except OSError:
+                    pass
+    return found
+
+
+def alive(pids) -> list[int]:
+    result = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                result.append(pid)
+        except OSError:
+            continue
+    return result
+
+
+@pytest.mark.slow
+def test_no_ray_process_outlives_a_kill_9_of_a_driver_with_its_own_cluster(tmp_path):
+    from pipeline.watchdog import LINGER
+
+    code = "from pipeline.dispatch import connect; import time; connect(); print('READY', flush=True); time.sleep(600)"
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cluster: dict[int, str] = {}
+    try:
+        assert driver.stdout.readline().strip() == "READY"
+        cluster = wait_for(lambda: (found := live_descendants(driver.pid)) and
+                           any("watchdog" in line for line in found.values()) and
+                           any("raylet" in line for line in found.values()) and found, timeout=60)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        killed = time.monotonic()
+        wait_for(lambda: not alive(cluster), timeout=LINGER)  # raises TimeoutError when one is left
+        print(f"\nFAULT driver-kill-9 with its own Ray: {len(cluster)} processes, all gone "
+              f"{time.monotonic() - killed:.1f}s after the kill")
+    finally:
+        for pid in alive(cluster):  # only when the test failed: leave nothing behind
+            os.kill(pid, signal.SIGKILL)
+        if driver.poll() is None:
+            driver.kill()
