@@ -12,6 +12,7 @@ import numpy as np
 from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
 from aggregations.views import DEFAULT_MEMORY_BUDGET
+from pipeline.lease import active_lease
 from pipeline.store import StoreError
 
 
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
                         help="GiB of heatmaps held at once; more (target, label, prediction) groups than fit take "
                              "more passes over the store (default 2; 0: one pass, no bound)")
+    parser.add_argument("--while-writing", action="store_true",
+                        help="aggregate a store that an explain run is still writing (only the rows ok so far; "
+                             "the output says so); without it such a store is refused")
     defaults = BiasSettings()
     bias = parser.add_argument_group("bias flags (see docs/aggregates.md)")
     for name, value in defaults.as_dict().items():
@@ -44,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = BiasSettings(**{name: getattr(args, name) for name in BiasSettings().as_dict()})
+    writer = active_lease(args.store)
+    if writer is not None and not args.while_writing:
+        print(f"lrp-audit aggregate: the store is being written by {writer.describe()}: aggregate it once that run "
+              "is done, or pass --while-writing to aggregate the rows ok so far", file=sys.stderr)
+        return 2
+    note = (f"note: aggregated while the store was being written by {writer.describe()}: only the rows ok at that "
+            "time are in it" if writer is not None else None)
+    if note:
+        print(note)
     try:
         masks = None
         if args.masks:
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(result.classes["flagged"].to_pylist()):
         print("  no class flagged")
     print(f"wrote {result.out_dir or default_out_dir(args.store)}")
+    if note:
+        print(note)
     return 0
 
 

@@ -1,17 +1,17 @@
 """The explain actor: loads the model once, then turns whole store shards into relevance rows.
 
-One actor per GPU (or per ``cpus_per_actor`` CPUs). A task is one shard of the store: the actor reads
-and decodes the shard's images in a small thread pool (a bounded window ahead of the model, so decoding
-overlaps compute and memory stays flat), explains them batch by batch with every configured setting,
-and writes the shard to each group itself: the driver never touches pixels or relevance.
+One actor per GPU (or per ``cpus_per_actor`` CPUs). A task is one shard of the store (or, while a shard that
+kills its actor is bisected, a part of one): the actor decodes the shard's images a bounded window ahead of the
+model (:class:`pipeline.batches.ShardReader`), explains them batch by batch with every configured setting
+(:func:`explain_batch`, a pure function of the model and the batch), and writes the shard to each group itself
+(:class:`ShardBuffers`): the driver never touches pixels or relevance.
 """
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +19,13 @@ import torch
 
 import lrp
 
+from .batches import Batch, Sample, ShardReader
 from .config import RunConfig
 from .datasets import read_image, read_mask
 from .models import best_device, build_model
 from .preprocess import Preprocess
-from .store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, open_store
+from .secrets import redact
+from .store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, RelevanceStore, open_store
 
 
 @dataclass
@@ -36,21 +38,6 @@ class ActorJob:
     max_boxes: int
     with_mask: bool
     with_labels: bool
-
-
-def prefetch(jobs, window: int, threads: int):
-    """Yield the results of callables in order, with at most ``window`` of them decoded ahead."""
-    pool = ThreadPoolExecutor(max_workers=threads)
-    try:
-        queue = deque()
-        for job in jobs:
-            queue.append(pool.submit(job))
-            if len(queue) >= window:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def claim_cpus(cpus_per_actor: int) -> tuple[torch.device, int]:
@@ -85,98 +72,146 @@ class ExplainActor:
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
 
     # ---- decoding ---------------------------------------------------------------------------------------
-    def _load(self, row: dict):
-        """(input, boxes (K,4), box classes, mask) in model geometry, or the reason the image failed."""
+    def _load(self, row: dict) -> Sample | str:
+        """The row's image in model geometry (boxes, box classes, mask with it), or the reason it failed."""
         try:
             image = read_image(row["path"], self.options)
             mask = read_mask(row["mask_path"], self.options) if row["mask_path"] else None
             x, boxes, mask = self.preprocess(image, row["boxes"] or None, mask)
-            return x, boxes, np.asarray(row["box_classes"], dtype=np.int64), mask
+            return Sample(x, boxes, np.asarray(row["box_classes"], dtype=np.int64), mask)
         except FileNotFoundError as error:
             return f"missing file: {error}"
         except Exception as error:  # corrupt or unreadable: recorded as failed, the run goes on
             return f"{type(error).__name__}: {error}"
 
     # ---- one shard --------------------------------------------------------------------------------------
-    def explain_shard(self, start: int, rows: pa.Table, groups: list[str]) -> dict:
+    def explain_shard(self, start: int, rows: pa.Table, groups: list[str], part: tuple[int, int] | None = None) -> dict:
+        """Explain and write one shard (rows ``start ...``) to every group in ``groups``; returns counts.
+
+        ``part`` ``(lo, hi)``: only the shard's rows ``[lo, hi)`` are explained (a retry bisecting a shard that
+        killed its actor); the other rows keep what the store has."""
         began = time.perf_counter()
-        job, size = self.job, self.preprocess.size
-        n = rows.num_rows
-        meta = rows.to_pydict()
-        records = rows.to_pylist()
-        out = {name: {"relevance": np.full((n, *size), np.nan, np.float32), "output": np.full(n, np.nan),
-                      "relevance_sum": np.full(n, np.nan)} for name in groups}
-        channels = {name: np.full((n, 3, *size), np.nan, np.float32) for name in groups} if job.config.per_channel else None
-        target = np.asarray(meta["target"], np.int64).copy()
-        prediction = np.full(n, -1, np.int64)
-        status = np.full(n, STATUS_OK, np.int8)
-        errors = [""] * n
-        boxes = np.full((n, job.max_boxes, 4), np.nan, np.float32) if job.max_boxes else None
-        masks = np.zeros((n, *size), bool) if job.with_mask else None
-
-        # rows of one image are consecutive: decode each image once, a bounded window ahead of the model
-        firsts = [i for i in range(n) if i == 0 or meta["sample_id"][i] != meta["sample_id"][i - 1]]
-        spans = zip(firsts, firsts[1:] + [n])
-        decoded = prefetch(((lambda i=i: self._load(records[i])) for i in firsts),
-                           window=2 * job.config.batch_size, threads=self.decode_threads)
-        pending: list[tuple[int, tuple]] = []  # (row, decoded sample)
-        for (first, stop), sample in zip(spans, decoded):
-            for i in range(first, stop):
-                if isinstance(sample, str):
-                    status[i], errors[i] = STATUS_FAILED, sample
-                else:
-                    pending.append((i, sample))
-            while len(pending) >= job.config.batch_size or (stop == n and pending):
-                batch, pending = pending[: job.config.batch_size], pending[job.config.batch_size:]
-                self._explain(batch, target, prediction, out, channels, boxes, masks)
-
-        report = {"start": start, "rows": n, "ok": 0, "failed": 0, "nonfinite": 0,
-                  "failures": [(meta["path"][i], errors[i]) for i in range(n) if status[i] == STATUS_FAILED]}
-        for name in groups:
-            arrays = dict(
-                output=out[name]["output"], relevance_sum=out[name]["relevance_sum"], target=target,
-                label=meta["label"], prediction=prediction, sample_id=meta["sample_id"], path=meta["path"], error=errors,
-            )
-            if channels is not None:
-                arrays["relevance_channels"] = channels[name]
-            if boxes is not None:
-                arrays["boxes"] = boxes
-            if masks is not None:
-                arrays["mask"] = masks
-            if job.with_labels:
-                arrays["labels"] = _multi_hot(meta["labels"], job.num_classes)
-            final = self.store.group(name).write_block(start, relevance=out[name]["relevance"], status=status, **arrays)
-            report["ok"] += int((final == STATUS_OK).sum())
-            report["failed"] += int((final == STATUS_FAILED).sum())
-            report["nonfinite"] += int((final == STATUS_NONFINITE).sum())
+        job = self.job
+        reader = ShardReader(rows.to_pylist(), self._load, job.config.batch_size, self.decode_threads, part)
+        buffers = ShardBuffers(start, rows.to_pydict(), groups, self.preprocess.size, job)
+        explainers = {name: self.explainers[name] for name in groups}
+        for batch in reader:
+            target = buffers.target[batch.rows]
+            explained = explain_batch(self.model, explainers, batch.inputs(self.device), target,
+                                      job.target_mode == "prediction", job.config.per_channel)
+            buffers.add(batch, explained)
+        buffers.fail(reader.failures)
+        report = buffers.write(self.store, groups, part)
         report["seconds"] = time.perf_counter() - began
         return report
 
-    def _explain(self, batch, target, prediction, out, channels, boxes, masks):
-        index = [i for i, _ in batch]
-        samples = [sample for _, sample in batch]
-        x = torch.stack([s[0] for s in samples]).to(self.device, non_blocking=True)
-        rows = np.asarray(index)
-        if self.job.target_mode == "prediction":
-            with torch.no_grad():
-                target[rows] = self.model(x).argmax(1).cpu().numpy()
-        batch_target = torch.as_tensor(target[rows], device=self.device)
-        for position, name in enumerate(out):
-            result = self.explainers[name](x, batch_target)
-            relevance = result.relevance
-            out[name]["relevance"][rows] = relevance.sum(1).float().cpu().numpy()
-            out[name]["relevance_sum"][rows] = relevance.double().flatten(1).sum(1).cpu().numpy()
-            out[name]["output"][rows] = result.output.double().cpu().numpy()
-            if channels is not None:
-                channels[name][rows] = relevance.float().cpu().numpy()
-            if position == 0:
-                prediction[rows] = result.logits.argmax(1).cpu().numpy()
-        for i, sample in zip(index, samples):
-            if boxes is not None:
-                selected = _boxes_for_target(sample[1], sample[2], int(target[i]))
-                boxes[i, : len(selected)] = selected
-            if masks is not None and sample[3] is not None:
-                masks[i] = sample[3].cpu().numpy()
+
+class Explained(NamedTuple):
+    """What explaining one batch gives, per group name: numpy arrays with the batch's rows first."""
+
+    target: np.ndarray
+    prediction: np.ndarray
+    relevance: dict[str, np.ndarray]  # (B, H, W) float32, channel-summed
+    relevance_sum: dict[str, np.ndarray]  # (B,) float64, summed over channels in float64
+    output: dict[str, np.ndarray]  # (B,) float64 explained logit
+    channels: dict[str, np.ndarray] | None  # (B, C, H, W) float32 with per_channel
+
+
+def explain_batch(model: torch.nn.Module, explainers: dict[str, lrp.Explainer], x: torch.Tensor,
+                  target: np.ndarray, predict: bool, per_channel: bool) -> Explained:
+    """Explain a batch with every explainer; ``predict``: the targets are the model's predictions."""
+    if predict:
+        with torch.no_grad():
+            target = model(x).argmax(1).cpu().numpy()
+    batch_target = torch.as_tensor(np.asarray(target, np.int64), device=x.device)
+    relevance, sums, outputs, channels, prediction = {}, {}, {}, {} if per_channel else None, None
+    for name, explainer in explainers.items():
+        result = explainer(x, batch_target)
+        maps = result.relevance
+        relevance[name] = maps.sum(1).float().cpu().numpy()
+        sums[name] = maps.double().flatten(1).sum(1).cpu().numpy()
+        outputs[name] = result.output.double().cpu().numpy()
+        if per_channel:
+            channels[name] = maps.float().cpu().numpy()
+        if prediction is None:
+            prediction = result.logits.argmax(1).cpu().numpy()
+    return Explained(np.asarray(target, np.int64), prediction, relevance, sums, outputs, channels)
+
+
+class ShardBuffers:
+    """The arrays one shard is written from, filled batch by batch, then written to every group at once."""
+
+    def __init__(self, start: int, meta: dict, groups: list[str], size: tuple[int, int], job: ActorJob):
+        n = len(meta["path"])
+        self.start, self.meta, self.job, self.n = start, meta, job, n
+        self.relevance = {name: np.full((n, *size), np.nan, np.float32) for name in groups}
+        self.output = {name: np.full(n, np.nan) for name in groups}
+        self.relevance_sum = {name: np.full(n, np.nan) for name in groups}
+        self.channels = {name: np.full((n, 3, *size), np.nan, np.float32) for name in groups} \
+            if job.config.per_channel else None
+        self.target = np.asarray(meta["target"], np.int64).copy()
+        self.prediction = np.full(n, -1, np.int64)
+        self.status = np.full(n, STATUS_OK, np.int8)
+        self.errors = [""] * n
+        self.boxes = np.full((n, job.max_boxes, 4), np.nan, np.float32) if job.max_boxes else None
+        self.masks = np.zeros((n, *size), bool) if job.with_mask else None
+
+    def add(self, batch: Batch, explained: Explained) -> None:
+        rows = batch.rows
+        self.target[rows], self.prediction[rows] = explained.target, explained.prediction
+        for name in self.relevance:
+            self.relevance[name][rows] = explained.relevance[name]
+            self.relevance_sum[name][rows] = explained.relevance_sum[name]
+            self.output[name][rows] = explained.output[name]
+            if self.channels is not None:
+                self.channels[name][rows] = explained.channels[name]
+        for i, sample in zip(rows, batch.samples):
+            if self.boxes is not None:
+                selected = _boxes_for_target(sample.boxes, sample.box_classes, int(self.target[i]))
+                self.boxes[i, : len(selected)] = selected
+            if self.masks is not None and sample.mask is not None:
+                self.masks[i] = sample.mask.cpu().numpy()
+
+    def fail(self, failures: dict[int, str]) -> None:
+        for i, reason in failures.items():
+            self.status[i], self.errors[i] = STATUS_FAILED, reason
+
+    def arrays(self, name: str) -> dict:
+        """Everything ``write_block`` takes for group ``name`` (status aside)."""
+        meta = self.meta
+        arrays = dict(relevance=self.relevance[name], output=self.output[name], relevance_sum=self.relevance_sum[name],  # noqa: C408
+                      target=self.target, label=meta["label"], prediction=self.prediction,
+                      sample_id=meta["sample_id"], path=[redact(path) for path in meta["path"]],
+                      error=[redact(error) for error in self.errors])
+        if self.channels is not None:
+            arrays["relevance_channels"] = self.channels[name]
+        if self.boxes is not None:
+            arrays["boxes"] = self.boxes
+        if self.masks is not None:
+            arrays["mask"] = self.masks
+        if self.job.with_labels:
+            arrays["labels"] = _multi_hot(meta["labels"], self.job.num_classes)
+        return arrays
+
+    def write(self, store: RelevanceStore, groups: list[str], part: tuple[int, int] | None = None) -> dict:
+        """Write the shard to every group (status last in each); the report counts the rows as stored.
+
+        With ``part`` only rows ``[lo, hi)`` are new: the others keep the store's values (still one shard write)."""
+        mine = np.zeros(self.n, bool)
+        mine[slice(*part) if part is not None else slice(None)] = True
+        report = {"start": self.start, "rows": int(mine.sum()), "ok": 0, "failed": 0, "nonfinite": 0,
+                  "failures": [(redact(self.meta["path"][i]), redact(self.errors[i])) for i in np.flatnonzero(mine)
+                               if self.status[i] == STATUS_FAILED]}
+        for name in groups:
+            group = store.group(name)
+            if part is None:
+                final = group.write_block(self.start, status=self.status, **self.arrays(name))
+            else:
+                final = group.write_rows(self.start, self.n, mine, status=self.status, **self.arrays(name))[mine]
+            report["ok"] += int((final == STATUS_OK).sum())
+            report["failed"] += int((final == STATUS_FAILED).sum())
+            report["nonfinite"] += int((final == STATUS_NONFINITE).sum())
+        return report
 
 
 def _boxes_for_target(boxes: np.ndarray, classes: np.ndarray, target: int) -> np.ndarray:

@@ -3,20 +3,22 @@
 Why plain actors rather than Ray Data: the unit of work must be one *shard* (whole-shard writes are what
 makes concurrent Zarr writers safe, and the shard is the unit of resuming), the actor must write its
 results itself (so the driver never holds pixels or relevance), and a retried unit must be retried *as a
-unit*. With plain actors each of these is one line of the loop below; Ray Data would re-batch rows across
-shard boundaries and hide retries inside the streaming executor. Backpressure is explicit: each actor has
-at most ``IN_FLIGHT`` shard tasks queued, and the driver only holds shard descriptors (a slice of the
+unit*. With plain actors each of these is one method of :class:`ShardPool`; Ray Data would re-batch rows
+across shard boundaries and hide retries inside the streaming executor. Backpressure is explicit: each actor
+has at most ``IN_FLIGHT`` shard tasks queued, and the driver only holds shard descriptors (a slice of the
 Arrow row table), never images.
 
-Ray is imported inside the functions, so importing this module stays light.
+What a shard *is* (a store block, a Parquet file) is the caller's: a :class:`ShardTask` submits one, says its
+size and records one that cannot be done. Ray is imported inside the methods, so importing this module stays light.
 """
 from __future__ import annotations
 
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, NamedTuple, Protocol
 
 from .config import ConfigError, RunConfig
 
@@ -34,156 +36,282 @@ def connect(address: str | None = None):
             ray.init(address=address, logging_level="WARNING")
         else:
             ray.init(logging_level="WARNING", include_dashboard=False)
+            from . import watchdog
+
+            watchdog.start()  # a kill -9 of this driver leaves no Ray process of its cluster behind
     return ray
+
+
+class Part(NamedTuple):
+    """Rows ``[lo, hi)`` (offsets inside the shard) of one shard: the whole shard, or a piece of a bisected one."""
+
+    shard: int
+    lo: int
+    hi: int
+    whole: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+    def halves(self) -> tuple[Part, Part]:
+        middle = (self.lo + self.hi) // 2
+        return Part(self.shard, self.lo, middle, False), Part(self.shard, middle, self.hi, False)
+
+
+class ShardTask(Protocol):
+    """What a kind of shard work tells the pool. ``bisect``: a part of a shard may be submitted on its own (a
+    shard whose actor died is then split until the row that kills it is found); else a shard is always whole."""
+
+    bisect: bool
+
+    def submit(self, actor: Any, part: Part) -> Any:
+        """Start one task on ``actor``: an ObjectRef of a report with ``rows``, ``failed`` and ``nonfinite``."""
+
+    def size(self, shard: int) -> int:
+        """Rows of the shard."""
+
+    def fail(self, part: Part, reason: str) -> None:
+        """Record a part that cannot be done (its rows that are not ok), with the reason."""
 
 
 @dataclass
 class DispatchResult:
     computed_rows: int  # rows the actors reported done (ok or not) this run
-    retries: int  # shard tasks resubmitted after their actor died
+    retries: int  # shard tasks resubmitted after their actor died or their task raised
     seconds: float
 
 
-def dispatch_shards(
-    name: str,
-    actor_class: type,
-    job: Any,
-    shards: Iterable[int],
-    submit: Callable[[Any, int], Any],
-    shard_size: Callable[[int], int],
-    fail: Callable[[int, str], None],
-    config: RunConfig,
-    use_gpu: bool | None = None,
-) -> DispatchResult:
-    """Run every shard on a pool of ``actor_class(job)`` actors and wait for all of them.
+class ShardPool:
+    """A pool of ``actor_class(job)`` actors that runs every shard of a :class:`ShardTask` and waits for them all.
 
-    ``submit(actor, shard)`` starts one shard task (an ObjectRef of a report with ``rows``, ``failed`` and
-    ``nonfinite`` counts); ``shard_size(shard)`` is its row count for the progress bar; ``fail(shard,
-    reason)`` records a shard that cannot be done: its task raised or its actor died ``config.max_attempts``
-    times, or no actor could be kept alive. Actors are
-    ``config.actors_per_gpu`` per GPU (``use_gpu``: None asks the cluster; each actor is its own process, with
-    its own GIL, sharing the GPU) or one per ``config.cpus_per_actor`` CPUs, unless
-    ``config.num_actors`` says; a dead actor is restarted by Ray and its shard resubmitted by this loop. A
-    shard is only ever resubmitted once no process can still be writing it.
-    Raises ConfigError when the actors cannot start (e.g. the model does not load on a worker).
+    Actors are ``config.actors_per_gpu`` per GPU (``use_gpu``: None asks the cluster; each actor is its own
+    process, with its own GIL, sharing the GPU) or one per ``config.cpus_per_actor`` CPUs, unless
+    ``config.num_actors`` says. A dead actor is restarted by Ray (``max_restarts=-1``) and its shard resubmitted
+    here, up to ``config.max_attempts`` tries; a shard is only ever resubmitted once no process can still be
+    writing it, and at most one part of a shard is in flight at any time.
     """
-    shards = list(shards)
-    ray = connect(config.address)
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-    from tqdm import tqdm
 
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0) if use_gpu is None else (1 if use_gpu else 0)
-    if gpus:
-        count = config.num_actors or max(1, int(resources.get("GPU", 1))) * config.actors_per_gpu
-    else:
-        count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
-    remote = ray.remote(actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
-                                             num_cpus=config.cpus_per_actor,
-                                             max_restarts=-1, max_task_retries=0)
-    actors = [remote.remote(job) for _ in range(min(count, len(shards)))]
-    try:
-        ray.get([actor.ready.remote() for actor in actors])
-    except RayActorError as error:
-        raise ConfigError(f"the {name} actors could not start: {error}") from error
+    def __init__(self, name: str, actor_class: type, job: Any, config: RunConfig, use_gpu: bool | None = None):
+        self.name, self.actor_class, self.job, self.config, self.use_gpu = name, actor_class, job, config, use_gpu
 
-    began = time.perf_counter()
-    queue = deque(sorted(shards))
-    # shards whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
-    # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
-    pinned: list[deque] = [deque() for _ in actors]
-    attempts = {shard: 0 for shard in shards}
-    load = [0] * len(actors)
-    in_flight: dict = {}  # task ref -> (actor index, shard)
-    recovering: dict = {}  # ready-ping ref -> actor index, for actors Ray is restarting
-    recoveries = [0] * len(actors)
-    computed = retries = failed_rows = 0
-    bar = tqdm(total=sum(shard_size(shard) for shard in shards), unit="img", desc=name,
-               disable=not config.progress, file=sys.stderr, smoothing=0.1)
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def run(self, shards: Iterable[int], task: ShardTask) -> DispatchResult:
+        """Every shard done or recorded failed; raises ConfigError when the actors cannot start."""
+        from tqdm import tqdm
 
-    def give_up(shard, reason):
-        fail(shard, reason)
-        bar.update(shard_size(shard))
+        shards = sorted(shards)
+        self.task, self.ray = task, connect(self.config.address)
+        self._start(len(shards))
+        began = time.perf_counter()
+        self.queue = deque(Part(shard, 0, task.size(shard)) for shard in shards)
+        self.waiting: dict[int, deque] = {}  # shard -> its parts that wait for the part now in flight
+        self.attempts: dict[Part, int] = {}
+        self.in_flight: dict = {}  # task ref -> (actor index, part)
+        self.computed = self.retries = self.failed_rows = 0
+        self.bar = tqdm(total=sum(part.size for part in self.queue), unit="img", desc=self.name,
+                        disable=not self.config.progress, file=sys.stderr, smoothing=0.1)
+        try:
+            while self.queue or self.in_flight or any(self.pinned):
+                self._fill()
+                if not self.in_flight and not self.recovering:  # every actor is gone for good
+                    self._abandon()
+                    break
+                self._step()
+        finally:
+            self.bar.close()
+            for actor in self.actors:
+                if actor is not None:
+                    self.ray.kill(actor, no_restart=True)
+        return DispatchResult(self.computed, self.retries, time.perf_counter() - began)
 
-    def retry_or_give_up(shard, reason, target: deque):
-        nonlocal retries
-        if attempts[shard] < config.max_attempts:
-            retries += 1
-            target.appendleft(shard)
+    def _start(self, shards: int) -> None:
+        from ray.exceptions import RayActorError
+
+        ray, config = self.ray, self.config
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) if self.use_gpu is None else (1 if self.use_gpu else 0)
+        if gpus:
+            count = config.num_actors or max(1, int(resources.get("GPU", 1))) * config.actors_per_gpu
         else:
-            give_up(shard, f"{reason} (tried {attempts[shard]} times)")
+            count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
+        remote = ray.remote(self.actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
+                                                      num_cpus=config.cpus_per_actor,
+                                                      max_restarts=-1, max_task_retries=0)
+        self.actors = [remote.remote(self.job) for _ in range(min(count, shards))]
+        # parts whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
+        # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
+        self.pinned: list[deque] = [deque() for _ in self.actors]
+        self.load = [0] * len(self.actors)
+        self.recovering: dict = {}  # ready-ping ref -> actor index, for actors Ray is restarting
+        self.recovering_since: dict = {}  # actor index -> when its current recovery began
+        self.recoveries = [0] * len(self.actors)
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except RayActorError as error:
+            raise ConfigError(f"the {self.name} actors could not start: {error}") from error
 
-    recovering_since: dict = {}  # actor index -> when its current recovery began
+    def _fill(self) -> None:
+        """Give every usable actor parts until it has ``IN_FLIGHT`` of them."""
+        for i, actor in enumerate(self.actors):
+            if actor is None or i in self.recovering.values():
+                continue
+            while (self.pinned[i] or self.queue) and self.load[i] < IN_FLIGHT:
+                part = (self.pinned[i] or self.queue).popleft()
+                self.attempts[part] = self.attempts.get(part, 0) + 1
+                self.in_flight[self.task.submit(actor, part)] = (i, part)
+                self.load[i] += 1
 
-    def recover(i):
-        if i not in recovering.values() and actors[i] is not None:
-            recovering[actors[i].ready.remote()] = i
-            recovering_since.setdefault(i, time.monotonic())
+    def _step(self) -> None:
+        """Wait for one task or ready-ping and handle it by what happened."""
+        done, _ = self.ray.wait(list(self.in_flight) + list(self.recovering), num_returns=1, timeout=30.0)
+        for ref, i in list(self.recovering.items()):
+            if ref not in done and time.monotonic() - self.recovering_since[i] > RECOVERY_TIMEOUT:
+                del self.recovering[ref]  # never rescheduled: do not wait for it forever
+                self.drop(i)
+        for ref in done:
+            if ref in self.recovering:
+                self.recovered(ref)
+            elif ref in self.in_flight:  # else handled already, with the other tasks of its actor
+                self._settle(self.in_flight[ref][0], [ref])
 
-    def drop(i):
-        """Actor ``i`` leaves the pool; the shards waiting for it go to the others."""
-        ray.kill(actors[i], no_restart=True)
-        actors[i] = None
-        queue.extendleft(reversed(pinned[i]))
-        pinned[i].clear()
-        recovering_since.pop(i, None)
+    def _settle(self, i: int, refs: list) -> None:
+        """Handle finished tasks of actor ``i`` in the order they were submitted. When the actor's process ended,
+        all its queued tasks fail at once, but only the first of them was running: the others are bystanders,
+        resubmitted as they were (no attempt counted, never bisected)."""
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-    try:
-        while queue or in_flight or any(pinned):
-            usable = [i for i in range(len(actors)) if actors[i] is not None and i not in recovering.values()]
-            for i in usable:
-                while (pinned[i] or queue) and load[i] < IN_FLIGHT:
-                    shard = (pinned[i] or queue).popleft()
-                    attempts[shard] += 1
-                    in_flight[submit(actors[i], shard)] = (i, shard)
-                    load[i] += 1
-            if not in_flight and not recovering:  # every actor is gone for good
-                for shard in [*queue, *(shard for waiting in pinned for shard in waiting)]:
-                    give_up(shard, f"no {name} actor could be kept alive (see the Ray worker logs)")
-                break
-            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1, timeout=30.0)
-            for ref, i in list(recovering.items()):
-                if ref not in done and time.monotonic() - recovering_since[i] > RECOVERY_TIMEOUT:
-                    del recovering[ref]  # never rescheduled: do not wait for it forever
-                    drop(i)
-            for ref in done:
-                if ref in recovering:
-                    i = recovering.pop(ref)
-                    try:
-                        ray.get(ref)  # restarted: usable again
-                        recovering_since.pop(i, None)
-                    except RayActorError:
-                        recoveries[i] += 1
-                        if recoveries[i] > RECOVERIES:
-                            drop(i)
-                        else:
-                            time.sleep(min(2.0, 0.1 * 2 ** recoveries[i]))
-                            recover(i)
+        ended = False
+        for ref in refs:
+            _, part = self.in_flight.pop(ref)
+            self.load[i] -= 1
+            try:
+                report = self.ray.get(ref)
+            except RayActorError as error:
+                if ended:
+                    self._bystander(i, part)
                     continue
-                i, shard = in_flight.pop(ref)
-                load[i] -= 1
-                try:
-                    report = ray.get(ref)
-                except ActorDiedError as error:  # the process is gone (OOM, segfault, node lost): Ray restarts it
-                    recover(i)
-                    retry_or_give_up(shard, f"the actor died on this shard: {error}", queue)
-                except RayActorError as error:  # unavailable: the task may still run there, so end that process
-                    if actors[i] is not None:
-                        ray.kill(actors[i], no_restart=False)
-                        recover(i)
-                    retry_or_give_up(shard, f"the actor became unavailable on this shard: {error}",
-                                     queue if actors[i] is None else pinned[i])
-                except RayTaskError as error:  # an exception in the task (the actor lives on): retried, then failed
-                    cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1]
-                    retry_or_give_up(shard, cause, queue)
-                else:
-                    computed += report["rows"]
-                    failed_rows += report["failed"] + report["nonfinite"]
-                    bar.set_postfix(failed=failed_rows, refresh=False)
-                    bar.update(shard_size(shard))
-    finally:
-        bar.close()
-        for actor in actors:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-    return DispatchResult(computed, retries, time.perf_counter() - began)
+                ended = True
+                if isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
+                    self.died(i, part, error)
+                else:  # unavailable: the task may still run there
+                    self.unavailable(i, part, error)
+                refs += self._queued_on(i, refs)
+            except RayTaskError as error:  # an exception in the task (the actor lives on)
+                self.task_error(part, error)
+            else:
+                self._done(part, report)
+
+    def _queued_on(self, i: int, seen: list) -> list:
+        """Actor ``i``'s other tasks, in submission order, once they have failed with it (a bounded wait)."""
+        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref not in seen]
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), timeout=60.0)
+        ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        return [ref for ref in refs if ref in ready]
+
+    def _bystander(self, i: int, part: Part) -> None:
+        """A part that was queued behind the one its actor ended on: it never ran, so it goes back unchanged, to
+        the actor's next incarnation (no process can still be running it then)."""
+        self.attempts[part] -= 1
+        (self.queue if self.actors[i] is None else self.pinned[i]).appendleft(part)
+
+    def _done(self, part: Part, report: dict) -> None:
+        self.computed += report["rows"]
+        self.failed_rows += report["failed"] + report["nonfinite"]
+        self.bar.set_postfix(failed=self.failed_rows, refresh=False)
+        self.bar.update(part.size)
+        self._release(part.shard)
+
+    def _release(self, shard: int) -> None:
+        """The part of ``shard`` in flight has ended: the shard's next part may start."""
+        waiting = self.waiting.get(shard)
+        if waiting:
+            self.queue.appendleft(waiting.popleft())
+
+    # ---- one method per failure mode --------------------------------------------------------------------
+    def died(self, i: int, part: Part, error: Exception) -> None:
+        """The actor's process is gone: it restarts; the part is bisected (to find a row that kills it) or retried."""
+        self.recover(i)
+        self._bisect_or_retry(part, "died", error, self.queue)
+
+    def unavailable(self, i: int, part: Part, error: Exception) -> None:
+        """Ray lost touch with the actor, whose task may still run: end that process, the part waits for its next
+        incarnation (which Ray starts only once the old process is gone)."""
+        if self.actors[i] is not None:
+            self.ray.kill(self.actors[i], no_restart=False)
+            self.recover(i)
+        self._bisect_or_retry(part, "became unavailable", error, self.queue if self.actors[i] is None else self.pinned[i])
+
+    def task_error(self, part: Part, error: Exception) -> None:
+        """The task raised (a transient storage error, say) and the actor lives on: retried, then recorded failed."""
+        cause = getattr(error, "cause", None)
+        self._retry(part, str(cause if cause is not None else error).strip().splitlines()[-1], self.queue)
+
+    def recover(self, i: int) -> None:
+        """Ping actor ``i`` until Ray has restarted it; it gets no work meanwhile."""
+        if i not in self.recovering.values() and self.actors[i] is not None:
+            self.recovering[self.actors[i].ready.remote()] = i
+            self.recovering_since.setdefault(i, time.monotonic())
+
+    def recovered(self, ref: Any) -> None:
+        """A ready-ping came back: the actor is usable again, or is pinged again (with a back-off) or dropped."""
+        from ray.exceptions import RayActorError
+
+        i = self.recovering.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.recovering_since.pop(i, None)
+            self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
+        except RayActorError:
+            self.recoveries[i] += 1
+            if self.recoveries[i] > RECOVERIES:
+                self.drop(i)
+            else:
+                time.sleep(min(2.0, 0.1 * 2 ** self.recoveries[i]))
+                self.recover(i)
+
+    def drop(self, i: int) -> None:
+        """Actor ``i`` leaves the pool; the parts waiting for it go to the others."""
+        self.ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = None
+        self.queue.extendleft(reversed(self.pinned[i]))
+        self.pinned[i].clear()
+        self.recovering_since.pop(i, None)
+
+    # ---- retry or give up -------------------------------------------------------------------------------
+    def _bisect_or_retry(self, part: Part, what: str, error: Exception, target: deque) -> None:
+        """The actor's process ended on ``part``. A whole shard is first retried as it is (most deaths are
+        transient: a lost node, memory pressure from elsewhere), so the rerun gives the same bits. When it ends the
+        process again, a row in it may be what kills it (a decoder segfault, an out-of-memory image): with
+        ``task.bisect`` the part is halved until that row runs alone (each half a new part, the second waiting for
+        the first); a single row is retried up to ``max_attempts``, then failed."""
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        suspect = not part.whole or self.attempts[part] >= min(2, self.config.max_attempts)
+        if self.task.bisect and part.size > 1 and suspect:
+            first, second = part.halves()
+            self.retries += 1
+            self.waiting.setdefault(part.shard, deque()).appendleft(second)
+            target.appendleft(first)
+        else:
+            unit = "row" if self.task.bisect and part.size == 1 else "shard"
+            self._retry(part, f"the actor {what} on this {unit}: {first_line}", target)
+
+    def _retry(self, part: Part, reason: str, target: deque) -> None:
+        if self.attempts[part] < self.config.max_attempts:
+            self.retries += 1
+            target.appendleft(part)
+        else:
+            self._give_up(part, f"{reason} (tried {self.attempts[part]} times)")
+
+    def _abandon(self) -> None:
+        """No actor is left: every part not done is recorded failed (a waiting part is released as its turn comes)."""
+        while self.queue or any(self.pinned):
+            part = self.queue.popleft() if self.queue else next(p for p in self.pinned if p).popleft()
+            self._give_up(part, f"no {self.name} actor could be kept alive (see the Ray worker logs)")
+
+    def _give_up(self, part: Part, reason: str) -> None:
+        self.task.fail(part, reason)
+        self.bar.update(part.size)
+        self._release(part.shard)

@@ -30,15 +30,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .actors import claim_cpus, prefetch
+from .actors import claim_cpus
+from .batches import Sample, ShardReader
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
-from .dispatch import dispatch_shards
+from .dispatch import Part, ShardPool
 from .models import build_model
 from .paths import join_url as _join
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
 from .run import RunPlan, plan_run, software_versions
+from .secrets import redact
 from .store import canonical_json, config_differences
 
 #: Methods evaluated when none are given: LRP composites and the three baselines of Samek et al. (2015) / Binder
@@ -180,9 +182,9 @@ class EvaluateActor:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
 
-    def _load(self, path: str):
+    def _load(self, row: dict) -> Sample | str:
         try:
-            return self.preprocess(read_image(path, self.job.config.run.dataset.storage_options))[0]
+            return Sample(self.preprocess(read_image(row["path"], self.job.config.run.dataset.storage_options))[0])
         except Exception as error:  # missing, corrupt or unreadable: recorded as failed, the run goes on
             return f"{type(error).__name__}: {error}"
 
@@ -199,34 +201,25 @@ class EvaluateActor:
         errors = {m: [""] * n for m in methods}
         curves = {m: [[] for _ in range(n)] for m in methods}
 
-        # rows of one image are consecutive (targets: labels): decode each image once, a window ahead of the model
-        firsts = [i for i in range(n) if i == 0 or meta["sample_id"][i] != meta["sample_id"][i - 1]]
-        decoded = prefetch(((lambda i=i: self._load(meta["path"][i])) for i in firsts),
-                           window=2 * run.batch_size, threads=self.decode_threads)
-        pending: list[tuple[int, torch.Tensor]] = []
-        for first, stop, sample in zip(firsts, firsts[1:] + [n], decoded):
-            for i in range(first, stop):
-                if isinstance(sample, str):
-                    for m in methods:
-                        errors[m][i] = sample
-                else:
-                    pending.append((i, sample))
-            while len(pending) >= run.batch_size or (stop == n and pending):
-                batch, pending = pending[: run.batch_size], pending[run.batch_size:]
-                self._evaluate(batch, meta, target, prediction, status, errors, curves)
+        reader = ShardReader(rows.to_pylist(), self._load, run.batch_size, self.decode_threads)
+        for batch in reader:
+            self._evaluate(batch, meta, target, prediction, status, errors, curves)
+        for i, reason in reader.failures.items():
+            for m in methods:
+                errors[m][i] = reason
 
-        records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=meta["path"][i], target=target[i],
+        records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=redact(meta["path"][i]), target=target[i],
                         label=meta["label"][i], prediction=prediction[i], method=m, status=status[m][i],
-                        error=errors[m][i], curve=curves[m][i]) for i in range(n) for m in methods]
+                        error=redact(errors[m][i]), curve=curves[m][i]) for i in range(n) for m in methods]
         _write_atomically(pa.Table.from_pylist(records, schema=CURVE_SCHEMA), shard_path(self.job.config.out, shard),
                           run.storage_options)
         counts = {s: sum(st.count(s) for st in status.values()) for s in ("ok", "failed", "nonfinite")}
-        failures = sorted({(meta["path"][i], errors[methods[0]][i]) for i in range(n) if status[methods[0]][i] == "failed"})
+        failures = sorted({(redact(meta["path"][i]), redact(errors[methods[0]][i])) for i in range(n) if status[methods[0]][i] == "failed"})
         return {"shard": shard, "rows": n, **counts, "failures": failures, "seconds": time.perf_counter() - began}
 
     def _evaluate(self, batch, meta, target, prediction, status, errors, curves):
-        index = [i for i, _ in batch]
-        x = torch.stack([sample for _, sample in batch]).to(self.device, non_blocking=True)
+        index = list(batch.rows)
+        x = batch.inputs(self.device)
         with torch.no_grad():
             logits = self.model(x)
         prediction[index] = logits.argmax(1).cpu().numpy()
@@ -371,15 +364,29 @@ def evaluate(config: EvaluationConfig, use_gpu: bool | None = None) -> Evaluatio
         summary.messages.append("nothing to do: every shard is already computed")
         return summary
 
-    messages = []
-
-    def fail(shard, reason):  # left missing: a rerun tries the shard again
-        messages.append(f"shard {shard} not computed (a rerun retries it): {reason}")
-
-    result = dispatch_shards("evaluation", EvaluateActor, EvaluationJob(config, plan.run.target_mode), todo,
-                             lambda actor, shard: actor.evaluate_shard.remote(shard, plan.shard_rows(shard)),
-                             lambda shard: plan.shard_rows(shard).num_rows, fail, config.run, use_gpu)
+    task = EvaluationTask(plan)
+    pool = ShardPool("evaluation", EvaluateActor, EvaluationJob(config, plan.run.target_mode), config.run, use_gpu)
+    result = pool.run(todo, task)
     summary = summarize(plan)
     summary.computed_rows, summary.seconds = result.computed_rows, result.seconds
-    summary.messages += messages
+    summary.messages += task.messages
     return summary
+
+
+class EvaluationTask:
+    """The evaluation's shards for the :class:`~pipeline.dispatch.ShardPool`: one Parquet file each, written whole
+    by its actor (so never bisected); a shard that cannot be done is left missing, and a rerun retries it."""
+
+    bisect = False
+
+    def __init__(self, plan: EvaluationPlan):
+        self.plan, self.messages = plan, []
+
+    def submit(self, actor, part: Part):
+        return actor.evaluate_shard.remote(part.shard, self.plan.shard_rows(part.shard))
+
+    def size(self, shard: int) -> int:
+        return self.plan.shard_rows(shard).num_rows
+
+    def fail(self, part: Part, reason: str) -> None:
+        self.messages.append(f"shard {part.shard} not computed (a rerun retries it): {reason}")

@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from .lease import LEASE
+
 FORMAT_VERSION = 1
 
 STATUS_PENDING = 0
@@ -103,6 +105,7 @@ def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None)
     if not fs.isdir(path):
         raise StoreError(f"{url!r} is a file, not a relevance store: choose another path")
     entries = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    entries = [entry for entry in entries if entry != LEASE]  # the lease of the driver about to create the store
     if entries and "zarr.json" not in entries:
         raise StoreError(f"{url!r} is a folder that holds other files ({', '.join(sorted(entries)[:5])}): "
                          "a new store needs an empty or new path")
@@ -305,6 +308,17 @@ class RowReader:
         return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
+def _clear_shards(array: zarr.Array, shards: range) -> None:
+    """Delete the objects of whole shards about to be rewritten. A shard object torn by a writer killed on a
+    non-atomic filesystem (``file://``, plain local paths) would otherwise be read back by the sharding codec and
+    fail its checksum, and the shard could never be written again."""
+    from zarr.core.sync import sync
+
+    tail = (0,) * (array.ndim - 1)
+    for shard in shards:
+        sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key((shard, *tail))}"))
+
+
 class ExplanationGroup:
     """The rows of one explanation setting: lazy relevance (dask) plus per-row metadata."""
 
@@ -443,33 +457,57 @@ class ExplanationGroup:
                 finite &= np.isfinite(values.reshape(n, -1)).all(axis=1)
         status[(status == STATUS_OK) & ~finite] = STATUS_NONFINITE
 
-        self._group["relevance"][start:stop] = relevance
-        for name, values in arrays.items():
+        for name in arrays:
             if name not in self._group:
                 raise StoreError(f"this store has no {name!r} array (create it with the matching option)")
+        shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
+        _clear_shards(self._group["status"], shards)  # first: the rows read pending until status is back
+        for name, values in {"relevance": relevance, **arrays}.items():
             array = self._group[name]
             values = np.asarray(values)
             if values.dtype.kind in "UO" or array.dtype.kind in "TUO":
                 values = np.asarray(values, dtype=str)
-            self._group[name][start:stop] = values
+            _clear_shards(array, shards)
+            array[start:stop] = values
         self._group["status"][start:stop] = status
         return status
 
-    def write_failed(self, start: int, n: int, reason: str, **arrays: Any) -> None:
+    def _read_block(self, start: int, n: int) -> dict[str, np.ndarray]:
+        """Every array's rows ``[start, start+n)``; an unreadable shard (torn by a kill) reads as fill values, pending."""
+        try:
+            return {name: np.array(self._group[name][start:start + n]) for name in self._group.array_keys()}
+        except Exception:  # a torn object: nothing in it can be kept, and its rows are recomputed
+            return {name: np.full((n, *self._group[name].shape[1:]), self._group[name].fill_value,
+                                  dtype=object if self._group[name].dtype.kind in "TUO" else self._group[name].dtype)
+                    for name in self._group.array_keys()}
+
+    def write_rows(self, start: int, n: int, rows: np.ndarray, *, status: np.ndarray, **arrays: Any) -> np.ndarray:
+        """Write the shard ``[start, start+n)`` where only ``rows`` (a boolean mask) take the new values; the other
+        rows keep what the store has. This is how part of a shard is written (a bisected retry): still a whole-shard
+        write, by the one writer of that shard. Returns the status of the shard as stored."""
+        rows = np.asarray(rows, bool)
+        current = self._read_block(start, n)
+        if "relevance_sum" not in arrays:
+            arrays["relevance_sum"] = np.asarray(arrays["relevance"], np.float64).sum(axis=(1, 2))
+        if "output" in arrays and "residual" not in arrays:
+            arrays["residual"] = np.asarray(arrays["relevance_sum"], np.float64) - np.asarray(arrays["output"], np.float64)
+        for name, values in {**arrays, "status": status}.items():
+            if current[name].dtype.kind in "TUO":
+                current[name] = current[name].astype(object)
+            current[name][rows] = np.asarray(values, dtype=current[name].dtype)[rows]
+        return self.write_block(start, **current)
+
+    def write_failed(self, start: int, n: int, reason: str, rows: np.ndarray | None = None, **arrays: Any) -> None:
         """Record the rows ``[start, start+n)`` (whole shards) that are not ok as failed with ``reason``.
 
-        Rows already ok (a ``--retry-failed`` run that gave up on their shard) keep everything they had;
-        ``arrays`` (e.g. ``path``, ``target``) fill in the metadata of the failed rows.
+        Rows already ok (a ``--retry-failed`` run that gave up on their shard) keep everything they had, and so do
+        rows outside ``rows`` (a boolean mask: the part of the shard that failed); ``arrays`` (e.g. ``path``,
+        ``target``) fill in the metadata of the failed rows.
         """
-        stop = start + n
-        try:
-            current = {name: np.array(self._group[name][start:stop]) for name in self._group.array_keys()}
-            redo = current["status"] != STATUS_OK
-        except Exception:  # an unreadable shard: nothing in it can be kept
-            current = {name: np.full((n, *self._group[name].shape[1:]), self._group[name].fill_value,
-                                     dtype=object if self._group[name].dtype.kind in "TUO" else self._group[name].dtype)
-                       for name in self._group.array_keys()}
-            redo = np.ones(n, bool)
+        current = self._read_block(start, n)
+        redo = current["status"] != STATUS_OK
+        if rows is not None:
+            redo &= np.asarray(rows, bool)
         for name, values in current.items():
             if values.dtype.kind in "TUO":
                 values = current[name] = values.astype(object)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import config_from_dict
-from pipeline.dispatch import dispatch_shards
+from pipeline.dispatch import ShardPool
 
 
 def flaky_actor_class() -> type:
@@ -32,14 +32,31 @@ def flaky_actor_class() -> type:
     return FlakyActor
 
 
+class RecordingTask:
+    """Shards of 10 rows, run by ``work``; the ones that cannot be done are recorded in ``failed``."""
+
+    bisect = False
+
+    def __init__(self, failed: dict):
+        self.failed = failed
+
+    def submit(self, actor, part):
+        return actor.work.remote(part.shard)
+
+    def size(self, shard):
+        return 10
+
+    def fail(self, part, reason):
+        self.failed[part.shard] = reason
+
+
 def test_a_failed_task_is_retried_and_a_hopeless_one_recorded_after_max_attempts(ray_cluster, tmp_path):
     config = config_from_dict({"dataset": {"source": str(tmp_path)}, "model": {"name": "resnet18"},
                                "store": str(tmp_path / "unused.zarr"), "num_actors": 1, "max_attempts": 3,
                                "progress": False})
     failed = {}
-    result = dispatch_shards("test", flaky_actor_class(), str(tmp_path), [0, 1, 2, 3],
-                             submit=lambda actor, shard: actor.work.remote(shard), shard_size=lambda shard: 10,
-                             fail=failed.__setitem__, config=config, use_gpu=False)
+    result = ShardPool("test", flaky_actor_class(), str(tmp_path), config, use_gpu=False).run([0, 1, 2, 3],
+                                                                                             RecordingTask(failed))
     tries = {shard: int((tmp_path / str(shard)).read_text()) for shard in range(4)}
     assert tries == {0: 1, 1: 2, 2: 3, 3: 1}
     assert list(failed) == [2] and "can never be done" in failed[2] and "tried 3 times" in failed[2]
