@@ -15,7 +15,7 @@ from aggregations.spray.settings import SpraySettings
 
 def choose_k(eigenvalues: np.ndarray, settings: SpraySettings, n: int) -> tuple[int, float, str]:
     """(K, the eigengap after K, how K was chosen)."""
-    auto, gaps = spectral.eigengap(eigenvalues, settings.max_clusters)
+    auto, _ = spectral.eigengap(eigenvalues, settings.max_clusters)
     k = auto if settings.clusters == "auto" else min(int(settings.clusters), n - 1)
     gap = float(eigenvalues[k] - eigenvalues[k - 1]) if k < len(eigenvalues) else float("nan")
     return k, gap, "eigengap" if settings.clusters == "auto" else "given"
@@ -30,7 +30,8 @@ def analyse(pooled: np.ndarray, rows: dict, geometry: stats.Geometry, settings: 
     eigenvalues, vectors = spectral.embed(affinity.knn_affinity(indices), settings.n_eigenvalues, settings.seed)
     k, gap, chosen_by = choose_k(eigenvalues, settings, len(pooled))
     if settings.method == "hdbscan":
-        labels = clusters.cluster(spectral.unit_rows(vectors[:, :max(k, 2)]), k, "hdbscan", settings.seed)
+        # HDBSCAN finds its own number of clusters: give it room for up to max_clusters of them
+        labels = clusters.cluster(spectral.unit_rows(vectors[:, :settings.max_clusters]), k, "hdbscan", settings.seed)
         chosen_by = "hdbscan"
     else:
         labels = clusters.cluster(spectral.unit_rows(vectors[:, :k]), k, settings.method, settings.seed)

@@ -1,6 +1,6 @@
 """Clustering the spectral embedding: k-means (default), agglomerative (Ward) or HDBSCAN.
 
-Labels are made canonical (0 = the largest cluster, ties by the first row), so the same store and
+HDBSCAN needs clusters of at least max(10, n / 20) rows. Labels are made canonical (0 = the largest cluster, ties by the first row), so the same store and
 options give the same numbers whatever order the algorithm found the clusters in.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def cluster(embedding: np.ndarray, k: int, method: str, seed: int) -> np.ndarray
     if method == "hdbscan":
         from sklearn.cluster import HDBSCAN
 
-        labels = HDBSCAN(min_cluster_size=max(5, n // 50)).fit_predict(embedding)
+        labels = HDBSCAN(min_cluster_size=max(10, n // 20), copy=True).fit_predict(embedding)
         return canonical(labels)
     if k <= 1:
         return np.zeros(n, np.int64)

@@ -139,9 +139,10 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
 
 
 def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] | None = None,
-          classes: Sequence[int] | None = None, settings: SpraySettings = SpraySettings(),
-          options: RunOptions = RunOptions()) -> SprayResult:
+          classes: Sequence[int] | None = None, settings: SpraySettings | None = None,
+          options: RunOptions | None = None) -> SprayResult:
     """Run SpRAy on every class of every explanation group of a store (or the given ones) and write the outputs."""
+    settings, options = settings or SpraySettings(), options or RunOptions()
     store = open_store(store_url, storage_options=options.storage_options)
     names = list(groups or store.group_names)
     unknown = sorted(set(names) - set(store.group_names))

@@ -18,10 +18,10 @@ def class_universe(target: np.ndarray, classes: Sequence[int] | None, n_names: i
     present = sorted(int(c) for c in np.unique(target[target >= 0]))
     if classes is None:
         return present
-    unknown = sorted(set(int(c) for c in classes) - set(range(n_names)) - set(present))
+    unknown = sorted({int(c) for c in classes} - set(range(n_names)) - set(present))
     if unknown:
         raise ValueError(f"unknown class(es) {unknown}: the store's classes are 0..{n_names - 1}")
-    return sorted(set(int(c) for c in classes))
+    return sorted({int(c) for c in classes})
 
 
 def _ranks(scores: dict[int, float]) -> dict[int, int]:
