@@ -102,6 +102,7 @@ def _compute(tasks, prefix: str, description: str, options: RunOptions, compute_
 
 def _class_task(scratch: str, rows: np.ndarray, columns: dict, stats: np.ndarray, geometry: Geometry,
                 settings: SpraySettings) -> dict:
+    """One class: its pooled rows from the scratch array, then SpRAy; ``columns`` holds its rows' metadata."""
     pooled = read.read_pooled(scratch, rows)
     meta = dict(columns, positive_total=stats[:, 1], inside_positive=stats[:, 2])
     return analyse(pooled, meta, geometry, settings)
@@ -120,7 +121,8 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
     geometry = Geometry(store.height, store.width, *preprocess.grid_shape(store.height, store.width, settings.size))
     read.create_scratch(scratch, store.n_rows, geometry.gy * geometry.gx, store.rows_per_shard)
     stats = np.full((store.n_rows, 3), np.nan)
-    pooling = read.pooling_tasks(store, name, wanted, group.boxes, settings.size, scratch, options.storage_options)
+    boxes = group.boxes
+    pooling = read.pooling_tasks(store, name, wanted, boxes, settings.size, scratch, options.storage_options)
     clock = time.perf_counter()
     for (start, _), block_stats in zip(pooling, _compute([t for _, t in pooling], "spray-pool", f"{name}: pool",
                                                          options, compute_options)):
@@ -130,6 +132,7 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
     for c in clustered:
         rows = np.flatnonzero(wanted & (meta["target"] == c))
         columns = {k: meta[k][rows] for k in ("row", "sample_id", "path", "label", "prediction", "output")}
+        columns["boxes"] = None if boxes is None else boxes[rows]
         jobs.append(dask.delayed(_class_task, pure=True)(scratch, rows, columns, stats[rows], geometry, settings,
                                                          dask_key_name=f"spray-class-{name}-{c}"))
     clock = time.perf_counter()

@@ -6,6 +6,9 @@ total, averaged over the cluster, so a share map adds up to 1. A cluster is flag
 * ``spot`` when the 3x3-cell window around the peak of (its share map - the rest of the class's)
   holds at least ``min_spot_share`` of its positive relevance and ``spot_ratio`` times the rest's
   share there: a place the rest of the class does not use (a watermark, a stamp);
+  with object boxes, the window must also lie mostly off the objects (``spot_on_object`` < 0.5: the mean
+  share of the window that the cluster's rows' boxes cover), so that a group of images with the object
+  at one place is not taken for a cue;
 * ``outside`` (with object boxes) when at least ``outside_threshold`` of its positive relevance lies
   outside the boxes and ``outside_margin`` more than for the rest of the class.
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregations.context import box_mask
 from aggregations.spray.settings import SpraySettings
 
 
@@ -56,10 +60,19 @@ def _spot(own: np.ndarray, rest: np.ndarray, geometry: Geometry, cells: int) -> 
             "rest_share": float(rest_map[y0:y1, x0:x1].sum())}
 
 
+def on_object(window: tuple[int, int, int, int], boxes: np.ndarray | None, geometry: Geometry) -> float:
+    """Mean share of the window (x0, y0, x1, y1) that each row's object boxes cover; NaN without boxes."""
+    if boxes is None or not np.isfinite(boxes).any():
+        return float("nan")
+    x0, y0, x1, y1 = window
+    covered = box_mask(boxes, geometry.height, geometry.width)[:, y0:y1, x0:x1]
+    return float(covered.mean()) if covered.size else float("nan")
+
+
 def _flag(spot: dict, outside: float, rest_outside: float, alone: bool, settings: SpraySettings) -> tuple[str, str]:
     flags, reasons = [], []
     x0, y0, x1, y1 = spot["box"]
-    if not alone and spot["share"] >= settings.min_spot_share and \
+    if not alone and spot["share"] >= settings.min_spot_share and not spot["on_object"] >= 0.5 and \
             spot["share"] >= settings.spot_ratio * max(spot["rest_share"], 1e-12):
         flags.append("spot")
         reasons.append(f"{spot['share']:.0%} of its positive relevance lies in x {x0}-{x1}, y {y0}-{y1} (map pixels), "
@@ -99,6 +112,8 @@ def cluster_stats(labels: np.ndarray, pooled: np.ndarray, features: np.ndarray, 
         own, rest = shares[member].mean(axis=0), shares[~member].mean(axis=0) if (~member).any() else None
         alone = rest is None
         spot = _spot(own, np.zeros_like(own) if alone else rest, geometry, settings.spot_cells)
+        boxes = rows.get("boxes")
+        spot["on_object"] = on_object(spot["box"], None if boxes is None else boxes[member], geometry)
         mean_map = np.asarray(pooled[member], np.float64).mean(axis=0).reshape(geometry.gy, geometry.gx)
         peak_y, peak_x = np.unravel_index(int(np.argmax(own)), (geometry.gy, geometry.gx))
         px0, py0, px1, py1 = geometry.cell_box(peak_y, peak_x, peak_y + 1, peak_x + 1)
@@ -113,6 +128,7 @@ def cluster_stats(labels: np.ndarray, pooled: np.ndarray, features: np.ndarray, 
             "peak_y": (py0 + py1) / 2.0, "peak_x": (px0 + px1) / 2.0,
             "spot_x0": spot["box"][0], "spot_y0": spot["box"][1], "spot_x1": spot["box"][2],
             "spot_y1": spot["box"][3], "spot_share": spot["share"], "rest_spot_share": spot["rest_share"],
+            "spot_on_object": spot["on_object"],
             "divergence": 0.0 if alone else 0.5 * float(np.abs(own - rest).sum()),
             "prototype_rows": rows["row"][order].tolist(), "prototype_sample_ids": rows["sample_id"][order].tolist(),
             "prototype_paths": [str(p) for p in rows["path"][order]],

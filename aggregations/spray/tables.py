@@ -24,15 +24,17 @@ def class_universe(target: np.ndarray, classes: Sequence[int] | None, n_names: i
     return sorted({int(c) for c in classes})
 
 
-def _ranks(scores: dict[int, float]) -> dict[int, int]:
-    order = sorted(scores, key=lambda c: (-scores[c], c))
+def _ranks(scores: dict[int, float], flagged: dict[int, bool]) -> dict[int, int]:
+    """Rank 1 = most suspicious: classes with a flagged cluster first, then by split score, ties by class."""
+    order = sorted(scores, key=lambda c: (not flagged[c], -scores[c], c))
     return {c: rank + 1 for rank, c in enumerate(order)}
 
 
 def _class_rows(name: str, done: dict, class_names: Sequence[str], settings: SpraySettings) -> list[dict]:
     meta, results = done["meta"], done["results"]
     status, target = meta["status"], meta["target"]
-    ranks = _ranks({c: r["split_score"] for c, r in results.items()})
+    ranks = _ranks({c: r["split_score"] for c, r in results.items()},
+                   {c: any(x["flagged"] for x in r["records"]) for c, r in results.items()})
     rows = []
     for c in done["universe"]:
         mine = target == c
@@ -133,7 +135,7 @@ CLUSTER_SCHEMA = pa.schema([
     ("inside_share_positive", pa.float64()), ("outside_share_positive", pa.float64()),
     ("peak_y", pa.float64()), ("peak_x", pa.float64()),
     *[(k, pa.int64()) for k in ("spot_x0", "spot_y0", "spot_x1", "spot_y1")],
-    ("spot_share", pa.float64()), ("rest_spot_share", pa.float64()), ("divergence", pa.float64()),
+    ("spot_share", pa.float64()), ("rest_spot_share", pa.float64()), ("spot_on_object", pa.float64()), ("divergence", pa.float64()),
     ("prototype_rows", pa.list_(pa.int64())), ("prototype_sample_ids", pa.list_(pa.int64())),
     ("prototype_paths", pa.list_(pa.string())), ("flagged", pa.bool_()), ("flag", pa.string()), ("reason", pa.string()),
 ])
