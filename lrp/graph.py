@@ -236,7 +236,8 @@ class _Builder:
             )
         for node in graph.nodes:
             index = len(self.steps)
-            to_ref = lambda n: Ref(self.index_of[n])
+            def to_ref(n):
+                return Ref(self.index_of[n])
             inputs = []
             for n in node.all_input_nodes:
                 j = self.index_of[n]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from enum import Enum
 
 
-class Kind(str, Enum):
+class Kind(str, Enum):  # noqa: UP042 (str() of a member stays "Kind.X", as the messages expect)
     """One kind per way relevance can be redistributed (see the rule table in docs/engine.md)."""
 
     INPUT = "input"

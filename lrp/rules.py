@@ -164,7 +164,8 @@ class Gamma(Rule):
         layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
         g, keep = self.gamma, self.include_bias
         w_up, b_up = layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
-        w_dn_b_dn = lambda: layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
+        def w_dn_b_dn():
+            return layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
         if _nonnegative(ctx):
             if not bool((relevance * (z <= 0)).any()):
                 # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed

@@ -520,15 +520,3 @@ class ExplanationGroup:
 
     def __repr__(self) -> str:
         return f"ExplanationGroup({self.name!r}, rows={self.n_rows}, setting={self.setting})"
-
-    def relevance_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The relevance maps of just these rows (sorted), one read per run of consecutive rows.
-
-        The inner chunks are single rows, so this decompresses nothing else; slicing the lazy
-        ``relevance`` with a list of rows reads every shard it touches whole.
-        """
-        rows = np.asarray(rows, np.int64)
-        array = self._group["relevance"]
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
-        parts = [array[run[0]:run[-1] + 1] for run in runs]
-        return np.concatenate(parts) if parts else np.zeros((0, *array.shape[1:]), np.float32)

@@ -24,7 +24,7 @@ def create_scratch(path: str, n_rows: int, cells: int, rows_per_shard: int) -> N
 def pool_shard(store_url: str, group: str, start: int, stop: int, boxes: np.ndarray | None, size: int,
                scratch: str, storage_options: dict | None = None) -> np.ndarray:
     """Pool rows [start, stop) into the scratch array; return their (n, 3) row stats (preprocess.row_stats)."""
-    block = open_store(store_url, storage_options=storage_options).group(group).relevance_rows(np.arange(start, stop))
+    block = open_store(store_url, storage_options=storage_options).group(group).read("relevance", start, stop)
     block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)  # rows not ok are never used, only kept finite
     pooled = preprocess.sum_pool(block, size)
     zarr.open_array(scratch, mode="r+")[start:stop] = pooled.reshape(len(block), -1).astype(np.float32)
