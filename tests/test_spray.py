@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from aggregations.spray import RunOptions, SpraySettings, affinity, load, preprocess, spectral, spray
 from jobs import cli
-from tests.aggregation_stores import assert_tables_equal, make_store
+from tests.helpers.stores import assert_tables_equal, make_store
 
 SIZE = 64  # map pixels; pooled to 32x32 (2x2-pixel cells)
 QUIET = RunOptions(progress=False)

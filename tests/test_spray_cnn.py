@@ -14,8 +14,8 @@ from sklearn.metrics import adjusted_rand_score
 import lrp
 from aggregations.run import aggregate
 from aggregations.spray import RunOptions, SpraySettings, spray
-from pipeline import synthetic, tinycnn
-from tests.aggregation_stores import make_store
+from jobs.demo import synthetic, tinycnn
+from tests.helpers.stores import make_store
 
 CLASSES = ("cross", "disc", "ring", "square", "triangle")
 TAG = CLASSES.index("ring")
