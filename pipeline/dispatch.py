@@ -74,6 +74,13 @@ class ShardTask(Protocol):
     def fail(self, part: Part, reason: str) -> None:
         """Record a part that cannot be done (its rows that are not ok), with the reason."""
 
+    # optional: ``fatal(error) -> str | None``, the message when a task's exception must end the whole run
+
+
+class PoolAborted(RuntimeError):
+    """A task failed in a way that ends the run (``ShardTask.fatal`` said so, e.g. the storage is full or
+    read-only): nothing more is submitted, and the actors are ended."""
+
 
 @dataclass
 class DispatchResult:
@@ -246,6 +253,10 @@ class ShardPool:
     def task_error(self, part: Part, error: Exception) -> None:
         """The task raised (a transient storage error, say) and the actor lives on: retried, then recorded failed."""
         cause = getattr(error, "cause", None)
+        fatal = getattr(self.task, "fatal", None)
+        message = fatal(cause if cause is not None else error) if fatal is not None else None
+        if message:
+            raise PoolAborted(message)
         self._retry(part, str(cause if cause is not None else error).strip().splitlines()[-1], self.queue)
 
     def recover(self, i: int) -> None:

@@ -34,6 +34,9 @@ STALE_AFTER = 60.0  # seconds without a heartbeat after which a lease is taken o
 SETTLE = 0.2  # seconds between writing a lease and reading it back
 
 
+_RELEASED: set[str] = set()  # tokens of leases this process released but could not remove (a read-only store)
+
+
 class LeaseHeld(RuntimeError):
     """Another driver holds the store's lease; the message names it and says what to do."""
 
@@ -52,7 +55,8 @@ class LeaseInfo:
 
     def stale(self, now: float | None = None) -> bool:
         """No heartbeat for STALE_AFTER seconds, or a holder on this host whose process is gone."""
-        return self.age(now) > STALE_AFTER or (self.host == socket.gethostname() and not _alive(self.pid))
+        return (self.age(now) > STALE_AFTER or self.token in _RELEASED
+                or (self.host == socket.gethostname() and not _alive(self.pid)))
 
     def describe(self) -> str:
         return (f"{self.owner} (pid {self.pid} on {self.host}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started))}, "
@@ -133,7 +137,10 @@ class StoreLease:
         held = read_lease(self.url, self.storage_options)
         if held is not None and held.token == self.info.token:
             fs, path = _location(self.url, self.storage_options)
-            fs.rm(path.rsplit("/", 1)[0], recursive=True)
+            try:
+                fs.rm(path.rsplit("/", 1)[0], recursive=True)
+            except OSError:  # a read-only or full store: the lease is left, known here as released
+                _RELEASED.add(self.info.token)
 
     def _write(self) -> None:
         fs, path = _location(self.url, self.storage_options)

@@ -6,6 +6,8 @@ The dispatch loop (actor pool, bounded in-flight tasks, retry of a dead actor's 
 """
 from __future__ import annotations
 
+import errno
+import os
 import platform
 from dataclasses import dataclass, field
 
@@ -16,12 +18,16 @@ import pyarrow.compute as pc
 from .actors import ActorJob, ExplainActor
 from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
-from .dispatch import Part, ShardPool
+from .dispatch import Part, PoolAborted, ShardPool
 from .lease import LeaseHeld, StoreLease
 from .secrets import redact
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
                     RelevanceStore, StoreError)
+
+#: errors of a storage that cannot take more writes: the run stops instead of failing shard after shard
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
 
 @dataclass
 class RunPlan:
@@ -272,6 +278,15 @@ class ExplainTask:
         start, stop = self.store.shard_rows(shard)
         return int(stop - start)
 
+    @staticmethod
+    def fatal(error: BaseException) -> str | None:
+        """A full or read-only store ends the run at once: every other shard would fail the same way."""
+        while error is not None:
+            if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                return f"the store cannot be written ({os.strerror(error.errno)}): {redact(str(error))}"
+            error = error.__cause__ or error.__context__
+        return None
+
     def fail(self, part: Part, reason: str) -> None:
         """The part's rows that are not ok become failed with the reason (rows already ok keep their values)."""
         start, rows = self._rows(part.shard)
@@ -315,7 +330,14 @@ def _explain_pending(plan: RunPlan, store: RelevanceStore, use_gpu: bool | None)
         summary.messages.append("nothing to do: every row of the store is already computed")
         return summary
 
-    result = ShardPool("explain", ExplainActor, plan.job, config, use_gpu).run(todo, ExplainTask(plan, store, todo))
+    try:
+        result = ShardPool("explain", ExplainActor, plan.job, config, use_gpu).run(todo, ExplainTask(plan, store, todo))
+    except PoolAborted as error:
+        summary = summarize(store)
+        summary.messages.append(f"error: {error}. The run stopped; the rows not written are pending, none is marked "
+                                "ok that is not stored: free space or make the store writable, then run the same "
+                                "command again")
+        return summary
     summary = summarize(store)
     summary.computed_rows, summary.seconds, summary.retries = result.computed_rows, result.seconds, result.retries
     return summary

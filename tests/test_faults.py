@@ -251,3 +251,66 @@ def test_no_ray_process_outlives_a_kill_9_of_a_driver_with_its_own_cluster(tmp_p
             os.kill(pid, signal.SIGKILL)
         if driver.poll() is None:
             driver.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs of this test's own (needs the right to mount, as root in CI); unmounted at the end."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False).returncode:
+        pytest.skip("no right to mount a tmpfs here")
+    yield mount
+    subprocess.run(["mount", "-o", "remount,rw", str(mount)], capture_output=True, check=False)
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(folder: Path) -> None:
+    with open(folder / "ballast", "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_a_full_or_read_only_store_stops_the_run_clearly_and_resumes(reference, tmp_path, small_disk, fault):
+    source, fifo = fifo_dataset(tmp_path, N_IMAGES, blocked_row=6)  # shard 2 of 4
+    image = Path(save_image(tmp_path / "row6.png", 6)).read_bytes()
+    settings = values(tmp_path, source, store=str(small_disk / "run.zarr"))
+    writer = os.open(fifo, os.O_RDWR)
+
+    def break_the_disk():
+        wait_for(lambda: holders(fifo), timeout=180)
+        if fault == "disk full":
+            fill(small_disk)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        os.write(writer, image)  # the held actor reads a real image, then writes its shard
+        os.close(writer)
+
+    thread = threading.Thread(target=break_the_disk, daemon=True)
+    thread.start()
+    summary = run(config_from_dict(settings))
+    thread.join(timeout=10)
+    text = summary.format()
+    assert summary.exit_code == 1 and "the store cannot be written" in text and "run the same command" in text
+    assert ("No space left on device" if fault == "disk full" else "Read-only file system") in text
+    status = open_store(settings["store"]).group("ab").status
+    assert (status[:6] == STATUS_OK).all() and not (status[6:] == STATUS_OK).any()  # nothing ok that is not stored
+
+    if fault == "disk full":
+        (small_disk / "ballast").unlink()
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    fifo.unlink()
+    save_image(fifo, 6)
+    began = time.perf_counter()
+    summary = run(config_from_dict(settings))
+    print(f"\nFAULT {fault}: rerun {time.perf_counter() - began:.1f}s, computed {summary.computed_rows} rows")
+    assert summary.exit_code == 0 and summary.computed_rows == 6
+    assert_whole(settings["store"])
+    assert_same_store(reference, settings["store"])
