@@ -217,7 +217,7 @@ def _conv_then(layer):
         "linear_3d_batchnorm", "linear_3d_batchnorm_square"])
 def test_unsupported_layer_is_refused_by_name(model, names, x):
     # Sigmoid, GELU, LeakyReLU, LayerNorm, standalone BatchNorm and sigmoid gates have rules since issue 13:
-    # tests/test_lrp_layers.py explains the models that were refused here
+    # tests/test_lrp_zoo.py explains the torchvision models that use them
 
     with pytest.raises(lrp.UnsupportedLayerError) as error:
         lrp.Explainer(model.eval(), "epsilon_plus")(torch.randn(2, 3, 8, 8), 0)  # some are only seen running

@@ -10,8 +10,8 @@
   layers. LayerNorm conserves analytically but divides by centred values near zero (ConvNeXt: measured 4e-6).
   ViT does not conserve: the class token is a constant (relevance reaching it is absorbed, like a bias's), AttnLRP's
   softmax rule absorbs by design, and after the first LayerNorm values of both signs make the z rule's denominators
-  cancel (measured per depth in docs/engine.md); tests/test_lrp_layers.py checks attention's exact conservation
-  under CP-LRP on networks without a class token.
+  cancel (measured per depth in docs/engine.md); a test of attention's exact conservation under CP-LRP on networks
+  without a class token is still to be written (issue 13).
 """
 from __future__ import annotations
 
