@@ -4,12 +4,14 @@ The LRP composites equal zennit 0.5's of the same name (same rules, same default
 it; ``z``, ``epsilon`` and ``alpha_beta`` apply one rule to every Conv and Linear layer. The baselines (``gradient``,
 ``gradient_x_input``, ``deconvnet``) are composites too, so every method shares one call shape and one engine.
 
-Common parameters: ``include_bias`` (default True, zennit-compatible; False: biases left out of every denominator, the
-paper's exactly conserving form) and ``stabilizer`` (added to denominators of rules other than epsilon; default 1e-6
-with biases included, 0 — exact division — without).
+Common parameters (:class:`Shared`, which also holds the one set of rules for sums, pools, LayerNorms and attention):
+``include_bias`` (default True, zennit-compatible; False: biases left out of every denominator, the paper's exactly
+conserving form) and ``stabilizer`` (added to denominators of rules other than epsilon; default 1e-6 with biases
+included, 0 — exact division — without). Every named composite takes ``by_name`` overrides (step name -> rule).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
@@ -34,7 +36,12 @@ from .rules import (
 
 @dataclass(frozen=True)
 class Composite:
-    """A rule per step kind, an optional override for the first Conv (or any first affine) layer, and the seed."""
+    """A rule per step kind, an optional override for the first Conv (or any first affine) layer, and the seed.
+
+    ``by_name`` maps step names (module paths, as in ``model.named_modules()``: ``'features.3'``,
+    ``'encoder.layers.encoder_layer_0.self_attention'``) to rules that win over every other assignment, as zennit's
+    NameMapComposite does; :meth:`with_names` adds such overrides to a named composite.
+    """
 
     name: str
     conv: Rule
@@ -42,7 +49,7 @@ class Composite:
     first: Rule | None = None
     first_conv_only: bool = True  # zennit's ZBox applies to the first Conv; Flat to the first Conv or Linear
     by_kind: dict = field(default_factory=dict)
-    by_name: dict = field(default_factory=dict)  # step name ('features.3', 'encoder.layers.0.self_attention') -> rule
+    by_name: dict = field(default_factory=dict)  # step name -> rule
     seed: str = "relevance"  # "relevance": start from f(x) at the target; "gradient": from 1
     times_input: bool = False  # gradient x input
 
@@ -56,11 +63,70 @@ class Composite:
         return self.by_kind.get(step.kind) or _DEFAULT_KINDS[step.kind]
 
     def first_layer(self, network) -> int | None:
-        """Index of the step the first-layer rule applies to (execution order)."""
+        """Index of the step the first-layer rule applies to (execution order).
+
+        Refuses ``by_name`` names the network does not have: a misspelt override would otherwise be ignored silently.
+        """
+        unknown = sorted(set(self.by_name) - {step.name for step in network.steps})
+        if unknown:
+            raise ValueError(f"composite {self.name!r} names steps the network does not have: {', '.join(unknown)} "
+                             "(step names are module paths, as in model.named_modules())")
         for step in network.steps:
             if step.kind == Kind.LINEAR and (step.layer.is_conv or not self.first_conv_only):
                 return step.index
         return None
+
+    def prepare(self, network, first_index: int | None, x) -> Composite:
+        """The composite for the batch ``x``: the first-layer rule may adapt to the steps in front of its layer.
+
+        z^B carries its box through the model's input transform (:meth:`lrp.rules.ZBox.prepare`); other rules are
+        used as they are.
+        """
+        if self.first is None or first_index is None:
+            return self
+        first = self.first.prepare(network, first_index, x)
+        return self if first is self.first else dataclasses.replace(self, first=first)
+
+    def with_names(self, by_name: dict) -> Composite:
+        """This composite with the rules of ``by_name`` (step name -> rule) overriding its own for those steps."""
+        wrong = sorted(name for name, rule in by_name.items() if not isinstance(rule, Rule))
+        if wrong:
+            raise TypeError(
+                f"by_name must map step names to lrp.rules.Rule objects; not a rule for: {', '.join(wrong)}")
+        return dataclasses.replace(self, by_name={**self.by_name, **by_name})
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The parameters every LRP composite shares, and the rules they give the steps that are not Conv/Linear.
+
+    ``stabilizer`` (rules other than epsilon) defaults to 1e-6 with biases included (zennit's) and to 0 (exact division)
+    without; ``epsilon`` is the composite's epsilon, which its attention rule uses too (None: the stabilizer).
+    """
+
+    include_bias: bool = True
+    stabilizer: float | None = None
+    epsilon: float | None = None
+
+    def __post_init__(self):
+        if self.stabilizer is None:
+            object.__setattr__(self, "stabilizer", 1e-6 if self.include_bias else 0.0)
+        object.__setattr__(self, "stabilizer", float(self.stabilizer))
+
+    def kinds(self) -> dict:
+        """The one set of rules for sums, pools, unfoldable BatchNorms, LayerNorms and attention."""
+        s, keep = self.stabilizer, self.include_bias
+        return {
+            Kind.SUM: Norm(s), Kind.AVGPOOL: Norm(s),
+            Kind.AFFINE: Affine(s, keep),
+            Kind.LAYERNORM: LayerNorm(s, keep),
+            Kind.ATTENTION: Attention(s if self.epsilon is None else self.epsilon, keep),
+        }
+
+    def composite(self, name: str, conv: Rule, linear: Rule, first: Rule | None = None,
+                  first_conv_only: bool = True) -> Composite:
+        """A named LRP composite: ``conv``/``linear`` (and ``first``) with these shared rules for the other kinds."""
+        return Composite(name, conv, linear, first=first, first_conv_only=first_conv_only, by_kind=self.kinds())
 
 
 _GRADIENT = Gradient()
@@ -71,66 +137,44 @@ _DEFAULT_KINDS = {
     Kind.SHIFT: Pass(),
     Kind.MAXPOOL: _GRADIENT,  # winner takes all
     Kind.STRUCTURAL: _GRADIENT,  # reshape / cat / index: relevance moves, unchanged
-    Kind.SUM: Norm(1e-6),  # residual sums and average pools: proportional split (zennit's default stabilizer)
-    Kind.AVGPOOL: Norm(1e-6),
     Kind.OUTPUT: Pass(),
     Kind.POINTWISE: Pass(),  # identity rule for smooth activations (AttnLRP, Eq. 9)
     Kind.GATE: Pass(),  # the gate is a constant scale: relevance to the gated path only
-    Kind.AFFINE: Affine(1e-6),
-    Kind.LAYERNORM: LayerNorm(1e-6),
-    Kind.ATTENTION: Attention(1e-6),
+    # residual sums and average pools: proportional split (zennit's default stabilizer); Affine, LayerNorm, Attention
+    **Shared(include_bias=True, stabilizer=1e-6).kinds(),
 }
-
-
-def _lrp_kinds(stabilizer: float, include_bias: bool = True, epsilon: float | None = None) -> dict:
-    """The rules every LRP composite gives the steps that are not Conv/Linear (one set of Norm defaults)."""
-    return {
-        Kind.SUM: Norm(stabilizer), Kind.AVGPOOL: Norm(stabilizer),
-        Kind.AFFINE: Affine(stabilizer, include_bias),
-        Kind.LAYERNORM: LayerNorm(stabilizer, include_bias),
-        Kind.ATTENTION: Attention(stabilizer if epsilon is None else epsilon, include_bias),
-    }
-
-
-def _stabilizer(stabilizer, include_bias) -> float:
-    if stabilizer is None:
-        return 1e-6 if include_bias else 0.0
-    return float(stabilizer)
 
 
 def z(include_bias=True, stabilizer=None):
     """Naive z rule (Eq. 2) on every Conv and Linear layer: epsilon = 0, exact division."""
-    s = _stabilizer(stabilizer, include_bias)
     rule = Epsilon(0.0, include_bias)
-    return Composite("z", rule, rule, by_kind=_lrp_kinds(s, include_bias))
+    return Shared(include_bias, stabilizer).composite("z", rule, rule)
 
 
 def epsilon(epsilon=1e-6, include_bias=True, stabilizer=None):
     """Epsilon rule (Eq. 3) on every Conv and Linear layer."""
-    s = _stabilizer(stabilizer, include_bias)
     rule = Epsilon(epsilon, include_bias)
-    return Composite("epsilon", rule, rule, by_kind=_lrp_kinds(s, include_bias, epsilon))
+    return Shared(include_bias, stabilizer, epsilon).composite("epsilon", rule, rule)
 
 
 def alpha_beta(alpha=None, beta=None, include_bias=True, stabilizer=None):
     """Alpha-beta rule (Eq. 4) on every Conv and Linear layer; default alpha=2, beta=1 (the paper's beta=-1)."""
-    s = _stabilizer(stabilizer, include_bias)
-    rule = AlphaBeta(alpha, beta, s, include_bias)
-    return Composite("alpha_beta", rule, rule, by_kind=_lrp_kinds(s, include_bias))
+    shared = Shared(include_bias, stabilizer)
+    rule = AlphaBeta(alpha, beta, shared.stabilizer, include_bias)
+    return shared.composite("alpha_beta", rule, rule)
 
 
 def epsilon_plus(epsilon=1e-6, include_bias=True, stabilizer=None):
     """z+ on Conv layers, epsilon on Linear layers (zennit's EpsilonPlus)."""
-    s = _stabilizer(stabilizer, include_bias)
-    return Composite("epsilon_plus", ZPlus(s, include_bias), Epsilon(epsilon, include_bias),
-                     by_kind=_lrp_kinds(s, include_bias, epsilon))
+    shared = Shared(include_bias, stabilizer, epsilon)
+    return shared.composite("epsilon_plus", ZPlus(shared.stabilizer, include_bias), Epsilon(epsilon, include_bias))
 
 
 def epsilon_plus_flat(epsilon=1e-6, include_bias=True, stabilizer=None):
     """epsilon_plus with the flat rule on the first Conv or Linear layer (zennit's EpsilonPlusFlat)."""
-    s = _stabilizer(stabilizer, include_bias)
-    return Composite("epsilon_plus_flat", ZPlus(s, include_bias), Epsilon(epsilon, include_bias), first=Flat(s),
-                     first_conv_only=False, by_kind=_lrp_kinds(s, include_bias, epsilon))
+    shared = Shared(include_bias, stabilizer, epsilon)
+    return shared.composite("epsilon_plus_flat", ZPlus(shared.stabilizer, include_bias), Epsilon(epsilon, include_bias),
+                            first=Flat(shared.stabilizer), first_conv_only=False)
 
 
 def epsilon_gamma_box(low=None, high=None, epsilon=1e-6, gamma=0.25, include_bias=True, stabilizer=None):
@@ -143,23 +187,24 @@ def epsilon_gamma_box(low=None, high=None, epsilon=1e-6, gamma=0.25, include_bia
             "composite 'epsilon_gamma_box' needs low= and high=: the smallest and largest possible input values after "
             "normalization (e.g. low=-2.12, high=2.64 for ImageNet-normalized images, or per-channel tensors)"
         )
-    s = _stabilizer(stabilizer, include_bias)
-    return Composite("epsilon_gamma_box", Gamma(gamma, s, include_bias), Epsilon(epsilon, include_bias),
-                     first=ZBox(low, high, s, include_bias), by_kind=_lrp_kinds(s, include_bias, epsilon))
+    shared = Shared(include_bias, stabilizer, epsilon)
+    s = shared.stabilizer
+    return shared.composite("epsilon_gamma_box", Gamma(gamma, s, include_bias), Epsilon(epsilon, include_bias),
+                            first=ZBox(low, high, s, include_bias))
 
 
 def epsilon_alpha2_beta1(epsilon=1e-6, include_bias=True, stabilizer=None):
     """Alpha2-beta1 on Conv layers, epsilon on Linear layers (zennit's EpsilonAlpha2Beta1)."""
-    s = _stabilizer(stabilizer, include_bias)
-    return Composite("epsilon_alpha2_beta1", AlphaBeta(2.0, 1.0, s, include_bias), Epsilon(epsilon, include_bias),
-                     by_kind=_lrp_kinds(s, include_bias, epsilon))
+    shared = Shared(include_bias, stabilizer, epsilon)
+    return shared.composite("epsilon_alpha2_beta1", AlphaBeta(2.0, 1.0, shared.stabilizer, include_bias),
+                            Epsilon(epsilon, include_bias))
 
 
 def epsilon_alpha2_beta1_flat(epsilon=1e-6, include_bias=True, stabilizer=None):
     """epsilon_alpha2_beta1 with the flat rule on the first Conv or Linear layer (zennit's EpsilonAlpha2Beta1Flat)."""
-    s = _stabilizer(stabilizer, include_bias)
-    return Composite("epsilon_alpha2_beta1_flat", AlphaBeta(2.0, 1.0, s, include_bias), Epsilon(epsilon, include_bias),
-                     first=Flat(s), first_conv_only=False, by_kind=_lrp_kinds(s, include_bias, epsilon))
+    shared = Shared(include_bias, stabilizer, epsilon)
+    return shared.composite("epsilon_alpha2_beta1_flat", AlphaBeta(2.0, 1.0, shared.stabilizer, include_bias),
+                            Epsilon(epsilon, include_bias), first=Flat(shared.stabilizer), first_conv_only=False)
 
 
 def gradient():
@@ -178,8 +223,8 @@ def deconvnet():
 
 
 def _gradient_composite(name, times_input=False, relu=None):
-    kinds = {kind: _GRADIENT for kind in (Kind.ACTIVATION, Kind.SUM, Kind.AVGPOOL, Kind.SCALE, Kind.SHIFT, Kind.POINTWISE,
-                                          Kind.GATE, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION)}
+    kinds = {kind: _GRADIENT for kind in (Kind.ACTIVATION, Kind.SUM, Kind.AVGPOOL, Kind.SCALE, Kind.SHIFT,
+                                          Kind.POINTWISE, Kind.GATE, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION)}
     if relu is not None:
         kinds[Kind.ACTIVATION] = relu
     return Composite(name, _GRADIENT, _GRADIENT, by_kind=kinds, seed="gradient", times_input=times_input)
@@ -201,17 +246,21 @@ def composite_parameters(name: str) -> tuple[str, ...]:
     return tuple(inspect.signature(_factory(name)).parameters)
 
 
-def make_composite(name: str, **params) -> Composite:
-    """Build a named composite; unknown names and parameters the composite does not use are errors."""
+def make_composite(name: str, by_name: dict | None = None, **params) -> Composite:
+    """Build a named composite; unknown names and parameters the composite does not use are errors.
+
+    ``by_name`` (step name -> rule) overrides the composite's rules for those steps (:meth:`Composite.with_names`).
+    """
     factory = _factory(name)
     accepted = composite_parameters(name)
     unused = sorted(set(params) - set(accepted))
     if unused:
         raise TypeError(
             f"composite {name!r} does not use parameter(s) {', '.join(unused)}; "
-            f"it accepts: {', '.join(accepted) or 'no parameters'}"
+            f"it accepts: {', '.join(accepted + ('by_name',))}"
         )
-    return factory(**params)
+    composite = factory(**params)
+    return composite if by_name is None else composite.with_names(by_name)
 
 
 def _factory(name: str):

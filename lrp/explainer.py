@@ -7,7 +7,6 @@ reshapes, concatenations) use autograd, on their own inputs.
 """
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from torch import nn
 from .composites import Composite, make_composite
 from .graph import Network, refuse_hooks
 from .kinds import NO_RELEVANCE, Kind
-from .rules import StepContext, ZBox, bound_image
+from .rules import StepContext
 
 
 @dataclass
@@ -85,7 +84,7 @@ class Explainer:
             output = logits[rows, target]
             seed = torch.zeros_like(logits)
             seed[rows, target] = output if self.composite.seed == "relevance" else 1.0
-            relevance = self._backward(values, seed, self._composite_for(x))
+            relevance = self._backward(values, seed, self.composite.prepare(self.network, self._first, x))
         if self.composite.times_input:
             relevance = relevance * x
         return Explanation(relevance=relevance, output=output, target=target, logits=logits)
@@ -124,26 +123,6 @@ class Explainer:
         return target
 
     # -- the backward walk --------------------------------------------------------------------------------------
-    def _composite_for(self, x: torch.Tensor) -> Composite:
-        """The composite, with z^B's box carried to the first layer's input where the model transforms its input first.
-
-        ``low``/``high`` bound the pixels given to the model. Between them and the first layer there may be
-        elementwise constant scales and shifts (GoogLeNet's ``transform_input``): the bounds of what the layer sees are
-        those steps applied to the bound images (min and max, in case a scale is negative). Only elementwise affine
-        steps (scales, shifts, reshapes, indexing, concatenation) map a box onto a box exactly; after anything else
-        (a pooling, say) ``low``/``high`` bound the layer's input as given.
-        """
-        rule = self.composite.first
-        if not isinstance(rule, ZBox) or self._first is None:
-            return self.composite
-        layer_input = self.network.steps[self._first].inputs[0]
-        before = [step.kind for step in self.network.steps[:layer_input + 1] if step.kind not in (Kind.INPUT, *NO_RELEVANCE)]
-        if not before or not set(before) <= _ELEMENTWISE_AFFINE:
-            return self.composite  # the box is taken as the bounds of what the layer sees, as zennit takes it
-        low, high = (self.network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input] for b in (rule.low, rule.high))
-        carried = ZBox(torch.minimum(low, high), torch.maximum(low, high), rule.stabilizer, rule.include_bias)
-        return dataclasses.replace(self.composite, first=carried)
-
     def _backward(self, values: list, seed: torch.Tensor, composite: Composite) -> torch.Tensor:
         steps = self.network.steps
         relevance: dict[int, torch.Tensor] = {self.network.output_index: seed}
@@ -164,12 +143,11 @@ class Explainer:
         raise AssertionError("the input step was not reached")
 
 
-_ELEMENTWISE_AFFINE = {Kind.SCALE, Kind.SHIFT, Kind.STRUCTURAL, Kind.IDENTITY}
-
 
 @contextmanager
 def _precision(x: torch.Tensor, tf32: bool):
-    """Full float32 on CUDA for the duration of a call (unless ``tf32``); PyTorch's global settings are restored after."""
+    """Full float32 on CUDA for the duration of a call (unless ``tf32``); PyTorch's global settings are restored
+    after."""
     if not x.is_cuda or tf32:
         yield
         return

@@ -296,7 +296,8 @@ class _Builder:
         # operands counted with repeats (y * y is a product of two tensors), and whether the first is one
         operands: list = []
         fx.node.map_arg((node.args, node.kwargs), lambda n: operands.append(self._kind_of(n) not in NO_RELEVANCE))
-        first = bool(node.args) and isinstance(node.args[0], fx.Node) and self._kind_of(node.args[0]) not in NO_RELEVANCE
+        first = (bool(node.args) and isinstance(node.args[0], fx.Node)
+                 and self._kind_of(node.args[0]) not in NO_RELEVANCE)
         step.kind = canon.function_kind(node.target, sum(operands), first)
         if step.kind is None:
             step.kind = canon.library_function_kind(node.target, node.args, node.kwargs)
@@ -319,7 +320,8 @@ class _Builder:
         producer = self.steps[self.index_of[node.args[0]]]
         index = node.args[1]
         step.name = f"{producer.name}[{index}]"
-        step.target, step.args, step.kwargs, step.inputs = producer.target, producer.args, producer.kwargs, producer.inputs
+        step.target, step.args, step.kwargs = producer.target, producer.args, producer.kwargs
+        step.inputs = producer.inputs
         step.element = index
         step.kind = Kind.STRUCTURAL
         if isinstance(producer.target, nn.MultiheadAttention):

@@ -14,7 +14,10 @@ def heatmap(relevance, percentile: float = 99.5, scale: float | None = None) -> 
 
     ``scale``: the |R| that maps to full colour (default: the ``percentile`` of |R|).
     """
-    r = relevance.detach().cpu().double().numpy() if isinstance(relevance, torch.Tensor) else np.asarray(relevance, float)
+    if isinstance(relevance, torch.Tensor):
+        r = relevance.detach().cpu().double().numpy()
+    else:
+        r = np.asarray(relevance, float)
     if r.ndim == 3:
         r = r.sum(0)
     if r.ndim != 2:

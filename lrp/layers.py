@@ -41,11 +41,12 @@ class LinearLayer:
         features = module.out_channels if self.is_conv else module.out_features
         if batchnorm is not None and batchnorm.num_features != features:
             raise UnsupportedLayerError(
-                f"{name}: the BatchNorm after it normalizes {batchnorm.num_features} features, the layer has {features} "
-                "outputs (it normalizes another axis) and cannot be folded")
+                f"{name}: the BatchNorm after it normalizes {batchnorm.num_features} features, "
+                f"the layer has {features} outputs (it normalizes another axis) and cannot be folded")
         if batchnorm is not None and not batchnorm.track_running_stats:
             raise UnsupportedLayerError(
-                f"{name}: the BatchNorm after it has no running statistics (track_running_stats=False) and cannot be folded"
+                f"{name}: the BatchNorm after it has no running statistics (track_running_stats=False) "
+                "and cannot be folded"
             )
         self._cache: dict = {}
         self._cache_key = None

@@ -4,6 +4,10 @@ Notation: input activations :math:`x_i`, weights :math:`w_{ij}`, bias :math:`b_j
 contributions :math:`z_{ij} = x_i w_{ij}`, :math:`(\cdot)^+ = \max(0,\cdot)`, :math:`(\cdot)^- = \min(0,\cdot)`.
 Every rule has the form :math:`R_i = x_i \sum_j w'_{ij} R_j / z'_j` for some modified weights :math:`w'` and
 denominator :math:`z'`, so it is computed as one (or a few) affine maps forward and transposed maps backward.
+Rules that give each sign of the input its own weights (z+, alpha-beta, gamma) share :class:`SignSplit`.
+
+A rule is a frozen dataclass: its fields are its whole setting (what ``repr`` shows), and it holds no state
+between calls, so one rule object serves every step it is given to (the contract is in docs/extending.md).
 
 ``include_bias=True`` (default) uses the biases in the denominators exactly as zennit 0.5 does, so results can be
 compared with it; ``include_bias=False`` leaves biases out (zennit's ``zero_params='bias'``), which is the form in which
@@ -17,12 +21,15 @@ reaches neurons with non-positive output (the usual case below a ReLU).
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import attention
+from .kinds import NO_RELEVANCE, Kind
 from .layers import batchnorm_affine
 from .stabilize import safe_divide
 
@@ -55,19 +62,86 @@ def _bias(bias, keep: bool):
 
 
 class Rule:
-    """Base class: ``rule(ctx, relevance) -> list of input relevances`` (None for inputs that get none)."""
+    """Base class: ``rule(ctx, relevance) -> list of input relevances`` (None for inputs that get none).
 
-    params: tuple[str, ...] = ()
+    Subclasses are frozen dataclasses; their ``float`` fields are stored as Python floats whatever number was given.
+    """
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if field.type in (float, "float"):  # a string under `from __future__ import annotations`
+                object.__setattr__(self, field.name, float(getattr(self, field.name)))
 
     def __call__(self, ctx: StepContext, relevance: torch.Tensor) -> list:
         raise NotImplementedError
 
-    def __repr__(self):
-        inner = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params)
-        return f"{type(self).__name__}({inner})"
+    def prepare(self, network, index: int, x: torch.Tensor) -> Rule:
+        """The rule to use at step ``index`` of ``network`` for the batch ``x`` (default: the rule itself).
+
+        For a rule whose setting depends on the network in front of its step, as z^B's box does (see :class:`ZBox`);
+        the composite calls it for its first-layer rule once per batch.
+        """
+        return self
+
+
+#: Parameters of a layer as a rule modifies them: ``layer -> (weight, bias)``, cached by the layer (``variant``).
+Part = Callable[[object], tuple]
+
+
+def positive_part(layer) -> tuple:
+    """:math:`(w^+, b^+)`."""
+    return layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
+
+
+def negative_part(layer) -> tuple:
+    """:math:`(w^-, b^-)`."""
+    return layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
+class SignSplit:
+    r"""A layer's input split by sign, :math:`x = x^+ + x^-`, for the rules that give each sign its own weights.
+
+    :meth:`relevance` computes :math:`R_i = x^+_i \sum_j a_{ij} m_j + x^-_i \sum_j b_{ij} m_j` with
+    :math:`m_j = R_j / (\sum_i x^+_i a_{ij} + x^-_i b_{ij} + c_j)` for parts :math:`(a, c)` and :math:`b`: z+ is
+    :math:`(w^+, w^-)`, alpha-beta's negative half :math:`(w^-, w^+)`, gamma
+    :math:`(w + \gamma w^\pm, w + \gamma w^\mp)`.
+    When the input has no negative entry (``neg`` is None) the :math:`x^-` terms vanish: one map each way.
+    """
+
+    layer: object
+    x: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor | None
+
+    @classmethod
+    def of(cls, ctx: StepContext) -> SignSplit:
+        layer, x = ctx.layer, ctx.inputs[0]
+        if _nonnegative(ctx):
+            return cls(layer, x, x, None)
+        return cls(layer, x, _pos(x), _neg(x))
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.neg is None
+
+    def relevance(self, relevance: torch.Tensor, up: Part, down: Part, stabilizer: float,
+                  include_bias: bool = True) -> torch.Tensor:
+        """The input relevance for parts ``up`` (on :math:`x^+`, with its bias) and ``down`` (on :math:`x^-`)."""
+        layer, x = self.layer, self.x
+        w_up, b_up = up(layer)
+        b_up = _bias(b_up, include_bias)
+        if self.neg is None:
+            message = safe_divide(relevance, layer.forward(x, w_up, b_up), stabilizer)
+            return layer.transpose(message, x, w_up).mul_(x)
+        w_down, _ = down(layer)
+        z = layer.forward(self.pos, w_up, b_up) + layer.forward(self.neg, w_down)
+        message = safe_divide(relevance, z, stabilizer)
+        return self.pos * layer.transpose(message, x, w_up) + self.neg * layer.transpose(message, x, w_down)
 
 
 # -- rules for Conv / Linear ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class Epsilon(Rule):
     r"""Epsilon rule (Eq. 3): :math:`R_i = \sum_j z_{ij} / (z_j + \epsilon\,\mathrm{sign}(z_j))\, R_j`.
 
@@ -75,10 +149,8 @@ class Epsilon(Rule):
     contradictory neurons (Binder et al. 2016 compare 0.01 and 100): relevance is never created, only absorbed.
     """
 
-    params = ("epsilon", "include_bias")
-
-    def __init__(self, epsilon: float = 1e-6, include_bias: bool = True):
-        self.epsilon, self.include_bias = float(epsilon), include_bias
+    epsilon: float = 1e-6
+    include_bias: bool = True
 
     def __call__(self, ctx, relevance):
         layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
@@ -89,127 +161,110 @@ class Epsilon(Rule):
         return [layer.transpose(message, x, weight).mul_(x)]
 
 
+@dataclass(frozen=True)
 class ZPlus(Rule):
     r"""z+ rule: :math:`R_i = \sum_j (x^+_i w^+_{ij} + x^-_i w^-_{ij}) / z^+_j\, R_j` (alpha=1, beta=0)."""
 
-    params = ("stabilizer", "include_bias")
-
-    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
     def __call__(self, ctx, relevance):
-        layer, x = ctx.layer, ctx.inputs[0]
-        w_pos, b_pos = _positive_part(layer)
-        b_pos = _bias(b_pos, self.include_bias)
-        if _nonnegative(ctx):
-            message = safe_divide(relevance, layer.forward(x, w_pos, b_pos), self.stabilizer)
-            return [layer.transpose(message, x, w_pos).mul_(x)]
-        w_neg, _ = _negative_part(layer)
-        xp, xn = _pos(x), _neg(x)
-        z = layer.forward(xp, w_pos, b_pos) + layer.forward(xn, w_neg)
-        message = safe_divide(relevance, z, self.stabilizer)
-        return [xp * layer.transpose(message, x, w_pos) + xn * layer.transpose(message, x, w_neg)]
+        split = SignSplit.of(ctx)
+        return [split.relevance(relevance, positive_part, negative_part, self.stabilizer, self.include_bias)]
 
 
+@dataclass(frozen=True)
 class AlphaBeta(Rule):
     r"""Alpha-beta rule (Eq. 4): :math:`R_i = \sum_j (\alpha z^+_{ij}/z^+_j - \beta z^-_{ij}/z^-_j) R_j`.
 
     Parameters follow the common convention :math:`\alpha - \beta = 1`, :math:`\beta \ge 0` (alpha=2, beta=1 is the
     paper's beta=-1). The paper's convention (:math:`\alpha + \beta = 1`, :math:`\beta \le 0`) is accepted and
-    converted; see :func:`alpha_beta_params`.
+    converted (the fields hold the common form); see :func:`alpha_beta_params`.
     """
 
-    params = ("alpha", "beta", "stabilizer", "include_bias")
+    alpha: float | None = 2.0
+    beta: float | None = 1.0
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.alpha, self.beta = alpha_beta_params(alpha, beta)
-        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+    def __post_init__(self):
+        super().__post_init__()
+        alpha, beta = alpha_beta_params(self.alpha, self.beta)
+        object.__setattr__(self, "alpha", alpha)
+        object.__setattr__(self, "beta", beta)
 
     def __call__(self, ctx, relevance):
-        layer, x = ctx.layer, ctx.inputs[0]
-        keep = self.include_bias
-        stackable = not layer.is_conv or layer.module.groups == 1
-        if stackable and _nonnegative(ctx):
-            # one affine map with [w+; w-] stacked on the output axis, one transposed map for both messages
-            w_both, b_both = layer.variant("pos_neg", lambda w, b: (
-                torch.cat([_pos(w), _neg(w)]), None if b is None else torch.cat([_pos(b), _neg(b)])))
-            axis = 1 if layer.is_conv else -1  # the output-feature axis: channels, or last for Linear
-            z_pos, z_neg = layer.forward(x, w_both, _bias(b_both, keep)).chunk(2, dim=axis)
-            message = torch.cat([
-                self.alpha * safe_divide(relevance, z_pos, self.stabilizer),
-                -self.beta * safe_divide(relevance, z_neg, self.stabilizer),
-            ], dim=axis)
-            return [layer.transpose(message, x, w_both).mul_(x)]
-        (w_pos, b_pos), (w_neg, b_neg) = _positive_part(layer), _negative_part(layer)
-        xp, xn = _pos(x), _neg(x)
-        z_pos = layer.forward(xp, w_pos, _bias(b_pos, keep)) + layer.forward(xn, w_neg)
-        z_neg = layer.forward(xp, w_neg, _bias(b_neg, keep)) + layer.forward(xn, w_pos)
-        m_pos = safe_divide(relevance, z_pos, self.stabilizer)
-        m_neg = safe_divide(relevance, z_neg, self.stabilizer)
-        positive = xp * layer.transpose(m_pos, x, w_pos) + xn * layer.transpose(m_pos, x, w_neg)
-        negative = xp * layer.transpose(m_neg, x, w_neg) + xn * layer.transpose(m_neg, x, w_pos)
+        split = SignSplit.of(ctx)
+        layer = ctx.layer
+        if split.nonnegative and (not layer.is_conv or layer.module.groups == 1):
+            return [self._stacked(layer, split.x, relevance)]
+        s, keep = self.stabilizer, self.include_bias
+        positive = split.relevance(relevance, positive_part, negative_part, s, keep)
+        negative = split.relevance(relevance, negative_part, positive_part, s, keep)
         return [self.alpha * positive - self.beta * negative]
 
+    def _stacked(self, layer, x, relevance):
+        """Non-negative input: one affine map with [w+; w-] stacked on the output axis, one transposed map for both."""
+        w_both, b_both = layer.variant("pos_neg", lambda w, b: (
+            torch.cat([_pos(w), _neg(w)]), None if b is None else torch.cat([_pos(b), _neg(b)])))
+        axis = 1 if layer.is_conv else -1  # the output-feature axis: channels, or last for Linear
+        z_pos, z_neg = layer.forward(x, w_both, _bias(b_both, self.include_bias)).chunk(2, dim=axis)
+        message = torch.cat([
+            self.alpha * safe_divide(relevance, z_pos, self.stabilizer),
+            -self.beta * safe_divide(relevance, z_neg, self.stabilizer),
+        ], dim=axis)
+        return layer.transpose(message, x, w_both).mul_(x)
 
+
+@dataclass(frozen=True)
 class Gamma(Rule):
     r"""Gamma rule: favours positive contributions, :math:`w' = w + \gamma w^+` for neurons with positive output
     (and :math:`w + \gamma w^-` for negative outputs, zennit's generalized form for signed inputs)."""
 
-    params = ("gamma", "stabilizer", "include_bias")
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
-    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.gamma, self.stabilizer, self.include_bias = float(gamma), float(stabilizer), include_bias
+    def _up(self, layer) -> tuple:
+        g = self.gamma
+        return layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
+
+    def _down(self, layer) -> tuple:
+        g = self.gamma
+        return layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
 
     def __call__(self, ctx, relevance):
-        layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
-        g, keep = self.gamma, self.include_bias
-        w_up, b_up = layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
-        def w_dn_b_dn():
-            return layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
-        if _nonnegative(ctx):
-            if not bool((relevance * (z <= 0)).any()):
-                # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed
-                message = safe_divide(relevance, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
-                return [layer.transpose(message, x, w_up).mul_(x)]
-            # relevance at non-positive outputs too (e.g. a residual branch feeding a sum): with x >= 0 the x^- terms
-            # vanish, so each sign needs one affine map and one transposed map
-            r_pos, r_neg = relevance * (z > 0), relevance * (z < 0)
-            message = safe_divide(r_pos, layer.forward(x, w_up, _bias(b_up, keep)), self.stabilizer)
-            result = layer.transpose(message, x, w_up)
-            if bool(r_neg.ne(0).any()):
-                w_dn, b_dn = w_dn_b_dn()
-                message = safe_divide(r_neg, layer.forward(x, w_dn, _bias(b_dn, keep)), self.stabilizer)
-                result = result.add_(layer.transpose(message, x, w_dn))
-            return [result.mul_(x)]
-        w_dn, b_dn = w_dn_b_dn()
-        r_pos = relevance * (z > 0)
-        r_neg = relevance * (z < 0)
-        xp, xn = _pos(x), _neg(x)
-        m_pos = safe_divide(r_pos, layer.forward(xp, w_up, _bias(b_up, keep)) + layer.forward(xn, w_dn), self.stabilizer)
-        result = xp * layer.transpose(m_pos, x, w_up) + xn * layer.transpose(m_pos, x, w_dn)
+        z, split = ctx.output, SignSplit.of(ctx)
+        s, keep = self.stabilizer, self.include_bias
+        if split.nonnegative and not bool((relevance * (z <= 0)).any()):
+            # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed
+            return [split.relevance(relevance, self._up, self._down, s, keep)]
+        r_pos, r_neg = relevance * (z > 0), relevance * (z < 0)
+        result = split.relevance(r_pos, self._up, self._down, s, keep)
         if bool(r_neg.ne(0).any()):
-            z_neg = layer.forward(xp, w_dn, _bias(b_dn, keep)) + layer.forward(xn, w_up)
-            m_neg = safe_divide(r_neg, z_neg, self.stabilizer)
-            result = result + xp * layer.transpose(m_neg, x, w_dn) + xn * layer.transpose(m_neg, x, w_up)
+            result = result + split.relevance(r_neg, self._down, self._up, s, keep)
         return [result]
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: the bounds may be tensors, which have no single truth value
 class ZBox(Rule):
     r"""z^B rule for inputs bounded by ``low <= x <= high`` (pixel layer):
     :math:`R_i = \sum_j (x_i w_{ij} - l_i w^+_{ij} - h_i w^-_{ij}) / z_j\, R_j`. ``low``/``high``: floats, per-channel
-    tensors of shape (C,), or tensors broadcastable to the input."""
+    tensors of shape (C,), or tensors broadcastable to the input.
 
-    params = ("low", "high", "stabilizer", "include_bias")
+    ``low``/``high`` bound the pixels given to the model; :meth:`prepare` carries them to the first layer's input
+    through the elementwise steps in front of it (GoogLeNet's ``transform_input``)."""
 
-    def __init__(self, low, high, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.low, self.high = low, high
-        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+    low: object
+    high: object
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
     def __call__(self, ctx, relevance):
         layer, x = ctx.layer, ctx.inputs[0]
         keep = self.include_bias
         weight, bias = layer.params()
-        (w_pos, b_pos), (w_neg, b_neg) = _positive_part(layer), _negative_part(layer)
+        (w_pos, b_pos), (w_neg, b_neg) = positive_part(layer), negative_part(layer)
         low, high = bound_image(self.low, x), bound_image(self.high, x)
         z = ctx.output if keep or bias is None else ctx.output - layer.expand_bias(bias, ctx.output)
         # the bounds are the same image for every row: their affine maps are computed once, then broadcast
@@ -218,14 +273,35 @@ class ZBox(Rule):
         return [x * layer.transpose(message, x, weight) - low * layer.transpose(message, x, w_pos)
                 - high * layer.transpose(message, x, w_neg)]
 
+    def prepare(self, network, index, x):
+        """The box of what step ``index`` sees, where the model transforms its input elementwise first.
 
+        Between the pixels and the first layer there may be elementwise constant scales and shifts (GoogLeNet's
+        ``transform_input``): the bounds of what the layer sees are those steps applied to the bound images (min and
+        max, in case a scale is negative). Only elementwise affine steps (scales, shifts, reshapes, indexing,
+        concatenation) map a box onto a box exactly; after anything else (a pooling, say) ``low``/``high`` bound the
+        layer's input as given, as zennit takes them.
+        """
+        layer_input = network.steps[index].inputs[0]
+        before = [step.kind for step in network.steps[:layer_input + 1]
+                  if step.kind not in (Kind.INPUT, *NO_RELEVANCE)]
+        if not before or not set(before) <= _ELEMENTWISE_AFFINE:
+            return self
+        low, high = (network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input]
+                     for b in (self.low, self.high))
+        return dataclasses.replace(self, low=torch.minimum(low, high), high=torch.maximum(low, high))
+
+
+_ELEMENTWISE_AFFINE = {Kind.SCALE, Kind.SHIFT, Kind.STRUCTURAL, Kind.IDENTITY}
+
+
+@dataclass(frozen=True)
 class Flat(Rule):
-    r"""Flat rule: relevance spread uniformly over each neuron's receptive field, :math:`w_{ij} = 1`, :math:`x_i = 1`."""
+    r"""Flat rule: relevance spread uniformly over each neuron's receptive field, :math:`w_{ij} = 1`, :math:`x_i = 1`.
 
-    params = ("stabilizer",)
+    No bias enters (all weights are ones, the bias is dropped), so it takes no ``include_bias``."""
 
-    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.stabilizer = float(stabilizer)
+    stabilizer: float = 1e-6
 
     def __call__(self, ctx, relevance):
         layer, x = ctx.layer, ctx.inputs[0]
@@ -235,13 +311,12 @@ class Flat(Rule):
         return [layer.transpose(message, ones_x, ones_w)]
 
 
+@dataclass(frozen=True)
 class WSquare(Rule):
     r"""w^2 rule: :math:`R_i = \sum_j w_{ij}^2 / \sum_{i'} w_{i'j}^2\, R_j` (first layer, unbounded inputs)."""
 
-    params = ("stabilizer", "include_bias")
-
-    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
     def __call__(self, ctx, relevance):
         layer, x = ctx.layer, ctx.inputs[0]
@@ -252,6 +327,7 @@ class WSquare(Rule):
 
 
 # -- rules for the other steps ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class Pass(Rule):
     """Relevance passes unchanged (ReLU and other elementwise steps: the neuron is the same neuron)."""
 
@@ -259,20 +335,19 @@ class Pass(Rule):
         return [relevance] + [None] * (len(ctx.inputs) - 1)
 
 
+@dataclass(frozen=True)
 class Norm(Rule):
     r"""Proportional split for parameter-free linear steps (sums, average pooling):
     :math:`R_i = x_i\, \partial z_j/\partial x_i\, R_j / z_j`."""
 
-    params = ("stabilizer",)
-
-    def __init__(self, stabilizer: float = 1e-6):
-        self.stabilizer = float(stabilizer)
+    stabilizer: float = 1e-6
 
     def __call__(self, ctx, relevance):
         message = safe_divide(relevance, ctx.output, self.stabilizer)
         return [None if g is None else x * g for x, g in zip(ctx.inputs, ctx.vjp(message))]
 
 
+@dataclass(frozen=True)
 class Gradient(Rule):
     """The plain vector-Jacobian product: relevance is moved (or, for baselines, gradients are propagated)."""
 
@@ -282,6 +357,7 @@ class Gradient(Rule):
         return list(ctx.vjp(relevance))
 
 
+@dataclass(frozen=True)
 class DeconvReLU(Rule):
     """DeconvNet's ReLU (Zeiler & Fergus 2014): pass the positive part of the signal, ignoring the forward mask."""
 
@@ -289,15 +365,14 @@ class DeconvReLU(Rule):
         return [relevance.clamp(min=0)]
 
 
+@dataclass(frozen=True)
 class Affine(Rule):
     r"""A BatchNorm that cannot be folded, as the elementwise affine map :math:`z = s x + t` (running statistics):
     the z rule on it, :math:`R_x = s x / (s x + t) R_z` (``include_bias=False``: :math:`t` left out, relevance passes
     unchanged where :math:`s x \ne 0`; a zero input, e.g. after a ReLU, gets none: the shift alone explains it)."""
 
-    params = ("stabilizer", "include_bias")
-
-    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
     def __call__(self, ctx, relevance):
         x = ctx.inputs[0]
@@ -307,15 +382,14 @@ class Affine(Rule):
         return [contribution * safe_divide(relevance, z, self.stabilizer)]
 
 
+@dataclass(frozen=True)
 class LayerNorm(Rule):
     r"""AttnLRP's LayerNorm rule: the standard deviation is a constant, so :math:`y = (x - \bar x) w / \sigma + b` is
     linear in :math:`x` and gets the epsilon rule, :math:`R_x = x \odot J^T (R / z)` with :math:`z = y` (``b`` left out
     when ``include_bias=False``). Conserves exactly with ``include_bias=False`` and exact division."""
 
-    params = ("stabilizer", "include_bias")
-
-    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
-        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+    stabilizer: float = 1e-6
+    include_bias: bool = True
 
     def __call__(self, ctx, relevance):
         x = ctx.inputs[0]
@@ -340,14 +414,14 @@ def layer_norm_parameters(target, args, kwargs) -> tuple:
     return tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
 
 
+@dataclass(frozen=True)
 class Attention(Rule):
     """Self-attention: AttnLRP (softmax rule, uniform rule on both products, epsilon on the projections), or CP-LRP
     with ``cp=True`` (attention weights constant: relevance through the values only). See :mod:`lrp.attention`."""
 
-    params = ("epsilon", "include_bias", "cp")
-
-    def __init__(self, epsilon: float = 1e-6, include_bias: bool = True, cp: bool = False):
-        self.epsilon, self.include_bias, self.cp = float(epsilon), include_bias, cp
+    epsilon: float = 1e-6
+    include_bias: bool = True
+    cp: bool = False
 
     def __call__(self, ctx, relevance):
         return [attention.relevance(ctx.step.target, ctx.inputs[0], relevance, self.epsilon, self.include_bias,
@@ -380,14 +454,6 @@ def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, f
 def _nonnegative(ctx: StepContext) -> bool:
     """Whether the layer's input has no negative entry: known from the graph (after a ReLU), else checked."""
     return ctx.step.inputs_nonnegative or bool((ctx.inputs[0] >= 0).all())
-
-
-def _positive_part(layer):
-    return layer.variant("pos", lambda w, b: (_pos(w), None if b is None else _pos(b)))
-
-
-def _negative_part(layer):
-    return layer.variant("neg", lambda w, b: (_neg(w), None if b is None else _neg(b)))
 
 
 def bound_image(bound, x: torch.Tensor) -> torch.Tensor:

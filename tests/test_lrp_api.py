@@ -302,7 +302,8 @@ def test_model_parameters_flags_hooks_and_outputs_are_unchanged(x):
     assert not first.relevance.requires_grad
 
     # explained with inference semantics (Dropout off, BatchNorm running statistics), whatever the model's mode
-    reference = lrp.Explainer(copy.deepcopy(model).eval(), "epsilon_gamma_box", low=-3.0, high=3.0)(x, torch.tensor([0, 1, 2]))
+    reference = lrp.Explainer(copy.deepcopy(model).eval(), "epsilon_gamma_box", low=-3.0, high=3.0)(
+        x, torch.tensor([0, 1, 2]))
     assert torch.equal(first.relevance, reference.relevance)
     handle.remove()
 
@@ -514,3 +515,29 @@ def test_tf32_switch_is_accepted_and_changes_nothing_on_cpu(model, x):
     assert torch.equal(full, rough)
     with pytest.raises(TypeError):
         lrp.Explainer(model, "epsilon", True)  # keyword only
+
+
+def test_a_name_override_gives_one_step_its_rule_as_zennit_name_maps_do(model, x):
+    """epsilon_plus with the flat rule named on the first Conv is epsilon_plus_flat (checked against zennit)."""
+    named = lrp.Explainer(model, "epsilon_plus", by_name={"0": lrp.rules.Flat()})(x, 1).relevance
+    torch.testing.assert_close(named, lrp.Explainer(model, "epsilon_plus_flat")(x, 1).relevance)
+    same = lrp.Explainer(model, lrp.make_composite("epsilon_plus").with_names({"0": lrp.rules.Flat()}))(x, 1)
+    assert torch.equal(same.relevance, named)
+    assert not torch.equal(named, lrp.Explainer(model, "epsilon_plus")(x, 1).relevance)
+
+
+def test_a_name_override_for_a_step_the_network_lacks_is_refused(model):
+    with pytest.raises(ValueError, match="names steps the network does not have: features.0"):
+        lrp.Explainer(model, "epsilon_plus", by_name={"features.0": lrp.rules.Flat()})
+    with pytest.raises(TypeError, match="not a rule for: 0"):
+        lrp.make_composite("epsilon_plus", by_name={"0": "flat"})
+
+
+def test_rules_are_frozen_settings():
+    rule = lrp.rules.AlphaBeta(beta=-1)  # the paper's convention, stored in the common one
+    assert (rule.alpha, rule.beta) == (2.0, 1.0) and repr(rule).startswith("AlphaBeta(alpha=2.0, beta=1.0")
+    assert type(lrp.rules.Gamma(1).gamma) is float
+    with pytest.raises(AttributeError):
+        rule.alpha = 3.0
+    with pytest.raises(TypeError):
+        lrp.rules.Flat(1e-6, include_bias=False)  # no bias enters the flat rule
