@@ -235,7 +235,8 @@ def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 
                          seed: int = 0, storage_options: dict | None = None, write: bool = True) -> AopcResult:
     """Summarize an evaluation directory and (``write``) store ``aopc.parquet`` and ``aopc_curves.parquet`` in it.
 
-    The keywords are :func:`summarize`'s and the storage options, passed through: hence seven parameters."""
+    Many parameters because: the keywords are :func:`summarize`'s and the storage options, passed through.
+    """
     stored = read_settings(out_dir, storage_options)
     settings = {"methods": stored.get("config", {}).get("explanations", {}),
                 "perturbation": stored.get("config", {}).get("perturbation", {}),

@@ -203,8 +203,8 @@ def judge(spot: Spot | None, image_shares: np.ndarray, context_share: float, con
     ``image_shares``: per image of the class, the share of its positive relevance in the spot (outside
     the object); empty when the spot did not qualify for the check. Without object geometry
     (``objects_known=False``) a spot may be where the class's objects usually are, and the reason says so.
-    Eight parameters because each is one measured number of the class, from three places (spot, image
-    shares, context scores): the verdict is a pure function of them, testable without a store.
+    Many parameters because: each is one measured number of the class, from three places (spot, image
+    shares, context scores); the verdict is a pure function of them, testable without a store.
     """
     image_shares = np.asarray(image_shares, np.float64)
     shown = int((image_shares >= settings.min_image_share).sum())

@@ -208,8 +208,9 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
     pools; ``scheduler`` picks where Dask runs (see :func:`scheduler_options`); ``memory_budget`` bounds the
     bytes of heatmaps held at once (more passes over the store when the groups need more; None: one pass).
     Rerunning overwrites the outputs with identical values; ``summary.json`` is written last, so an
-    interrupted run leaves no outputs that :func:`load` accepts. The keyword options are those of
-    ``lrp-audit aggregate``, passed through one to one: hence their number.
+    interrupted run leaves no outputs that :func:`load` accepts.
+
+    Many parameters because: the keyword options are those of ``lrp-audit aggregate``, passed through one to one.
     """
     store = open_store(store_url, storage_options=storage_options)
     out_dir = str(out_dir or default_out_dir(store_url))

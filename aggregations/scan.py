@@ -172,7 +172,7 @@ def scan(relevance: da.Array, boxes: np.ndarray | None, mask: da.Array | None, r
     else unknown (inside stats NaN, ``outside`` None). ``fine_keys`` (N, k) group the relevance maps of
     the rows in ``select``; ``class_keys`` (N,) group the positive maps of the rows in ``class_select``.
     Chunks without a selected row (failed or pending shards) are not read; their rows' stats are NaN.
-    Nine parameters: each is one input array of the pass (kept apart so that a pass over a block of
+    Many parameters because: each is one input array of the pass (kept apart so that a pass over a block of
     classes differs from the full pass in the selections only, and tests can drive it without a store).
     """
     relevance = relevance.rechunk({1: -1, 2: -1})

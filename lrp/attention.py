@@ -77,7 +77,8 @@ def forward(module: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     return out if module.batch_first else out.transpose(0, 1)
 
 
-def _linear_epsilon(relevance, x, z, weight, bias, epsilon, include_bias):
+def _linear_epsilon(relevance, x, z, projection: tuple, epsilon, include_bias):
+    weight, bias = projection
     if not include_bias and bias is not None:
         z = z - bias
     return x * (safe_divide(relevance, z, epsilon) @ weight)
@@ -90,8 +91,8 @@ def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tenso
         r_out = r_out.transpose(0, 1)
     t = intermediates(module, x)
     merged = _merge(t["O"])
-    r_heads = _linear_epsilon(r_out, merged, t["out"], module.out_proj.weight, module.out_proj.bias, epsilon,
-                              include_bias)
+    out_proj = module.out_proj.weight, module.out_proj.bias
+    r_heads = _linear_epsilon(r_out, merged, t["out"], out_proj, epsilon, include_bias)
     r_heads = _heads(r_heads, module.num_heads)
     if cp:
         r_q = r_k = torch.zeros_like(t["q"])
@@ -105,5 +106,6 @@ def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tenso
         r_q = t["q"] * (m_s @ t["k"])
         r_k = t["k"] * (m_s.transpose(-2, -1) @ t["q"])
     r_z = torch.cat([_merge(r) for r in (r_q, r_k, r_v)], dim=-1)
-    r_x = _linear_epsilon(r_z, t["x"], t["z"], module.in_proj_weight, module.in_proj_bias, epsilon, include_bias)
+    in_proj = module.in_proj_weight, module.in_proj_bias
+    r_x = _linear_epsilon(r_z, t["x"], t["z"], in_proj, epsilon, include_bias)
     return r_x if module.batch_first else r_x.transpose(0, 1)
