@@ -53,7 +53,8 @@ class SmallVGG(nn.Module):
             nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 2 * 2, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 5))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 2 * 2, 32), nn.ReLU(), nn.Dropout(),
+                                        nn.Linear(32, 5))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -115,7 +116,8 @@ def assert_conserves(result: lrp.Explanation, tolerance: float = CONSERVATION):
     scale = result.relevance.flatten(1).abs().sum(1)
     allowed = torch.maximum(tolerance * f, 1e-13 * scale)
     assert bool((result.residual.abs() <= allowed).all()), (
-        f"conservation error {(result.residual.abs() / f).tolist()} of f(x) (sum |R| / |f(x)| = {(scale / f).tolist()})")
+        f"conservation error {(result.residual.abs() / f).tolist()} of f(x) "
+        f"(sum |R| / |f(x)| = {(scale / f).tolist()})")
 
 
 # -- conservation ------------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def test_epsilon_zero_is_the_naive_rule(network):
     assert torch.equal(z, epsilon)
 
 
-# -- epsilon: absorbs, never creates ------------------------------------------------------------------------------------
+# -- epsilon: absorbs, never creates -----------------------------------------------------------------------------------
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
     """A float64 Linear layer with the given parameters (wrapped in nn.Sequential when used as a whole model: a bare
     layer as the model is not traceable, see test_lrp_api.py)."""
@@ -223,7 +225,7 @@ def test_epsilon_never_creates_relevance_and_absorbs_more_as_epsilon_grows():
         assert bool((larger < smaller).all() and (larger >= 0).all())
 
 
-# -- Table 1 of Binder et al. (2016) ------------------------------------------------------------------------------------
+# -- Table 1 of Binder et al. (2016) -----------------------------------------------------------------------------------
 def test_table1_conserves_relevance(network):
     """Naive: yes; epsilon: no; beta: yes."""
     model, x, target = network
@@ -294,7 +296,7 @@ def test_table1_numerical_stability():
         assert max(values) / min(values) < 1.2 and max(values) < 1e3
 
 
-# -- conventions --------------------------------------------------------------------------------------------------------
+# -- conventions -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("given, common", [
     ((2.0, 1.0), (2.0, 1.0)), ((2.0, -1.0), (2.0, 1.0)), ((1.0, 0.0), (1.0, 0.0)), ((3.0, -2.0), (3.0, 2.0)),
     ((None, None), (2.0, 1.0)), ((3.0, None), (3.0, 2.0)), ((None, -1.0), (2.0, 1.0)), ((None, 1.0), (2.0, 1.0)),
