@@ -206,3 +206,20 @@ def test_same_eigenvalues_and_partition_as_corelay(planted):
     their_labels = KMeans(n_clusters=k, kwargs={"n_init": 10, "random_state": 0})(their_vectors)
     assert adjusted_rand_score(ours_labels, their_labels) == 1.0
     assert adjusted_rand_score(ours_labels, planted["corner"][rows]) == 1.0
+
+
+def test_aggregate_and_spray_keep_each_others_outputs(planted, tmp_path):
+    """Both jobs write into STORE.aggregates; neither may erase what the other wrote, in either order."""
+    from aggregations.run import aggregate
+    from aggregations.run import load as load_aggregates
+
+    out = str(tmp_path)
+    first = spray(planted["url"], out, classes=[0], settings=SpraySettings(embedding="none"), options=QUIET)
+    expected = first.cluster_mean("lrp", 0, 0)
+    aggregate(planted["url"], out)  # rewrites heatmaps.zarr from scratch
+    again = load(out)
+    np.testing.assert_array_equal(again.cluster_mean("lrp", 0, 0), expected)
+    assert len(again.eigenvalues("lrp", 0)) == 32
+    spray(planted["url"], out, classes=[1], settings=SpraySettings(embedding="none"), options=QUIET)
+    assert load_aggregates(out).heatmap("lrp", target=0) is not None  # and SpRAy leaves the aggregates alone
+    assert load(out).cluster_mean("lrp", 0, 0) is None  # a rerun replaces the previous SpRAy run as a whole
