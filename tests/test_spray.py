@@ -223,3 +223,16 @@ def test_aggregate_and_spray_keep_each_others_outputs(planted, tmp_path):
     spray(planted["url"], out, classes=[1], settings=SpraySettings(embedding="none"), options=QUIET)
     assert load_aggregates(out).heatmap("lrp", target=0) is not None  # and SpRAy leaves the aggregates alone
     assert load(out).cluster_mean("lrp", 0, 0) is None  # a rerun replaces the previous SpRAy run as a whole
+
+
+def test_spectral_embedding_is_kept_per_row(planted, result):
+    """The eigenvectors of each clustered row are kept (the ViRelAy export needs them), aligned with its rows."""
+    rows, vectors = result.spectral("lrp", 0)
+    assignments = result.assignments.filter(result.assignments["target"].to_numpy() == 0)
+    np.testing.assert_array_equal(rows, assignments["row"].to_numpy())
+    assert vectors.shape == (57, 32) and np.isfinite(vectors).all()
+    # the first K = 2 unit-length eigenvector rows separate the plant: one direction per cluster
+    unit = spectral.unit_rows(vectors[:, :2])
+    labels = assignments["cluster"].to_numpy()
+    assert np.abs(unit[labels == 0].mean(axis=0) @ unit[labels == 1].mean(axis=0)) < 0.2
+    assert result.spectral("lrp", 2) is None  # too small: not clustered

@@ -80,6 +80,17 @@ class SprayResult:
         values = array[targets.index(target)]
         return values[np.isfinite(values)]
 
+    def spectral(self, group: str, target: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(store rows, (n, m) eigenvectors of the normalised Laplacian) of one clustered class, or None."""
+        node = self.zarr_group[group]
+        table = self.assignments
+        in_group = table["group"].to_numpy(zero_copy_only=False) == group
+        mine = np.flatnonzero(table["target"].to_numpy()[in_group] == target)  # the arrays hold one group's rows
+        if not mine.size:
+            return None
+        m = len(self.eigenvalues(group, target))
+        return node["spectral_rows"][...][mine], node["spectral"].oindex[mine, :m]
+
     def cluster_mean(self, group: str, target: int, cluster: int) -> np.ndarray | None:
         array = self.zarr_group[group]["cluster_means"]
         keys = [tuple(k) for k in array.attrs["keys"]]

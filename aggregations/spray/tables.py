@@ -120,7 +120,29 @@ def write_arrays(node: zarr.Group, done: dict) -> None:
                               chunks=(1, geometry.gy, geometry.gx), dimension_names=("cluster", "gy", "gx"))
     if stack.size:
         array[...] = stack
-    array.attrs.update({"keys": keys, "key_names": ["target", "cluster"], "map_shape": [geometry.height, geometry.width]})
+    array.attrs.update({"keys": keys, "key_names": ["target", "cluster"],
+                        "map_shape": [geometry.height, geometry.width]})
+    _write_spectral(node, done, width)
+
+
+def _write_spectral(node: zarr.Group, done: dict, width: int) -> None:
+    """Each clustered row's eigenvectors (row, eigenvalue) float32, NaN-padded, in assignments order; its store
+    row in ``spectral_rows``. The ViRelAy export reads them (its analysis files keep the spectral embedding)."""
+    meta, results = done["meta"], done["results"]
+    rows = [np.flatnonzero((meta["target"] == c) & (meta["status"] == STATUS_OK)) for c in results]
+    n = sum(len(r) for r in rows)
+    values = np.full((n, width), np.nan, np.float32)
+    start = 0
+    for result in results.values():
+        vectors = result["spectral"]
+        values[start:start + len(vectors), : vectors.shape[1]] = vectors
+        start += len(vectors)
+    array = node.create_array("spectral", shape=values.shape, dtype="float32", fill_value=np.nan,
+                              chunks=(max(min(n, 65536), 1), max(width, 1)), dimension_names=("row", "eigenvalue"))
+    if values.size:
+        array[...] = values
+    order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    node.create_array("spectral_rows", data=order.astype(np.int64), dimension_names=("row",))
 
 
 ASSIGNMENT_SCHEMA = pa.schema([
