@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         "OUT/spray/arrays.zarr (docs/spray.md)."))
     p.add_argument("store", help="the relevance store (local path or fsspec URL) written by 'lrp-audit explain'")
     p.add_argument("--out", help="output directory (default: beside the store, STORE.aggregates)")
-    p.add_argument("--group", action="append", dest="groups", metavar="NAME", help="explanation group (repeatable; default: all)")
+    p.add_argument("--group", action="append", dest="groups", metavar="NAME",
+                   help="explanation group (repeatable; default: all)")
     p.add_argument("--classes", type=int, nargs="+", metavar="C", help="target classes to analyse (default: all)")
     p.add_argument("--size", type=int, default=d.size, help=f"pooled grid size (default {d.size}: {d.size}x{d.size})")
     p.add_argument("--normalise", choices=NORMALISATIONS, default=d.normalise, help=f"default {d.normalise}")
@@ -29,13 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-method", choices=PCA_METHODS, default=d.pca_method, help=f"default {d.pca_method}")
     p.add_argument("--neighbors", type=int, default=d.neighbors, help=f"k of the kNN graph (default {d.neighbors})")
     p.add_argument("--approximate-above", type=int, default=d.approximate_above,
-                   help=f"rows of a class above which pynndescent replaces the exact search (default {d.approximate_above})")
+                   help="rows of a class above which pynndescent replaces the exact search "
+                        f"(default {d.approximate_above})")
     p.add_argument("--eigenvalues", type=int, default=d.n_eigenvalues, dest="n_eigenvalues",
                    help=f"eigenvalues kept (default {d.n_eigenvalues})")
     p.add_argument("--clusters", type=parse_clusters, default=d.clusters, help="'auto' (eigengap, default) or K")
-    p.add_argument("--max-clusters", type=int, default=d.max_clusters, help=f"largest K for auto (default {d.max_clusters})")
+    p.add_argument("--max-clusters", type=int, default=d.max_clusters,
+                   help=f"largest K for auto (default {d.max_clusters})")
     p.add_argument("--method", choices=METHODS, default=d.method, help=f"clustering (default {d.method})")
-    p.add_argument("--embedding", choices=EMBEDDINGS, default=d.embedding, help=f"2-D embedding (default {d.embedding})")
+    p.add_argument("--embedding", choices=EMBEDDINGS, default=d.embedding,
+                   help=f"2-D embedding (default {d.embedding})")
     p.add_argument("--min-rows", type=int, default=d.min_rows, help=f"smallest class clustered (default {d.min_rows})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--scheduler", default=None,

@@ -130,7 +130,8 @@ def test_approximate_neighbours_match_the_exact_search(planted, tmp_path):
     assert used and approximate.shape == exact.shape == (len(rows), 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
     assert recall >= 0.95 and not (approximate == np.arange(len(rows))[:, None]).any()
-    out = spray(planted["url"], str(tmp_path), classes=[0], settings=SpraySettings(embedding="none", approximate_above=40),
+    out = spray(planted["url"], str(tmp_path), classes=[0],
+                settings=SpraySettings(embedding="none", approximate_above=40),
                 options=QUIET)
     assert out.classes["approximate_knn"][0].as_py() and out.classes["n_clusters"][0].as_py() >= 2
 

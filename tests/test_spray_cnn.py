@@ -22,7 +22,8 @@ TAG = CLASSES.index("ring")
 SIZE = 48
 
 
-def scenes(rng: np.random.Generator, per_class: int, tag_rate: float, tag_count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+def scenes(rng: np.random.Generator, per_class: int, tag_rate: float,
+           tag_count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """(N, 3, H, W) normalised images, labels, stamped flags, object boxes; stamps only on the tag class."""
     images, labels, stamped, boxes = [], [], [], []
     for label, shape in enumerate(CLASSES):
@@ -55,7 +56,8 @@ def audited(tmp_path_factory):
                        class_names=list(CLASSES), rows_per_shard=50)
     out = str(tmp_path_factory.mktemp("cnn-out"))
     return {"store": store, "out": out, "stamped": stamped, "y": y, "prediction": prediction,
-            "spray": spray(store, out, settings=SpraySettings(embedding="none", size=16), options=RunOptions(progress=False))}
+            "spray": spray(store, out, settings=SpraySettings(embedding="none", size=16),
+                           options=RunOptions(progress=False))}
 
 
 def test_model_learned_the_stamp(audited):

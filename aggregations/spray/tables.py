@@ -89,7 +89,8 @@ def build(out_dir: str, per_group: dict, store, settings: SpraySettings) -> tupl
                                  "n_clusters": result["n_clusters"], "eigengap": result["eigengap"],
                                  "split_score": result["split_score"], "split_rank": info[c]["split_rank"], **record})
     summary = {
-        "format": FORMAT, "store": store.url, "class_names": store.class_names, "map_shape": [store.height, store.width],
+        "format": FORMAT, "store": store.url, "class_names": store.class_names,
+        "map_shape": [store.height, store.width],
         "grid": {name: [done["geometry"].gy, done["geometry"].gx] for name, done in per_group.items()},
         "settings": settings.as_dict(),
         "groups": {name: {s: sum(1 for r in classes if r["group"] == name and r["status"] == s)
@@ -157,7 +158,8 @@ CLUSTER_SCHEMA = pa.schema([
     ("inside_share_positive", pa.float64()), ("outside_share_positive", pa.float64()),
     ("peak_y", pa.float64()), ("peak_x", pa.float64()),
     *[(k, pa.int64()) for k in ("spot_x0", "spot_y0", "spot_x1", "spot_y1")],
-    ("spot_share", pa.float64()), ("rest_spot_share", pa.float64()), ("spot_on_object", pa.float64()), ("divergence", pa.float64()),
+    ("spot_share", pa.float64()), ("rest_spot_share", pa.float64()), ("spot_on_object", pa.float64()),
+    ("divergence", pa.float64()),
     ("prototype_rows", pa.list_(pa.int64())), ("prototype_sample_ids", pa.list_(pa.int64())),
     ("prototype_paths", pa.list_(pa.string())), ("flagged", pa.bool_()), ("flag", pa.string()), ("reason", pa.string()),
 ])
