@@ -41,11 +41,12 @@ SIZE, ROWS_PER_SHARD, SEED = 64, 500, 0
 
 
 def plan(rows: int, sizes: list[int]) -> np.ndarray:
-    """The target of every row: a third of the rows in classes of each size, class after class."""
-    per_size = rows // len(sizes)
+    """The target of every row: a share of at least ``rows / len(sizes)`` in classes of each size, class after
+    class (so there are at least ``rows`` rows)."""
+    per_size = -(-rows // len(sizes))
     targets, c = [], 0
     for size in sizes:
-        for _ in range(max(1, per_size // size)):
+        for _ in range(-(-per_size // size)):
             targets.append(np.full(size, c))
             c += 1
     return np.concatenate(targets)

@@ -108,3 +108,29 @@ def test_virelay_opens_the_project(exported):
 def test_refuses_without_spray_results(exported, tmp_path, capsys):
     assert cli.main(["export-virelay", exported["store"], str(tmp_path / "p"), "--spray", str(tmp_path)]) == 2
     assert "no SpRAy results" in capsys.readouterr().err
+
+
+def test_per_channel_maps_are_exported_as_they_are(tmp_path):
+    """A store that kept per-channel relevance: ViRelAy gets those channels (it sums them to the map)."""
+    from pipeline.store import RelevanceStore, open_store
+
+    rng = np.random.default_rng(4)
+    n = 40
+    channels = rng.normal(0, 0.02, (n, 3, SIZE, SIZE)).astype(np.float32)
+    channels[: n // 2, :, 1:5, 1:5] += 1.0
+    channels[n // 2:, :, 12:20, 12:20] += 1.0
+    store = RelevanceStore.create(str(tmp_path / "c.zarr"), config={}, class_names=["only"], groups=["lrp"],
+                                  n_rows=n, height=SIZE, width=SIZE, rows_per_shard=n, channels=3)
+    store.group("lrp").write_block(0, relevance=channels.sum(axis=1), relevance_channels=channels,
+                                   target=np.zeros(n, np.int64), label=np.zeros(n, np.int64),
+                                   prediction=np.zeros(n, np.int64), sample_id=np.arange(n),
+                                   path=np.array([str(tmp_path / "gone.png")] * n))
+    spray(str(tmp_path / "c.zarr"), str(tmp_path / "agg"), settings=SpraySettings(embedding="none"),
+          options=RunOptions(progress=False))
+    assert cli.main(["export-virelay", str(tmp_path / "c.zarr"), str(tmp_path / "p"),
+                     "--spray", str(tmp_path / "agg")]) == 0
+    with h5py.File(tmp_path / "p" / "lrp-attribution.h5") as f:
+        np.testing.assert_array_equal(f["attribution"][...], channels)
+    with h5py.File(tmp_path / "p" / "lrp-analysis.h5") as f:
+        assert list(f["00000000/embedding"]) == ["spectral"]  # no 2-D picture was computed
+    assert open_store(str(tmp_path / "c.zarr")).n_rows == n
