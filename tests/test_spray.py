@@ -237,3 +237,11 @@ def test_spectral_embedding_is_kept_per_row(planted, result):
     labels = assignments["cluster"].to_numpy()
     assert np.abs(unit[labels == 0].mean(axis=0) @ unit[labels == 1].mean(axis=0)) < 0.2
     assert result.spectral("lrp", 2) is None  # too small: not clustered
+
+
+def test_aggregate_can_chain_spray(planted, tmp_path, capsys):
+    out = tmp_path / "agg"
+    assert cli.main(["aggregate", planted["url"], "--out", str(out), "--spray", "--scheduler", "sync"]) == 0
+    printed = capsys.readouterr().out
+    assert "class 0 (class0): split rank 1, 2 clusters" in printed
+    assert (out / "summary.json").exists() and load(str(out)).cluster_mean("lrp", 0, 0) is not None
