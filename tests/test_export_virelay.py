@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
                    options=RunOptions(progress=False))
     out = root / "project"
     assert cli.main(["export-virelay", store, str(out), "--spray", str(root / "agg")]) == 0
-    return {"store": store, "out": out, "spray": result, "stamped": stamped, "status": status, "n": n}
+    return {"store": store, "out": out, "spray": result, "spray_dir": str(root / "agg"), "stamped": stamped, "status": status, "n": n}
 
 
 def test_hdf5_layout(exported):
@@ -134,3 +134,13 @@ def test_per_channel_maps_are_exported_as_they_are(tmp_path):
     with h5py.File(tmp_path / "p" / "lrp-analysis.h5") as f:
         assert list(f["00000000/embedding"]) == ["spectral"]  # no 2-D picture was computed
     assert open_store(str(tmp_path / "c.zarr")).n_rows == n
+
+
+def test_only_the_chosen_classes(exported, tmp_path):
+    out = tmp_path / "one"
+    assert cli.main(["export-virelay", exported["store"], str(out), "--spray", exported["spray_dir"],
+                     "--classes", "1"]) == 0
+    with h5py.File(out / "dataset.h5") as f:
+        np.testing.assert_array_equal(f["row"][...], np.arange(PER_CLASS, 2 * PER_CLASS))
+    with h5py.File(out / "lrp-analysis.h5") as f:
+        assert list(f) == ["00000001"] and sorted(f["00000001/index"][...]) == list(range(PER_CLASS))

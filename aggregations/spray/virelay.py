@@ -121,39 +121,59 @@ def write_attributions(path: str, store: RelevanceStore, group: str, rows: np.nd
     return ok
 
 
-def write_analysis(path: str, spray: SprayResult, group: str, rows: np.ndarray) -> list[int]:
-    """One HDF5 group per clustered class: the spectral embedding with its eigenvalues, the t-SNE or UMAP
-    picture when one was computed, and SpRAy's clustering. Returns the classes written."""
-    entry_of = {int(r): i for i, r in enumerate(rows)}
-    classes = spray.classes.to_pylist()
-    method = spray.summary.get("settings", {}).get("method", "kmeans")
-    embedding = spray.summary.get("settings", {}).get("embedding", "none")
+def _group_columns(spray: SprayResult, group: str) -> dict:
+    """One group's assignment columns as numpy, read once (an ImageNet run has 1.3 M rows), with the spectral
+    embedding (row-aligned with them, docs/spray.md)."""
     table = spray.assignments
     in_group = table["group"].to_numpy(zero_copy_only=False) == group
+    columns = {k: table[k].to_numpy()[in_group] for k in ("row", "target", "cluster", "x", "y")}
+    columns["spectral"] = spray.zarr_group[group]["spectral"]
+    return columns
+
+
+def _class_node(out: h5py.File, spray: SprayResult, group: str, row: dict, columns: dict, where: tuple) -> None:
+    """One class's group: index, embedding/spectral (unit rows, as CoRelAy's normalize=True), the 2-D picture
+    when it was computed, the clustering. ``where``: (the class's slice of ``columns``, its dataset entries)."""
+    mine, entries = where
+    c, k, settings = int(row["target"]), int(row["n_clusters"]), spray.summary.get("settings", {})
+    eigenvalues = spray.eigenvalues(group, c)
+    node = out.create_group(category(c))
+    node.create_dataset("index", data=entries.astype(np.uint32))
+    vectors = columns["spectral"][mine, : len(eigenvalues)]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    spectral = node.create_dataset("embedding/spectral", data=vectors / np.where(norms > 0, norms, 1))
+    spectral.attrs["eigenvalue"] = eigenvalues.astype(np.float32)
+    xy = np.stack([columns["x"][mine], columns["y"][mine]], axis=1)
+    if np.isfinite(xy).all():
+        picture = node.create_dataset(f"embedding/{settings.get('embedding', 'tsne')}", data=xy.astype(np.float32))
+        picture.attrs.update({"embedding": "spectral", "index": np.array([0, 1])})
+    labels = node.create_dataset(f"cluster/{settings.get('method', 'kmeans')}-{k:02d}",
+                                 data=columns["cluster"][mine].astype(np.int64))
+    labels.attrs.update({"embedding": "spectral", "k": k})
+
+
+def write_analysis(path: str, spray: SprayResult, group: str, rows: np.ndarray) -> list[int]:
+    """One HDF5 group per clustered class among the exported rows. Returns the classes written.
+
+    A class's rows are consecutive in assignments.parquet (it is written class by class), so each class is a
+    slice of the group's columns."""
+    position = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
+    position[rows] = np.arange(len(rows))
+    columns = _group_columns(spray, group)
+    starts = np.flatnonzero(np.r_[True, columns["target"][1:] != columns["target"][:-1]])
+    bounds = dict(zip(columns["target"][starts].tolist(), zip(starts, np.r_[starts[1:], len(columns["target"])])))
     written = []
     with h5py.File(path, "w") as out:
-        for row in classes:
-            if row["group"] != group or row["status"] != "clustered":
-                continue
+        for row in spray.classes.to_pylist():
             c = int(row["target"])
-            found = spray.spectral(group, c)
-            if found is None or any(int(r) not in entry_of for r in found[0]):
+            if row["group"] != group or row["status"] != "clustered" or c not in bounds:
+                continue
+            mine = slice(*(int(b) for b in bounds[c]))
+            store_rows = columns["row"][mine]
+            entries = position[store_rows] if store_rows.max() < len(position) else np.array([-1])
+            if (entries < 0).any():
                 continue  # a class not exported (not among --classes)
-            store_rows, vectors = found
-            mine = np.flatnonzero(table["target"].to_numpy()[in_group] == c)
-            node = out.create_group(category(c))
-            node.create_dataset("index", data=np.array([entry_of[int(r)] for r in store_rows], np.uint32))
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # CoRelAy's normalize=True: unit rows
-            spectral = node.create_dataset("embedding/spectral", data=(vectors / np.where(norms > 0, norms, 1)))
-            spectral.attrs["eigenvalue"] = spray.eigenvalues(group, c).astype(np.float32)
-            xy = np.stack([table["x"].to_numpy()[in_group][mine], table["y"].to_numpy()[in_group][mine]], 1)
-            if np.isfinite(xy).all():
-                picture = node.create_dataset(f"embedding/{embedding}", data=xy.astype(np.float32))
-                picture.attrs.update({"embedding": "spectral", "index": np.array([0, 1])})
-            k = int(row["n_clusters"])
-            labels = node.create_dataset(f"cluster/{method}-{k:02d}",
-                                         data=table["cluster"].to_numpy()[in_group][mine].astype(np.int64))
-            labels.attrs.update({"embedding": "spectral", "k": k})
+            _class_node(out, spray, group, row, columns, (mine, entries))
             written.append(c)
     return written
 
