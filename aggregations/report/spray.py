@@ -9,6 +9,7 @@ flag and reason, mean heatmap and the prototypes (the rows nearest the cluster's
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 
 from aggregations.report import figures as fig
 from aggregations.report.runs import AuditRun
@@ -71,13 +72,12 @@ def _cluster(run: AuditRun, spray: SprayResult, group: str, record: dict, image)
     return panel
 
 
-def _class(run: AuditRun, spray: SprayResult, group: str, row: dict, records: list[dict]) -> dict:
+def _class(run: AuditRun, spray: SprayResult, group: str, row: dict, records: list[dict], columns: dict) -> dict:
     target = row["target"]
     image = run.class_image(group, target)
-    table = spray.assignments
-    mine = (table["group"].to_numpy(zero_copy_only=False) == group) & (table["target"].to_numpy() == target)
-    xy = np.stack([table["x"].to_numpy()[mine], table["y"].to_numpy()[mine]], axis=1)
-    labels = table["cluster"].to_numpy()[mine]
+    mine = columns["target"] == target
+    xy = np.stack([columns["x"][mine], columns["y"][mine]], axis=1)
+    labels = columns["cluster"][mine]
     return {
         "name": row["class_name"], "rank": row["split_rank"], "k": row["n_clusters"], "chosen_by": row["chosen_by"],
         "eigengap": _fmt(row["eigengap"]), "split_score": _fmt(row["split_score"]), "ok": row["n_ok"],
@@ -86,6 +86,12 @@ def _class(run: AuditRun, spray: SprayResult, group: str, row: dict, records: li
         "embedding": fig.embedding_chart(xy, labels) if np.isfinite(xy).all() and len(xy) else None,
         "clusters": [_cluster(run, spray, group, r, image) for r in records],
     }
+
+
+def spray_columns(spray: SprayResult, group: str) -> dict:
+    """target, cluster, x, y of one group's assignments as numpy: read once per section, not once per class."""
+    table = spray.assignments.filter(pc.equal(spray.assignments["group"], group))
+    return {k: table[k].to_numpy() for k in ("target", "cluster", "x", "y")}
 
 
 def report_section(run: AuditRun, group: str, max_classes: int) -> dict:
@@ -103,8 +109,10 @@ def report_section(run: AuditRun, group: str, max_classes: int) -> dict:
         if record["group"] == group:
             records.setdefault(record["target"], []).append(record)
     settings = spray.summary.get("settings", {})
+    columns = spray_columns(spray, group)
     return {"spray": {
-        "classes": [_class(run, spray, group, r, records.get(r["target"], [])) for r in clustered[:max_classes]],
+        "classes": [_class(run, spray, group, r, records.get(r["target"], []), columns)
+                    for r in clustered[:max_classes]],
         "hidden": max(0, len(clustered) - max_classes),
         "n_flagged": sum(r["n_flagged"] > 0 for r in clustered),
         "skipped": [{"name": r["class_name"], "status": r["status"].replace("_", " "), "ok": r["n_ok"]}
