@@ -7,7 +7,7 @@ each holding only its own rows. Outputs (docs/spray.md)::
     <out>/spray/assignments.parquet   one row per clustered explanation row
     <out>/spray/clusters.parquet      one row per (group, target, cluster)
     <out>/spray/classes.parquet       one row per (group, target): counts, status, K, eigengap, split rank
-    <out>/spray/arrays.zarr/<group>/  eigenvalues, cluster_means
+    <out>/spray/arrays.zarr/<group>/  eigenvalues, cluster_means, spectral, spectral_rows
     <out>/spray/summary.json          settings, counts; written last, the mark of a finished run
 
 Everything lives under ``<out>/spray/``, which ``lrp-audit aggregate`` never touches (it rewrites its own
