@@ -1,6 +1,7 @@
 """``lrp-audit aggregate STORE``: class heatmaps, region pools, context usage and bias flags over a store.
 
 Thin entry point over :func:`aggregations.run.aggregate`; the outputs are described in docs/aggregates.md.
+``--spray`` chains ``lrp-audit spray`` (docs/spray.md) into the same folder.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--while-writing", action="store_true",
                         help="aggregate a store that an explain run is still writing (only the rows ok so far; "
                              "the output says so); without it such a store is refused")
+    parser.add_argument("--spray", action="store_true",
+                        help="then run SpRAy with its default settings on the same groups into the same folder "
+                             "(docs/spray.md; 'lrp-audit spray' for its options)")
     defaults = BiasSettings()
     bias = parser.add_argument_group("bias flags (see docs/aggregates.md)")
     for name, value in defaults.as_dict().items():
@@ -83,7 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.out_dir or default_out_dir(args.store)}")
     if note:
         print(note)
+    if args.spray:
+        return _spray(args, result.out_dir)
     return 0
+
+
+def _spray(args, out_dir: str) -> int:
+    """``lrp-audit spray`` on the same store, groups, folder and scheduler: its own entry point, its own output."""
+    from jobs import spray
+
+    argv = [args.store, "--out", out_dir, *[f"--group={g}" for g in args.groups or []]]
+    argv += [f"--scheduler={args.scheduler}"] if args.scheduler else []
+    argv += [f"--workers={args.workers}"] if args.workers else []
+    return spray.main(argv)
 
 
 if __name__ == "__main__":

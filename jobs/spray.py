@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrp-audit spray", description=(
         "Cluster the relevance maps of each class (SpRAy, Lapuschkin et al. 2019) to find distinct "
         "prediction strategies, e.g. a watermark in any corner. Writes OUT/spray/*.parquet and "
-        "OUT/heatmaps.zarr/spray (docs/spray.md)."))
+        "OUT/spray/arrays.zarr (docs/spray.md)."))
     p.add_argument("store", help="the relevance store (local path or fsspec URL) written by 'lrp-audit explain'")
     p.add_argument("--out", help="output directory (default: beside the store, STORE.aggregates)")
     p.add_argument("--group", action="append", dest="groups", metavar="NAME",

@@ -217,8 +217,100 @@ def test_a_store_whose_images_are_gone_still_renders(tmp_path):
     store = _store(tmp_path / "gone.zarr", paths, cue=True, groups=("epsilon_plus",), failed=())
     page = Path(render_report(store, str(tmp_path / "gone.html"))).read_text(encoding="utf-8")
     parsed = _parse(page)
-    assert not {"sweep", "comparison", "evaluation"} & parsed.ids  # one group, no second store, no evaluation
+    assert not {"sweep", "comparison", "evaluation", "spray"} & parsed.ids  # one group, no second store, no
+    # evaluation, no SpRAy run
     assert "finding" in parsed.ids and len(parsed.images) >= 5
+
+
+# ---- the SpRAy section ------------------------------------------------------------------------------------
+
+SPRAY_ROWS = 40  # per class: above SpRAy's minimum of 30
+
+
+@pytest.fixture(scope="module")
+def spray_report(tmp_path_factory) -> Path:
+    """Class 0 (named EVIL): every other image carries the stamp and its map looks at it; class 1: the object."""
+    from aggregations.spray import RunOptions, SpraySettings, spray
+
+    root = tmp_path_factory.mktemp("spray-report")
+    rng = np.random.default_rng(5)
+    n = 2 * SPRAY_ROWS
+    labels = np.repeat([0, 1], SPRAY_ROWS)
+    stamped = (labels == 0) & (np.arange(n) % 2 == 0)
+    x0, y0, x1, y1 = SPOT
+    paths = []
+    for i in range(n):
+        image = rng.uniform(0.2, 0.6, (SIZE, SIZE, 3))
+        image[5:11, 5:11] = [0.9, 0.3, 0.1]
+        if stamped[i]:
+            image[y0:y1, x0:x1] = 1.0
+        paths.append(str(root / f"s <{i}>.png"))
+        Image.fromarray((image * 255).astype(np.uint8)).save(paths[-1])
+    relevance = rng.normal(0, 0.01, (n, SIZE, SIZE)).astype(np.float32)
+    relevance[~stamped, 5:11, 5:11] += 0.05
+    relevance[stamped, y0:y1, x0:x1] += 0.3
+    relevance *= rng.uniform(0.5, 2.0, (n, 1, 1)).astype(np.float32)
+    store = RelevanceStore.create(str(root / "s.zarr"), config={"preprocess": PREPROCESS}, class_names=CLASSES[:2],
+                                  groups=["epsilon_plus"], n_rows=n, height=SIZE, width=SIZE, rows_per_shard=20,
+                                  max_boxes=1)
+    for start in range(0, n, 20):
+        rows = slice(start, start + 20)
+        store.group("epsilon_plus").write_block(
+            start, relevance=relevance[rows], output=relevance[rows].sum(axis=(1, 2), dtype=np.float64),
+            target=labels[rows], label=labels[rows], prediction=labels[rows], sample_id=np.arange(n)[rows],
+            path=np.array(paths)[rows], boxes=np.tile(np.array(BOX, np.float32), (20, 1, 1)))
+    aggregate(str(root / "s.zarr"))
+    spray(str(root / "s.zarr"), settings=SpraySettings(embedding="tsne"), options=RunOptions(progress=False))
+    return Path(render_report(str(root / "s.zarr"), str(root / "spray.html")))
+
+
+def test_the_spray_section_shows_each_strategy_flagged_class_first(spray_report):
+    page = spray_report.read_text(encoding="utf-8")
+    parsed = _parse(page)
+    assert "spray" in parsed.ids
+    text = " ".join(" ".join(parsed.text).split())
+    section = text.split("Prediction strategies per class (SpRAy)", 1)[1].split("Region pools", 1)[0]
+    assert section.index(f"#1 {EVIL} · 2 clusters strategy flagged") < section.index(f"#2 {CLASSES[1]} · 1 cluster")
+    assert "of its positive relevance lies in x" in section and "outside the object boxes" in section
+    # the cluster table of the stamped class: two clusters of 20 rows, 50% each
+    first = section.split(f"#2 {CLASSES[1]}", 1)[0]
+    assert first.count(" 20 50% ") == 2
+    assert EVIL not in page and "s <3>.png" not in page  # class names and paths are text
+    # eigenvalues, embedding, 2 + 1 cluster means, 4 prototypes per cluster
+    alts = _alts(page)
+    assert len([a for a in alts if a.startswith("eigenvalues")]) == 2
+    assert [a for a in alts if a.startswith("2-D embedding")] == [f"2-D embedding of {n} by cluster" for n in CLASSES[:2]]
+    assert len([a for a in alts if a.startswith("mean heatmap of cluster")]) == 3
+    assert len([a for a in alts if a.startswith("prototype")]) == 12
+    for src in parsed.images:
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+
+
+def _alts(page: str) -> list[str]:
+    class Alts(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.alts = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.alts.append(dict(attrs).get("alt", ""))
+
+    parser = Alts()
+    parser.feed(page)
+    return parser.alts
+
+
+def test_a_cluster_mean_spreads_back_over_the_pixels_it_pooled():
+    from aggregations.report.spray import to_pixels
+    from aggregations.spray.preprocess import sum_pool
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(1, 15, 10))
+    pooled = sum_pool(maps, 4)[0]
+    pixels = to_pixels(pooled, 15, 10)
+    assert pixels.shape == (15, 10)
+    np.testing.assert_allclose(sum_pool(pixels[None], 4)[0], pooled)  # each cell keeps its sum
 
 
 # ---- a real browser --------------------------------------------------------------------------------------
@@ -359,6 +451,14 @@ def test_the_browser_check_catches_a_broken_page(tmp_path):
                      "</body></html>")
     problems = load_in_chromium(noisy, tmp_path / "profile2")["problems"]
     assert any("boom" in p for p in problems) and any("exception" in p for p in problems)
+
+
+def test_the_spray_section_loads_cleanly_in_headless_chromium(spray_report, tmp_path):
+    state = load_in_chromium(spray_report, tmp_path / "profile")
+    assert state["problems"] == [] and state["scripts"] == 0
+    assert all(image["ok"] for image in state["images"])
+    assert sum(image["alt"].startswith("prototype") for image in state["images"]) == 12
+    assert f"#1 {EVIL} · 2 clusters" in state["text"]
 
 
 def test_the_report_loads_cleanly_in_headless_chromium(report, tmp_path):

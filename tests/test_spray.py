@@ -130,7 +130,8 @@ def test_approximate_neighbours_match_the_exact_search(planted, tmp_path):
     assert used and approximate.shape == exact.shape == (len(rows), 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
     assert recall >= 0.95 and not (approximate == np.arange(len(rows))[:, None]).any()
-    out = spray(planted["url"], str(tmp_path), classes=[0], settings=SpraySettings(embedding="none", approximate_above=40),
+    out = spray(planted["url"], str(tmp_path), classes=[0],
+                settings=SpraySettings(embedding="none", approximate_above=40),
                 options=QUIET)
     assert out.classes["approximate_knn"][0].as_py() and out.classes["n_clusters"][0].as_py() >= 2
 
@@ -206,3 +207,41 @@ def test_same_eigenvalues_and_partition_as_corelay(planted):
     their_labels = KMeans(n_clusters=k, kwargs={"n_init": 10, "random_state": 0})(their_vectors)
     assert adjusted_rand_score(ours_labels, their_labels) == 1.0
     assert adjusted_rand_score(ours_labels, planted["corner"][rows]) == 1.0
+
+
+def test_aggregate_and_spray_keep_each_others_outputs(planted, tmp_path):
+    """Both jobs write into STORE.aggregates; neither may erase what the other wrote, in either order."""
+    from aggregations.run import aggregate
+    from aggregations.run import load as load_aggregates
+
+    out = str(tmp_path)
+    first = spray(planted["url"], out, classes=[0], settings=SpraySettings(embedding="none"), options=QUIET)
+    expected = first.cluster_mean("lrp", 0, 0)
+    aggregate(planted["url"], out)  # rewrites heatmaps.zarr from scratch
+    again = load(out)
+    np.testing.assert_array_equal(again.cluster_mean("lrp", 0, 0), expected)
+    assert len(again.eigenvalues("lrp", 0)) == 32
+    spray(planted["url"], out, classes=[1], settings=SpraySettings(embedding="none"), options=QUIET)
+    assert load_aggregates(out).heatmap("lrp", target=0) is not None  # and SpRAy leaves the aggregates alone
+    assert load(out).cluster_mean("lrp", 0, 0) is None  # a rerun replaces the previous SpRAy run as a whole
+
+
+def test_spectral_embedding_is_kept_per_row(planted, result):
+    """The eigenvectors of each clustered row are kept (the ViRelAy export needs them), aligned with its rows."""
+    rows, vectors = result.spectral("lrp", 0)
+    assignments = result.assignments.filter(result.assignments["target"].to_numpy() == 0)
+    np.testing.assert_array_equal(rows, assignments["row"].to_numpy())
+    assert vectors.shape == (57, 32) and np.isfinite(vectors).all()
+    # the first K = 2 unit-length eigenvector rows separate the plant: one direction per cluster
+    unit = spectral.unit_rows(vectors[:, :2])
+    labels = assignments["cluster"].to_numpy()
+    assert np.abs(unit[labels == 0].mean(axis=0) @ unit[labels == 1].mean(axis=0)) < 0.2
+    assert result.spectral("lrp", 2) is None  # too small: not clustered
+
+
+def test_aggregate_can_chain_spray(planted, tmp_path, capsys):
+    out = tmp_path / "agg"
+    assert cli.main(["aggregate", planted["url"], "--out", str(out), "--spray", "--scheduler", "sync"]) == 0
+    printed = capsys.readouterr().out
+    assert "class 0 (class0): split rank 1, 2 clusters" in printed
+    assert (out / "summary.json").exists() and load(str(out)).cluster_mean("lrp", 0, 0) is not None

@@ -22,7 +22,8 @@ TAG = CLASSES.index("ring")
 SIZE = 48
 
 
-def scenes(rng: np.random.Generator, per_class: int, tag_rate: float, tag_count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+def scenes(rng: np.random.Generator, per_class: int, tag_rate: float,
+           tag_count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """(N, 3, H, W) normalised images, labels, stamped flags, object boxes; stamps only on the tag class."""
     images, labels, stamped, boxes = [], [], [], []
     for label, shape in enumerate(CLASSES):
@@ -55,7 +56,8 @@ def audited(tmp_path_factory):
                        class_names=list(CLASSES), rows_per_shard=50)
     out = str(tmp_path_factory.mktemp("cnn-out"))
     return {"store": store, "out": out, "stamped": stamped, "y": y, "prediction": prediction,
-            "spray": spray(store, out, settings=SpraySettings(embedding="none", size=16), options=RunOptions(progress=False))}
+            "spray": spray(store, out, settings=SpraySettings(embedding="none", size=16),
+                           options=RunOptions(progress=False))}
 
 
 def test_model_learned_the_stamp(audited):
@@ -82,3 +84,28 @@ def test_class_average_spot_search_misses_it(audited, tmp_path):
     classes = aggregate(audited["store"], str(tmp_path)).classes.to_pylist()
     (ring,) = [r for r in classes if r["class"] == TAG]
     assert "cue" not in ring["flag"] or ring["cue_score"] < 0.15, ring
+
+
+def test_the_report_shows_the_stamped_class_first_in_its_spray_section(audited, tmp_path):
+    from html.parser import HTMLParser
+
+    from aggregations.report import render_report
+
+    aggregate(audited["store"], audited["out"])  # beside SpRAy's results, which it must leave alone
+    page = open(render_report(audited["store"], str(tmp_path / "r.html"), aggregates_dir=audited["out"]),
+                encoding="utf-8").read()
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.chunks = []
+
+        def handle_data(self, data):
+            self.chunks.append(data)
+
+    parser = Text()
+    parser.feed(page)
+    text = " ".join(" ".join(parser.chunks).split())
+    section = text.split("Prediction strategies per class (SpRAy)", 1)[1].split("Region pools", 1)[0]
+    assert section.split(" · ", 1)[0].endswith("#1 ring"), section[:300]
+    assert "strategy flagged" in section.split("#2 ", 1)[0] and "of its positive relevance lies in x" in section

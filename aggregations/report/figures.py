@@ -196,3 +196,39 @@ def residual_chart(residuals: dict[str, np.ndarray]) -> str | None:
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure_uri(figure)
+
+
+CLUSTER_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                   "#bcbd22", "#17becf")
+
+
+def eigenvalue_chart(eigenvalues: np.ndarray, k: int) -> str:
+    """SpRAy's spectrum: the smallest eigenvalues of the normalised Laplacian; the gap after the K-th chose K."""
+    values = np.asarray(eigenvalues, np.float64)
+    figure, axis = plt.subplots(figsize=(3.4, 2.4))
+    index = np.arange(1, len(values) + 1)
+    axis.plot(index, values, "o-", color="#555", markersize=3, linewidth=1)
+    if 0 < k < len(values):
+        axis.plot(index[:k], values[:k], "o", color="#c0392b", markersize=5)
+        axis.axvline(k + 0.5, color="#c0392b", linewidth=0.8, linestyle="--")
+    axis.set_xlabel("eigenvalue index")
+    axis.set_ylabel("eigenvalue")
+    axis.set_title(f"K = {k}", fontsize=9)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure_uri(figure)
+
+
+def embedding_chart(coordinates: np.ndarray, labels: np.ndarray) -> str:
+    """The 2-D embedding (t-SNE or UMAP) of one class's maps, one colour per cluster (grey: HDBSCAN's noise)."""
+    coordinates, labels = np.asarray(coordinates, np.float64), np.asarray(labels)
+    figure, axis = plt.subplots(figsize=(3.0, 2.6))
+    for cluster in np.unique(labels):
+        mine = labels == cluster
+        colour = "#bbbbbb" if cluster < 0 else CLUSTER_COLOURS[int(cluster) % len(CLUSTER_COLOURS)]
+        axis.scatter(coordinates[mine, 0], coordinates[mine, 1], s=6, color=colour,
+                     label="noise" if cluster < 0 else str(int(cluster)))
+    axis.set_xticks([]), axis.set_yticks([])
+    axis.legend(fontsize=7, markerscale=1.5, title="cluster", title_fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure_uri(figure)

@@ -11,6 +11,7 @@ from aggregations import aopc
 from aggregations.report import sections
 from aggregations.report.evaluation import report_section as evaluation_section
 from aggregations.report.runs import AuditRun, open_run
+from aggregations.report.spray import report_section as spray_section
 from aggregations.run import default_out_dir, load
 from pipeline.paths import beside
 
@@ -38,6 +39,7 @@ def build_context(run: AuditRun, compare: AuditRun | None = None, group: str | N
         **sections.notes_section(notes),
         **sections.summary_section(run, group, rows, shown),
         **sections.classes_section(run, group, shown),
+        **spray_section(run, group, max_classes),
         **sections.pools_section(shown, region_names),
         **sections.context_section(rows, shown),
         **sections.sweep_section(run, group, shown),

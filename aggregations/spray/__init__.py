@@ -2,7 +2,7 @@
 
 ``spray(store)`` in run.py; one concept per module: settings, read (the store pass), preprocess,
 affinity, spectral, clusters, embedding, stats (cluster statistics and flags), analysis (one class),
-tables (outputs). Documented in docs/spray.md.
+tables (outputs), virelay (the ViRelAy export). Documented in docs/spray.md.
 """
 from aggregations.spray.run import RunOptions, SprayResult, load, spray
 from aggregations.spray.settings import SpraySettings

@@ -38,7 +38,8 @@ def analyse(pooled: np.ndarray, rows: dict, geometry: stats.Geometry, settings: 
     coordinates = embedding.embed_2d(features, settings.embedding, settings.seed)
     records, means, distance = stats.cluster_stats(labels, pooled, features, rows, geometry, settings)
     return {
-        "labels": labels, "coordinates": coordinates, "distance": distance, "eigenvalues": eigenvalues,
+        "labels": labels, "coordinates": coordinates, "spectral": vectors.astype(np.float32), "distance": distance,
+        "eigenvalues": eigenvalues,
         "records": records, "means": means, "n_clusters": len(records), "eigengap": gap, "chosen_by": chosen_by,
         "split_score": stats.split_score(gap, records), "approximate_knn": approximate,
         "seconds": time.perf_counter() - clock,

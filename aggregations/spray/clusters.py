@@ -1,7 +1,8 @@
 """Clustering the spectral embedding: k-means (default), agglomerative (Ward) or HDBSCAN.
 
-HDBSCAN needs clusters of at least max(10, n / 20) rows. Labels are made canonical (0 = the largest cluster, ties by the first row), so the same store and
-options give the same numbers whatever order the algorithm found the clusters in.
+HDBSCAN needs clusters of at least max(10, n / 20) rows. Labels are made canonical (0 = the largest cluster,
+ties by the first row), so the same store and options give the same numbers whatever order the algorithm
+found the clusters in.
 """
 from __future__ import annotations
 

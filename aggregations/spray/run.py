@@ -7,8 +7,11 @@ each holding only its own rows. Outputs (docs/spray.md)::
     <out>/spray/assignments.parquet   one row per clustered explanation row
     <out>/spray/clusters.parquet      one row per (group, target, cluster)
     <out>/spray/classes.parquet       one row per (group, target): counts, status, K, eigengap, split rank
-    <out>/spray/summary.json          settings, counts
-    <out>/heatmaps.zarr/spray/<group>/eigenvalues, cluster_means
+    <out>/spray/arrays.zarr/<group>/  eigenvalues, cluster_means, spectral, spectral_rows
+    <out>/spray/summary.json          settings, counts; written last, the mark of a finished run
+
+Everything lives under ``<out>/spray/``, which ``lrp-audit aggregate`` never touches (it rewrites its own
+``heatmaps.zarr`` from scratch): either job can be rerun without erasing the other's results.
 """
 from __future__ import annotations
 
@@ -39,6 +42,11 @@ from pipeline.store import STATUS_OK, open_store
 FORMAT = 1
 
 
+def arrays_url(out_dir: str) -> str:
+    """Where the eigenvalues and cluster means go: ``<out>/spray/arrays.zarr``, apart from the aggregates."""
+    return f"{str(out_dir).rstrip('/')}/spray/arrays.zarr"
+
+
 @dataclass
 class RunOptions:
     """Where and how it runs: a Dask scheduler (as for ``lrp-audit aggregate``), progress bars, scratch space."""
@@ -62,7 +70,7 @@ class SprayResult:
     @property
     def zarr_group(self) -> zarr.Group:
         """``[group]["eigenvalues"]`` (class, m) and ``[group]["cluster_means"]`` (cluster, gy, gx); keys in attrs."""
-        return zarr.open_group(f"{self.out_dir.rstrip('/')}/heatmaps.zarr", mode="r")["spray"]
+        return zarr.open_group(arrays_url(self.out_dir), mode="r")
 
     def eigenvalues(self, group: str, target: int) -> np.ndarray | None:
         array = self.zarr_group[group]["eigenvalues"]
@@ -71,6 +79,17 @@ class SprayResult:
             return None
         values = array[targets.index(target)]
         return values[np.isfinite(values)]
+
+    def spectral(self, group: str, target: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(store rows, (n, m) eigenvectors of the normalised Laplacian) of one clustered class, or None."""
+        node = self.zarr_group[group]
+        table = self.assignments
+        in_group = table["group"].to_numpy(zero_copy_only=False) == group
+        mine = np.flatnonzero(table["target"].to_numpy()[in_group] == target)  # the arrays hold one group's rows
+        if not mine.size:
+            return None
+        m = len(self.eigenvalues(group, target))
+        return node["spectral_rows"][...][mine], node["spectral"].oindex[mine, :m]
 
     def cluster_mean(self, group: str, target: int, cluster: int) -> np.ndarray | None:
         array = self.zarr_group[group]["cluster_means"]
@@ -166,18 +185,19 @@ def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] |
 
 
 def _write(result: SprayResult, per_group: dict) -> None:
+    """Arrays, then tables, then ``summary.json`` (removed first): an interrupted run is never loaded."""
     fs, path = fsspec.core.url_to_fs(result.out_dir)
     fs.makedirs(f"{path}/spray", exist_ok=True)
+    if fs.exists(f"{path}/spray/summary.json"):
+        fs.rm(f"{path}/spray/summary.json")
+    root = zarr.open_group(arrays_url(result.out_dir), mode="w", zarr_format=3)
+    root.attrs.update({"lrp_audit_spray": FORMAT, "store": result.summary["store"]})
+    for name, done in per_group.items():
+        tables.write_arrays(root.require_group(name), done)
     for name in ("assignments", "clusters", "classes"):
         pq.write_table(getattr(result, name), f"{path}/spray/{name}.parquet", filesystem=fs)
     with fs.open(f"{path}/spray/summary.json", "w") as handle:
         json.dump(result.summary, handle, indent=2, sort_keys=True, default=str)
-    root = zarr.open_group(f"{result.out_dir.rstrip('/')}/heatmaps.zarr", mode="a", zarr_format=3)
-    node = root.require_group("spray")
-    for name, done in per_group.items():
-        if name in node:
-            del node[name]
-        tables.write_arrays(node.require_group(name), done)
 
 
 def load(out_dir: str) -> SprayResult:

@@ -89,7 +89,8 @@ def build(out_dir: str, per_group: dict, store, settings: SpraySettings) -> tupl
                                  "n_clusters": result["n_clusters"], "eigengap": result["eigengap"],
                                  "split_score": result["split_score"], "split_rank": info[c]["split_rank"], **record})
     summary = {
-        "format": FORMAT, "store": store.url, "class_names": store.class_names, "map_shape": [store.height, store.width],
+        "format": FORMAT, "store": store.url, "class_names": store.class_names,
+        "map_shape": [store.height, store.width],
         "grid": {name: [done["geometry"].gy, done["geometry"].gx] for name, done in per_group.items()},
         "settings": settings.as_dict(),
         "groups": {name: {s: sum(1 for r in classes if r["group"] == name and r["status"] == s)
@@ -120,7 +121,29 @@ def write_arrays(node: zarr.Group, done: dict) -> None:
                               chunks=(1, geometry.gy, geometry.gx), dimension_names=("cluster", "gy", "gx"))
     if stack.size:
         array[...] = stack
-    array.attrs.update({"keys": keys, "key_names": ["target", "cluster"], "map_shape": [geometry.height, geometry.width]})
+    array.attrs.update({"keys": keys, "key_names": ["target", "cluster"],
+                        "map_shape": [geometry.height, geometry.width]})
+    _write_spectral(node, done, width)
+
+
+def _write_spectral(node: zarr.Group, done: dict, width: int) -> None:
+    """Each clustered row's eigenvectors (row, eigenvalue) float32, NaN-padded, in assignments order; its store
+    row in ``spectral_rows``. The ViRelAy export reads them (its analysis files keep the spectral embedding)."""
+    meta, results = done["meta"], done["results"]
+    rows = [np.flatnonzero((meta["target"] == c) & (meta["status"] == STATUS_OK)) for c in results]
+    n = sum(len(r) for r in rows)
+    values = np.full((n, width), np.nan, np.float32)
+    start = 0
+    for result in results.values():
+        vectors = result["spectral"]
+        values[start:start + len(vectors), : vectors.shape[1]] = vectors
+        start += len(vectors)
+    array = node.create_array("spectral", shape=values.shape, dtype="float32", fill_value=np.nan,
+                              chunks=(max(min(n, 65536), 1), max(width, 1)), dimension_names=("row", "eigenvalue"))
+    if values.size:
+        array[...] = values
+    order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    node.create_array("spectral_rows", data=order.astype(np.int64), dimension_names=("row",))
 
 
 ASSIGNMENT_SCHEMA = pa.schema([
@@ -135,7 +158,8 @@ CLUSTER_SCHEMA = pa.schema([
     ("inside_share_positive", pa.float64()), ("outside_share_positive", pa.float64()),
     ("peak_y", pa.float64()), ("peak_x", pa.float64()),
     *[(k, pa.int64()) for k in ("spot_x0", "spot_y0", "spot_x1", "spot_y1")],
-    ("spot_share", pa.float64()), ("rest_spot_share", pa.float64()), ("spot_on_object", pa.float64()), ("divergence", pa.float64()),
+    ("spot_share", pa.float64()), ("rest_spot_share", pa.float64()), ("spot_on_object", pa.float64()),
+    ("divergence", pa.float64()),
     ("prototype_rows", pa.list_(pa.int64())), ("prototype_sample_ids", pa.list_(pa.int64())),
     ("prototype_paths", pa.list_(pa.string())), ("flagged", pa.bool_()), ("flag", pa.string()), ("reason", pa.string()),
 ])

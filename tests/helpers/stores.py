@@ -7,7 +7,7 @@ from pipeline.store import RelevanceStore
 
 
 def make_store(path, relevance, *, target, label=None, prediction=None, output=None, status=None, boxes=None,
-               class_names=None, rows_per_shard=4, group="lrp", mask=None):
+               class_names=None, rows_per_shard=4, group="lrp", mask=None, paths=None):
     """Write ``relevance`` (N, H, W) and per-row metadata into a fresh store at ``path``; returns the URL."""
     relevance = np.asarray(relevance, np.float32)
     n, height, width = relevance.shape
@@ -18,7 +18,7 @@ def make_store(path, relevance, *, target, label=None, prediction=None, output=N
         "prediction": target if prediction is None else np.asarray(prediction, np.int64),
         "output": relevance.sum(axis=(1, 2), dtype=np.float64) if output is None else np.asarray(output, np.float64),
         "sample_id": np.arange(n),
-        "path": np.array([f"img{i:03d}.png" for i in range(n)]),
+        "path": np.array([f"img{i:03d}.png" for i in range(n)] if paths is None else [str(p) for p in paths]),
     }
     if boxes is not None:
         arrays["boxes"] = np.asarray(boxes, np.float32).reshape(n, -1, 4)
