@@ -98,7 +98,6 @@ def test_functional_pools_are_the_module_pools():
 def test_zennit_without_the_twin_gives_another_map(case):
     # what the twin is for: plain zennit gives residual sums and gates a gradient and BatchNorms Pass (measured: rel.
     # L2 0.48 on efficientnet_b0, 0.27 on densenet121), so the agreement above is not vacuous
-
     plain = zennit_composite("epsilon_plus", canonizers=canonizers_for(case.model))
     reference = zennit_relevance(copy.deepcopy(case.model), case.x, case.target, plain)
     assert relative_error(case.ours("epsilon_plus"), reference) > 0.1
