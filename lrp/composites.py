@@ -14,6 +14,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from .kinds import Kind
+from .windows import WindowAttention
 from .rules import (
     Affine,
     AlphaBeta,
@@ -79,6 +80,7 @@ _DEFAULT_KINDS = {
     Kind.AFFINE: Affine(1e-6),
     Kind.LAYERNORM: LayerNorm(1e-6),
     Kind.ATTENTION: Attention(1e-6),
+    Kind.WINDOW_ATTENTION: WindowAttention(1e-6),  # lrp/windows.py: AttnLRP as a modified gradient
 }
 
 
@@ -179,7 +181,8 @@ def deconvnet():
 
 def _gradient_composite(name, times_input=False, relu=None):
     kinds = {kind: _GRADIENT for kind in (Kind.ACTIVATION, Kind.SUM, Kind.AVGPOOL, Kind.SCALE, Kind.SHIFT, Kind.POINTWISE,
-                                          Kind.GATE, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION)}
+                                          Kind.GATE, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION,
+                                          Kind.WINDOW_ATTENTION)}
     if relu is not None:
         kinds[Kind.ACTIVATION] = relu
     return Composite(name, _GRADIENT, _GRADIENT, by_kind=kinds, seed="gradient", times_input=times_input)
