@@ -1,8 +1,8 @@
 """The whole torchvision classification zoo (``torchvision.models.list_models(module=torchvision.models)``).
 
 * Every model explains (random init, 10 classes, the smallest cheap input): the engine's forward reproduces the
-  model's logits and the relevance is finite and not all zero. The few refused models raise
-  ``UnsupportedLayerError`` naming the operation without a rule (``REFUSED``, documented in docs/engine.md).
+  model's logits and the relevance is finite and not all zero. A refused model would raise ``UnsupportedLayerError``
+  naming the operation without a rule (``REFUSED``, documented in docs/engine.md; empty since lrp/windows.py).
   Models over 60M parameters are ``slow`` (their random init alone takes seconds on a CPU).
 * Conservation in float64 with ``include_bias=False`` and the naive z rule, on the positive twin of one model per
   family (``tests/zoo_models.py``: positive weights and inputs, so no denominator nears zero and the check tests the
@@ -10,8 +10,8 @@
   layers. LayerNorm conserves analytically but divides by centred values near zero (ConvNeXt: measured 4e-6).
   ViT does not conserve: the class token is a constant (relevance reaching it is absorbed, like a bias's), AttnLRP's
   softmax rule absorbs by design, and after the first LayerNorm values of both signs make the z rule's denominators
-  cancel (measured per depth in docs/engine.md); a test of attention's exact conservation under CP-LRP on networks
-  without a class token is still to be written (issue 13).
+  cancel (measured per depth in docs/engine.md); attention's exact conservation under CP-LRP, on networks without a
+  class token, is tested in tests/test_lrp_zoo_properties.py.
 """
 from __future__ import annotations
 
