@@ -23,7 +23,8 @@ import lrp
 
 SLOW = {
     "convnext_base", "convnext_large", "efficientnet_b7", "efficientnet_v2_l", "regnet_x_32gf", "regnet_y_128gf",
-    "regnet_y_16gf", "regnet_y_32gf", "resnext101_32x8d", "resnext101_64x4d", "vit_b_32", "vit_h_14", "vit_l_16",
+    "regnet_y_16gf", "regnet_y_32gf", "resnext101_32x8d", "resnext101_64x4d", "swin_b", "swin_v2_b", "vit_b_32",
+    "vit_h_14", "vit_l_16",
     "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
     *(name for name in ZOO if name.startswith("vgg")),
 }
