@@ -3,14 +3,14 @@
 Compared, with the same rule assignment (``tests/helpers/zoo_twins.py`` says how the zennit twin expresses it):
 resnext50_32x4d (grouped conv), mobilenet_v2 (depthwise conv, ReLU6, residuals), mobilenet_v3_small (Hardswish,
 Hardsigmoid squeeze-and-excitation gates), efficientnet_b0 (SiLU, SiLU/Sigmoid gates, stochastic depth at eval),
-densenet121 (``torch.cat`` of many inputs, BatchNorms after concatenations as ``affine`` steps) and
-shufflenet_v2_x0_5 (chunk, channel shuffle, ``x.mean``).
+densenet121 (``torch.cat`` of many inputs, BatchNorms after concatenations as ``affine`` steps),
+shufflenet_v2_x0_5 (chunk, channel shuffle, ``x.mean``), regnet_y_400mf (grouped conv, projected residuals, ReLU/Sigmoid
+gates) and mnasnet0_5 (residuals, ``x.mean``).
 
 Not compared, and why: convnext_* and vit_* (zennit has no LayerNorm rule, nor one for attention: it maps
 ``nn.MultiheadAttention`` to ``Pass``; ViT is checked against lxt in tests/test_lrp_vit_lxt.py); inception_v3
 (functional ``F.avg_pool2d`` in every block: zennit gives it a gradient, not the Norm rule, and a twin would have to
-rewrite each block); regnet_* and mnasnet (the same layers as the compared families); swin_* and maxvit_t (windowed
-attention, einsum: no zennit rules).
+rewrite each block); swin_* and maxvit_t (windowed attention: no zennit rules).
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ from helpers.zoo_twins import canonizers_for, module_pools, with_twin_rules, zen
 TOLERANCE = 1e-6
 
 FAMILIES = ["resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
-            "shufflenet_v2_x0_5"]
+            "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5"]
 COMPOSITES = ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"]
 # without biases: our Affine drops the whole shift t = beta - mean * s, zennit's zero_params only beta, so DenseNet's
 # unmergeable BatchNorms are compared with biases only
-WITHOUT_BIAS = ["resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"]
+WITHOUT_BIAS = ["resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
+                "regnet_y_400mf", "mnasnet0_5"]
 
 
 def _params(composite):
@@ -85,7 +86,7 @@ def test_new_families_without_bias_match_zennit(case):
 
 def test_functional_pools_are_the_module_pools():
     # the twins use module pools; our engine gives F.adaptive_avg_pool2d / x.mean the same avgpool rule
-    for name in ("mobilenet_v2", "densenet121", "shufflenet_v2_x0_5"):
+    for name in ("mobilenet_v2", "densenet121", "shufflenet_v2_x0_5", "mnasnet0_5"):
         torch.manual_seed(0)
         model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10).double().eval())
         x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -19,7 +19,7 @@ import types
 
 import torch
 from torch import nn
-from torchvision.models import densenet, efficientnet, mobilenetv2, mobilenetv3
+from torchvision.models import densenet, efficientnet, mnasnet, mobilenetv2, mobilenetv3, regnet
 from torchvision.ops import misc
 from zennit.canonizers import NamedMergeBatchNorm, SequentialMergeBatchNorm
 from zennit.composites import MixedComposite, NameMapComposite
@@ -50,6 +50,15 @@ def _block_with_residual(self, x):  # MobileNetV3's InvertedResidual, EfficientN
     return _sum(self, result, x) if self.use_res_connect else result
 
 
+def _regnet_block(self, x):
+    skip = x if self.proj is None else self.proj(x)
+    return self.activation(_sum(self, skip, self.f(x)))
+
+
+def _mnasnet_block(self, x):
+    return _sum(self, self.layers(x), x) if self.apply_residual else self.layers(x)
+
+
 def _squeeze_excitation(self, x):
     self.gate.scale = self._scale(x).detach()
     return self.gate(x)
@@ -59,6 +68,8 @@ _TWIN_FORWARDS = {
     mobilenetv2.InvertedResidual: _mobilenet_v2_block,
     mobilenetv3.InvertedResidual: _block_with_residual,
     efficientnet.MBConv: _block_with_residual,
+    regnet.ResBottleneckBlock: _regnet_block,
+    mnasnet._InvertedResidual: _mnasnet_block,
     misc.SqueezeExcitation: _squeeze_excitation,
 }
 
@@ -90,6 +101,10 @@ def _densenet_forward(self, x):
     return _pooled_head(self, self.head_relu(self.features(x)))
 
 
+def _mnasnet_forward(self, x):
+    return self.classifier(torch.flatten(self.head_pool(self.layers(x)), 1))
+
+
 def _shufflenet_forward(self, x):
     for name in ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"):
         x = getattr(self, name)(x)
@@ -98,7 +113,8 @@ def _shufflenet_forward(self, x):
 
 def module_pools(model: nn.Module) -> nn.Module:
     """The model with its functional global average pool (and DenseNet's functional ReLU) as modules (in place)."""
-    forward = {mobilenetv2.MobileNetV2: _mobilenet_v2_forward, densenet.DenseNet: _densenet_forward}.get(type(model))
+    forward = {mobilenetv2.MobileNetV2: _mobilenet_v2_forward, densenet.DenseNet: _densenet_forward,
+               mnasnet.MNASNet: _mnasnet_forward}.get(type(model))
     if type(model).__name__ == "ShuffleNetV2":
         forward = _shufflenet_forward
     if forward is None:
