@@ -219,8 +219,8 @@ class Network:
 
 
 _SUPPORTED_MODULES = ("Conv, Linear, BatchNorm, ReLU, ReLU6, Hardswish, Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, "
-                      "LayerNorm, MultiheadAttention (self-attention), MaxPool, AvgPool, AdaptiveAvgPool, Dropout, "
-                      "Flatten")
+                      "LayerNorm, MultiheadAttention (self-attention), Swin / MaxViT window attention, MaxPool, "
+                      "AvgPool, AdaptiveAvgPool, Dropout, Flatten")
 
 
 class _Builder:
