@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import importlib.util
 import os
 import sys
 import warnings
@@ -87,7 +88,7 @@ def methods(name: str, model, x, target, device) -> dict:
         composite = with_twin_rules(twin, zennit_composite("epsilon_plus"))
         found["zennit epsilon_plus (twin)"] = (lambda modified: zennit_attribution(modified, x, target),
                                                lambda: composite.context(twin))
-    if name.startswith("vit"):
+    if name.startswith("vit") and importlib.util.find_spec("lxt") is not None:  # lxt is optional
         from helpers.lxt_reference import lxt_model
 
         for cp, label in ((True, "CP-LRP"), (False, "AttnLRP")):

@@ -28,8 +28,6 @@ from zoo_models import build
 from lrp.kinds import Kind
 from lrp.rules import Attention, Norm
 
-pytest.importorskip("lxt")
-from helpers.lxt_reference import lxt_relevance  # noqa: E402
 
 TOLERANCE = 1e-6
 
@@ -53,6 +51,9 @@ def _ours(model, x, target, cp: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("cp", [False, True], ids=["attnlrp", "cp_lrp"])
 def test_vit_b_16_matches_lxt(vit, cp):
+    pytest.importorskip("lxt")
+    from helpers.lxt_reference import lxt_relevance
+
     model, x, target = vit
     reference = lxt_relevance(model, x, target, cp=cp)
     assert relative_error(_ours(model, x, target, cp), reference) < TOLERANCE
