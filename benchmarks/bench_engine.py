@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_engine.py                      # vgg16 and resnet50, 224x224, batch 8
     .venv/bin/python benchmarks/bench_engine.py --models resnet50 --repeats 3 --profile epsilon_gamma_box
+    .venv/bin/python benchmarks/bench_engine.py --zoo               # the zoo table (benchmarks/bench_zoo.py)
 
 Every method gets the same input batch (float32, random-init torchvision model, eval mode) and is timed as the median
 of ``--repeats`` rounds after one warm-up round; a round times every method once (interleaved, so that load from other
@@ -213,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: TF32 convolutions for every method (default: full float32 for every method)")
     parser.add_argument("--profile", choices=COMPOSITES, help="print a torch.profiler table for this composite")
+    parser.add_argument("--zoo", action="store_true", help="the zoo table instead (benchmarks/bench_zoo.py; other "
+                        "flags: run bench_zoo.py itself)")
     args = parser.parse_args(argv)
+    if args.zoo:
+        from bench_zoo import main as zoo_main
+        return zoo_main([])
     device = torch.device(args.device)
     args.batch = args.batch or (64 if device.type == "cuda" else 8)
     # the same arithmetic for every method: our explainer runs in full float32 unless tf32=True, so the baselines and

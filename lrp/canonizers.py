@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import windows
 from .kinds import Kind
 from .layers import LinearLayer, UnsupportedLayerError
 
@@ -59,7 +60,8 @@ _FUNCTION_KINDS = {
                                  F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean)},
     F.dropout: Kind.IDENTITY,
     **{f: Kind.STRUCTURAL for f in (torch.flatten, torch.cat, torch.concat, torch.reshape, torch.unsqueeze,
-                                    torch.squeeze, torch.permute, torch.transpose, operator.getitem, torch.roll)},
+                                    torch.squeeze, torch.permute, torch.transpose, operator.getitem, torch.roll,
+                                    torch.swapaxes, torch.swapdims, torch.movedim)},
     **{f: Kind.TUPLE for f in (torch.chunk, torch.split, torch.unbind, torch.tensor_split)},
     getattr: Kind.META,
 }
@@ -69,7 +71,7 @@ _METHOD_KINDS = {
     "sigmoid": Kind.POINTWISE, "tanh": Kind.POINTWISE,
     "mean": Kind.AVGPOOL,
     **{m: Kind.STRUCTURAL for m in ("flatten", "view", "reshape", "unsqueeze", "squeeze", "permute", "transpose",
-                                    "contiguous", "expand", "roll")},
+                                    "contiguous", "expand", "roll", "swapaxes", "swapdims", "movedim")},
     **{m: Kind.TUPLE for m in ("chunk", "split", "unbind", "tensor_split")},
     "size": Kind.META, "dim": Kind.META,
 }
@@ -92,6 +94,8 @@ def module_kind(module: nn.Module) -> Kind | None:
     """The canonical kind of a leaf module, or None when LRP has no rule for it."""
     if getattr(module, "return_indices", False):
         return None  # a max pool that also returns its indices: a tuple, not a map
+    if windows.is_attention_module(module):
+        return Kind.WINDOW_ATTENTION
     for types, kind in _MODULE_KINDS:
         if isinstance(module, types):
             return kind
@@ -117,6 +121,8 @@ def function_kind(target, tensor_args: int, first_is_tensor: bool = True) -> Kin
 
 def library_function_kind(target, args, kwargs) -> Kind | None:
     """Kinds of functions of libraries lrp does not import (torchvision wraps them as leaves of the fx trace)."""
+    if windows.function_kind(target) is not None:
+        return windows.function_kind(target)
     name = (getattr(target, "__module__", None) or "", getattr(target, "__name__", None))
     if name == ("torchvision.ops.stochastic_depth", "stochastic_depth"):
         training = kwargs.get("training", args[3] if len(args) > 3 else True)

@@ -16,6 +16,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from .kinds import Kind
+from .windows import WindowAttention
 from .rules import (
     Affine,
     AlphaBeta,
@@ -121,6 +122,7 @@ class Shared:
             Kind.AFFINE: Affine(s, keep),
             Kind.LAYERNORM: LayerNorm(s, keep),
             Kind.ATTENTION: Attention(s if self.epsilon is None else self.epsilon, keep),
+            Kind.WINDOW_ATTENTION: WindowAttention(s if self.epsilon is None else self.epsilon),  # lrp/windows.py
         }
 
     def composite(self, name: str, conv: Rule, linear: Rule, first: Rule | None = None,
@@ -224,7 +226,8 @@ def deconvnet():
 
 def _gradient_composite(name, times_input=False, relu=None):
     kinds = {kind: _GRADIENT for kind in (Kind.ACTIVATION, Kind.SUM, Kind.AVGPOOL, Kind.SCALE, Kind.SHIFT,
-                                          Kind.POINTWISE, Kind.GATE, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION)}
+                                          Kind.POINTWISE, Kind.GATE, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION,
+                                          Kind.WINDOW_ATTENTION)}
     if relu is not None:
         kinds[Kind.ACTIVATION] = relu
     return Composite(name, _GRADIENT, _GRADIENT, by_kind=kinds, seed="gradient", times_input=times_input)

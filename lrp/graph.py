@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 
-from . import attention
+from . import attention, windows
 from . import canonizers as canon
 from .kinds import NO_RELEVANCE, Kind
 from .layers import LinearLayer, UnsupportedLayerError
@@ -159,6 +159,9 @@ class _HookFreeTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         return super().call_module(m, m.forward, args, kwargs)
 
+    def is_leaf_module(self, m, qualname):
+        return windows.is_attention_module(m) or super().is_leaf_module(m, qualname)
+
 
 def _prune_unused_elements(graph: fx.Graph) -> None:
     """Drop reads of tuple elements nobody uses (``x, _ = attention(...)``), so no step computes them."""
@@ -216,8 +219,8 @@ class Network:
 
 
 _SUPPORTED_MODULES = ("Conv, Linear, BatchNorm, ReLU, ReLU6, Hardswish, Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, "
-                      "LayerNorm, MultiheadAttention (self-attention), MaxPool, AvgPool, AdaptiveAvgPool, Dropout, "
-                      "Flatten")
+                      "LayerNorm, MultiheadAttention (self-attention), Swin / MaxViT window attention, MaxPool, "
+                      "AvgPool, AdaptiveAvgPool, Dropout, Flatten")
 
 
 class _Builder:

@@ -19,6 +19,7 @@ class Kind(str, Enum):  # noqa: UP042 (str() of a member stays "Kind.X", as the 
     AFFINE = "affine"  # a BatchNorm that cannot be folded: elementwise x * s + t with constants s, t
     LAYERNORM = "layernorm"  # LayerNorm with the variance as a constant (AttnLRP)
     ATTENTION = "attention"  # nn.MultiheadAttention self-attention (AttnLRP or CP-LRP)
+    WINDOW_ATTENTION = "window_attention"  # Swin's shifted_window_attention, MaxViT's attention (lrp/windows.py)
     MAXPOOL = "maxpool"
     AVGPOOL = "avgpool"  # average pooling, adaptive average pooling, mean over spatial axes
     SUM = "sum"  # a + b of two tensors (residual connections)

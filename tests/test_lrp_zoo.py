@@ -1,8 +1,8 @@
 """The whole torchvision classification zoo (``torchvision.models.list_models(module=torchvision.models)``).
 
 * Every model explains (random init, 10 classes, the smallest cheap input): the engine's forward reproduces the
-  model's logits and the relevance is finite and not all zero. The few refused models raise
-  ``UnsupportedLayerError`` naming the operation without a rule (``REFUSED``, documented in docs/engine.md).
+  model's logits and the relevance is finite and not all zero. A refused model would raise ``UnsupportedLayerError``
+  naming the operation without a rule (``REFUSED``, documented in docs/engine.md; empty since lrp/windows.py).
   Models over 60M parameters are ``slow`` (their random init alone takes seconds on a CPU).
 * Conservation in float64 with ``include_bias=False`` and the naive z rule, on the positive twin of one model per
   family (``tests/zoo_models.py``: positive weights and inputs, so no denominator nears zero and the check tests the
@@ -10,8 +10,8 @@
   layers. LayerNorm conserves analytically but divides by centred values near zero (ConvNeXt: measured 4e-6).
   ViT does not conserve: the class token is a constant (relevance reaching it is absorbed, like a bias's), AttnLRP's
   softmax rule absorbs by design, and after the first LayerNorm values of both signs make the z rule's denominators
-  cancel (measured per depth in docs/engine.md); a test of attention's exact conservation under CP-LRP on networks
-  without a class token is still to be written (issue 13).
+  cancel (measured per depth in docs/engine.md); attention's exact conservation under CP-LRP, on networks without a
+  class token, is tested in tests/test_lrp_zoo_properties.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import lrp
 
 SLOW = {
     "convnext_base", "convnext_large", "efficientnet_b7", "efficientnet_v2_l", "regnet_x_32gf", "regnet_y_128gf",
-    "regnet_y_16gf", "regnet_y_32gf", "resnext101_32x8d", "resnext101_64x4d", "vit_b_32", "vit_h_14", "vit_l_16",
+    "regnet_y_16gf", "regnet_y_32gf", "resnext101_32x8d", "resnext101_64x4d", "swin_b", "swin_v2_b", "vit_b_32",
+    "vit_h_14", "vit_l_16",
     "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
     *(name for name in ZOO if name.startswith("vgg")),
 }
@@ -40,7 +41,7 @@ def _param(name):
 
 def test_the_zoo_is_the_list_the_docs_name():
     assert len(ZOO) == 80 and set(REFUSED) <= set(ZOO) and set(CONSERVING) <= set(ZOO)
-    assert len(REFUSED) == 7  # swin_* (6) and maxvit_t: documented in docs/engine.md
+    assert not REFUSED  # none refused since lrp/windows.py (swin_*, maxvit_t): docs/engine.md
 
 
 @pytest.mark.parametrize("name", [_param(name) for name in ZOO])

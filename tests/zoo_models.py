@@ -9,11 +9,8 @@ from torch import nn
 
 ZOO = torchvision.models.list_models(module=torchvision.models)
 
-#: models refused with the layer that has no rule (docs/engine.md, "Models")
-REFUSED = {
-    **{name: "shifted_window_attention" for name in ZOO if name.startswith("swin")},
-    "maxvit_t": "einsum",
-}
+#: models refused with the layer that has no rule (docs/engine.md, "Models"): none since lrp/windows.py
+REFUSED: dict[str, str] = {}
 
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, int]:
@@ -21,6 +18,8 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     kwargs, size = {"num_classes": 10}, 64
     if name.startswith("vit"):
         size = kwargs["image_size"] = 28 if name.endswith("14") else 32
+    if name == "maxvit_t":
+        size = 224  # its partition size 7 must divide every stage's map: 224 / 32 = 7
     if name in ("inception_v3", "googlenet"):
         kwargs.update(aux_logits=False, init_weights=False)
         size = 80 if name == "inception_v3" else 64

@@ -1,0 +1,178 @@
+"""The engine over the torchvision zoo: speed and peak memory against forward, the input gradient, zennit and lxt.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_engine.py --zoo                 # the default families
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_zoo.py --models vit_b_16 --batch 4 --repeats 3
+
+Per model (random init, 1000 classes, eval mode, float32, one batch of ``--batch`` images of ``--size``): forward
+(no_grad), forward + input gradient (frozen parameters), ours with epsilon_plus, zennit's EpsilonPlus where zennit can
+give the same map (the twins of ``tests/helpers/zoo_twins.py``: residual sums as zennit ``Sum``, gates as constant
+scales, checked equal to ours in tests/test_lrp_zoo_zennit.py), and on ViT ours against lxt with the same relevance
+(tests/test_lrp_vit_lxt.py: the ``z`` composite with the position embedding as a bias, CP-LRP or AttnLRP attention).
+Times are medians of ``--repeats`` interleaved rounds after a warm-up (``bench_engine.Timer``). Memory is the peak
+resident set size above the resident size before one call (Linux ``/proc/self/clear_refs``; glibc's mmap threshold fixed at 64 KiB so that
+freed tensors leave the resident set); on CUDA the
+peak allocated memory of one call.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import gc
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import lrp  # noqa: E402
+from bench_engine import BASE, Timer, input_gradient, zennit_attribution  # noqa: E402
+from lrp.kinds import Kind  # noqa: E402
+from lrp.rules import Attention, Norm  # noqa: E402
+
+FAMILIES = ["resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+            "shufflenet_v2_x1_0", "regnet_y_800mf", "convnext_tiny", "vit_b_16", "swin_t", "maxvit_t"]
+ZENNIT = {"resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+          "shufflenet_v2_x1_0"}
+
+
+def peak_memory(fn, device: torch.device) -> float:
+    """Peak memory of one call of ``fn`` above what was in use before it, in MiB."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def lxt_equivalent(cp: bool) -> lrp.Composite:
+    """Our composite giving lxt's relevance on ViT (see tests/test_lrp_vit_lxt.py)."""
+    z = lrp.make_composite("z", stabilizer=0.0)
+    return dataclasses.replace(z, by_kind={**z.by_kind, Kind.SHIFT: Norm(0.0), Kind.ATTENTION: Attention(0.0, cp=cp)})
+
+
+def methods(name: str, model, x, target, device) -> dict:
+    """name -> (fn, context) of every method timed on this model."""
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    found = {"forward (no_grad)": (forward, None), BASE: (lambda: input_gradient(model, x, target), None)}
+    ours = lrp.Explainer(model, "epsilon_plus")
+    found["ours epsilon_plus"] = (lambda: ours(x, target), None)
+    if name in ZENNIT:
+        from helpers.zennit_reference import zennit_composite
+        from helpers.zoo_twins import module_pools, with_twin_rules, zennit_twin
+
+        twin = zennit_twin(copy.deepcopy(module_pools(copy.deepcopy(model))))
+        composite = with_twin_rules(twin, zennit_composite("epsilon_plus"))
+        found["zennit epsilon_plus (twin)"] = (lambda modified: zennit_attribution(modified, x, target),
+                                               lambda: composite.context(twin))
+    if name.startswith("vit") and importlib.util.find_spec("lxt") is not None:  # lxt is optional
+        from helpers.lxt_reference import lxt_model
+
+        for cp, label in ((True, "CP-LRP"), (False, "AttnLRP")):
+            explainer = lrp.Explainer(model, lxt_equivalent(cp))
+            patched = lxt_model(model, cp)
+            found[f"ours {label} (lxt's map)"] = (lambda e=explainer: e(x, target), None)
+            found[f"lxt {label}"] = (lambda p=patched: _gradient_x_input(p, x, target), None)
+    return found
+
+
+def _gradient_x_input(model, x, target):
+    return input_gradient(model, x, target) * x
+
+
+def bench(name: str, args, device: torch.device) -> list[tuple]:
+    torch.manual_seed(0)
+    kwargs = {"image_size": args.size} if name.startswith("vit") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None, **kwargs).eval().to(device)
+    model.requires_grad_(False)
+    with torch.no_grad():  # zero-initialised heads (ViT) would explain a constant 0
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and not parameter.abs().gt(0).any():
+                parameter.normal_(0, 0.01)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    target = torch.randint(0, 1000, (args.batch,), device=device)
+    timer = Timer(device)
+    found = methods(name, model, x, target, device)
+    for method, (fn, context) in found.items():
+        timer.add(method, fn, context)
+    timer.run(args.repeats)
+    rows = []
+    for method, (fn, context) in found.items():
+        if context is None:
+            memory = peak_memory(fn, device)
+        else:
+            with context() as modified:
+                memory = peak_memory(functools.partial(fn, modified), device)
+        rows.append((method, timer.median(method), memory))
+    return rows
+
+
+def print_table(name: str, rows, batch: int):
+    base = next(seconds for method, seconds, _ in rows if method == BASE)
+    ours = next(seconds for method, seconds, _ in rows if method == "ours epsilon_plus")
+    print(f"\n{name}")
+    print(f"| {'method':<46} | {'median (s)':>10} | {'images/s':>8} | {'/ fwd+grad':>10} | {'vs ours':>8} "
+          f"| {'peak MiB':>8} |")
+    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 10}|")
+    for method, seconds, memory in rows:
+        reference = ours
+        if "(lxt's map)" in method or method.startswith("lxt"):
+            reference = next(s for m, s, _ in rows if m == f"ours {method.split()[1]} (lxt's map)")
+        ratio = f"{seconds / reference:.2f}x" if method.startswith(("zennit", "lxt")) else ""
+        print(f"| {method:<46} | {seconds:>10.3f} | {batch / seconds:>8.1f} | {seconds / base:>9.2f}x "
+              f"| {ratio:>8} | {memory:>8.0f} |")
+    sys.stdout.flush()
+
+
+def _fixed_mmap_threshold() -> None:
+    """Re-run with glibc's mmap threshold fixed, so freed large tensors leave the resident set (by default glibc raises
+    the threshold after frees and keeps them in its heap, and the peak resident size no longer shows a call's peak)."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    _fixed_mmap_threshold()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=FAMILIES)
+    parser.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 32 on CUDA")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    args.batch = args.batch or (32 if device.type == "cuda" else 4)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
+          f"{args.size}x{args.size}, float32, median of {args.repeats} after 1 warm-up; 'vs ours': their time / ours")
+    for name in args.models:
+        print_table(name, bench(name, args, device), args.batch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
