@@ -17,7 +17,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from .config import ConfigError, RunConfig
@@ -77,6 +77,7 @@ class DispatchResult:
     computed_rows: int  # rows the actors reported done (ok or not) this run
     retries: int  # shard tasks resubmitted after their actor died or their task raised
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what the actors' reports say besides counts (``notes``)
 
 
 class ShardPool:
@@ -106,6 +107,7 @@ class ShardPool:
         self.attempts: dict[Part, int] = {}
         self.in_flight: dict = {}  # task ref -> (actor index, part)
         self.computed = self.retries = self.failed_rows = 0
+        self.notes: list[str] = []
         self.bar = tqdm(total=sum(part.size for part in self.queue), unit="img", desc=self.name,
                         disable=not self.config.progress, file=sys.stderr, smoothing=0.1)
         try:
@@ -120,7 +122,7 @@ class ShardPool:
             for actor in self.actors:
                 if actor is not None:
                     self.ray.kill(actor, no_restart=True)
-        return DispatchResult(self.computed, self.retries, time.perf_counter() - began)
+        return DispatchResult(self.computed, self.retries, time.perf_counter() - began, self.notes)
 
     def _start(self, shards: int) -> None:
         from ray.exceptions import RayActorError
@@ -134,7 +136,8 @@ class ShardPool:
             count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
         remote = ray.remote(self.actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
                                                       num_cpus=config.cpus_per_actor,
-                                                      max_restarts=-1, max_task_retries=0)
+                                                      max_restarts=-1, max_task_retries=0,
+                                                      max_concurrency=getattr(self.actor_class, "concurrency", 1))
         self.actors = [remote.remote(self.job) for _ in range(min(count, shards))]
         # parts whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
         # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
@@ -188,6 +191,7 @@ class ShardPool:
     def _done(self, part: Part, report: dict) -> None:
         self.computed += report["rows"]
         self.failed_rows += report["failed"] + report["nonfinite"]
+        self.notes += report.get("notes", [])
         self.bar.set_postfix(failed=self.failed_rows, refresh=False)
         self.bar.update(part.size)
         self._release(part.shard)

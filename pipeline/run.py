@@ -275,4 +275,6 @@ def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
     result = ShardPool("explain", ExplainActor, plan.job, config, use_gpu).run(todo, ExplainTask(plan, store, todo))
     summary = summarize(store)
     summary.computed_rows, summary.seconds, summary.retries = result.computed_rows, result.seconds, result.retries
+    if result.notes:  # images the GPU decoder refused, decoded on the CPU instead (decode: auto)
+        summary.messages += [f"notes ({len(result.notes)}):"] + [f"  {note}" for note in result.notes[:20]]
     return summary
