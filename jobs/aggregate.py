@@ -11,6 +11,7 @@ import numpy as np
 
 from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
+from pipeline.lease import active_lease
 from pipeline.store import StoreError
 
 
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", default=None,
                         help="threads (default), sync, processes, ray, or a distributed address like tcp://host:8786")
     parser.add_argument("--workers", type=int, default=None, help="threads/processes of the local scheduler")
+    parser.add_argument("--while-writing", action="store_true",
+                        help="aggregate a store that an explain run is still writing (only the rows ok so far; "
+                             "the output says so); without it such a store is refused")
     defaults = BiasSettings()
     bias = parser.add_argument_group("bias flags (see docs/aggregates.md)")
     for name, value in defaults.as_dict().items():
@@ -40,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = BiasSettings(**{name: getattr(args, name) for name in BiasSettings().as_dict()})
+    writer = active_lease(args.store)
+    if writer is not None and not args.while_writing:
+        print(f"lrp-audit aggregate: the store is being written by {writer.describe()}: aggregate it once that run "
+              "is done, or pass --while-writing to aggregate the rows ok so far", file=sys.stderr)
+        return 2
+    note = (f"note: aggregated while the store was being written by {writer.describe()}: only the rows ok at that "
+            "time are in it" if writer is not None else None)
+    if note:
+        print(note)
     try:
         masks = None
         if args.masks:
@@ -63,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(result.classes["flagged"].to_pylist()):
         print("  no class flagged")
     print(f"wrote {result.out_dir or default_out_dir(args.store)}")
+    if note:
+        print(note)
     return 0
 
 

@@ -32,6 +32,7 @@ from .gpu_decode import DecodedBatch, Encoded, decode_encoded_batch, decode_on_d
 from .models import best_device, build_model
 from .prefetch import Ahead
 from .preprocess import Preprocess
+from .secrets import redact
 from .store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, RelevanceStore, open_store
 from .writer import ShardWriter
 
@@ -134,13 +135,16 @@ class ExplainActor:
         return Staged(decoded.batch, x, decoded.failures, decoded.fallbacks)
 
     # ---- one shard --------------------------------------------------------------------------------------
-    def explain_shard(self, start: int, rows: pa.Table, groups: list[str]) -> dict:
-        """Explain and write one whole shard (rows ``start ...``) to every group in ``groups``; returns counts once
-        the shard is in the store (a write error raises here)."""
+    def explain_shard(self, start: int, rows: pa.Table, groups: list[str], part: tuple[int, int] | None = None) -> dict:
+        """Explain and write one shard (rows ``start ...``) to every group in ``groups``; returns counts once the
+        shard is in the store (a write error raises here).
+
+        ``part`` ``(lo, hi)``: only the shard's rows ``[lo, hi)`` are explained (a retry bisecting a shard that
+        killed its actor); the other rows keep what the store has."""
         began = time.perf_counter()
         config = self.job.config
         reader = ShardReader(rows.to_pylist(), self._read if self.gpu_decode else self._load, config.batch_size,
-                             self.decode_threads)
+                             self.decode_threads, part)
         buffers = ShardBuffers(start, rows.to_pydict(), groups, self.preprocess.size, self.job)
         explainers = {name: self.explainers[name] for name in groups}
         staged = (self._stage(batch) for batch in reader)
@@ -148,11 +152,11 @@ class ExplainActor:
             with Ahead(staged, PREFETCH_BATCHES) as ahead, self.engine:  # staging starts before the lock is ours
                 fallbacks = self._explain(ahead, buffers, explainers)
             buffers.fail(reader.failures)  # complete: the staging thread has ended
-            report = self.writer.write(buffers.write, self.store, groups)
+            report = self.writer.write(buffers.write, self.store, groups, part)
         else:
             fallbacks = self._explain(staged, buffers, explainers)
             buffers.fail(reader.failures)
-            report = buffers.write(self.store, groups)
+            report = buffers.write(self.store, groups, part)
         report["notes"] = [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks]
         report["seconds"] = time.perf_counter() - began
         return report
@@ -246,7 +250,8 @@ class ShardBuffers:
         meta = self.meta
         arrays = dict(relevance=self.relevance[name], output=self.output[name], relevance_sum=self.relevance_sum[name],  # noqa: C408
                       target=self.target, label=meta["label"], prediction=self.prediction,
-                      sample_id=meta["sample_id"], path=meta["path"], error=self.errors)
+                      sample_id=meta["sample_id"], path=[redact(path) for path in meta["path"]],
+                      error=[redact(error) for error in self.errors])
         if self.channels is not None:
             arrays["relevance_channels"] = self.channels[name]
         if self.boxes is not None:
@@ -257,13 +262,21 @@ class ShardBuffers:
             arrays["labels"] = _multi_hot(meta["labels"], self.job.num_classes)
         return arrays
 
-    def write(self, store: RelevanceStore, groups: list[str]) -> dict:
-        """Write the shard to every group (status last in each); the report counts the rows as stored."""
-        report = {"start": self.start, "rows": self.n, "ok": 0, "failed": 0, "nonfinite": 0,
-                  "failures": [(self.meta["path"][i], self.errors[i]) for i in range(self.n)
+    def write(self, store: RelevanceStore, groups: list[str], part: tuple[int, int] | None = None) -> dict:
+        """Write the shard to every group (status last in each); the report counts the rows as stored.
+
+        With ``part`` only rows ``[lo, hi)`` are new: the others keep the store's values (still one shard write)."""
+        mine = np.zeros(self.n, bool)
+        mine[slice(*part) if part is not None else slice(None)] = True
+        report = {"start": self.start, "rows": int(mine.sum()), "ok": 0, "failed": 0, "nonfinite": 0,
+                  "failures": [(redact(self.meta["path"][i]), redact(self.errors[i])) for i in np.flatnonzero(mine)
                                if self.status[i] == STATUS_FAILED]}
         for name in groups:
-            final = store.group(name).write_block(self.start, status=self.status, **self.arrays(name))
+            group = store.group(name)
+            if part is None:
+                final = group.write_block(self.start, status=self.status, **self.arrays(name))
+            else:
+                final = group.write_rows(self.start, self.n, mine, status=self.status, **self.arrays(name))[mine]
             report["ok"] += int((final == STATUS_OK).sum())
             report["failed"] += int((final == STATUS_FAILED).sum())
             report["nonfinite"] += int((final == STATUS_NONFINITE).sum())

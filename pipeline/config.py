@@ -136,9 +136,12 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that defines the store's content (not how fast it is computed)."""
+        from .secrets import redact  # storage options are left out; URLs are recorded without their credentials
+
+        weights = redact(self.model.weights) if self.model.weights else self.model.weights
         return {
-            "dataset": {"source": self.dataset.source, "kind": self.dataset.kind, "split": self.dataset.split},
-            "model": {"name": self.model.name, "factory": self.model.factory, "weights": self.model.weights,
+            "dataset": {"source": redact(str(self.dataset.source)), "kind": self.dataset.kind, "split": self.dataset.split},
+            "model": {"name": self.model.name, "factory": self.model.factory, "weights": weights,
                       "kwargs": self.model.kwargs, "seed": self.model.seed},
             "explanations": {s.name: s.to_dict() for s in self.explanations},
             "preprocess": self.preprocess.to_dict(),

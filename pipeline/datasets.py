@@ -28,7 +28,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -100,10 +100,23 @@ def load_index(
     rows, names, multi_label = readers[kind](fs, root, source, list(class_names) if class_names else None, split)
     if not rows:
         raise DatasetError(f"no images found in {source!r} ({kind}); check the path and the layout")
+    _refuse_duplicates(rows, source)
     for sample_id, row in enumerate(rows):
         row["sample_id"] = sample_id
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     return DatasetIndex(table, names, kind, str(source), multi_label)
+
+
+def _refuse_duplicates(rows: list[dict], source: str) -> None:
+    """An image listed twice would be explained and aggregated twice: give it one row (several labels: ``labels``)."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen[row["path"]] = seen.get(row["path"], 0) + 1
+    twice = [path for path, count in seen.items() if count > 1]
+    if twice:
+        raise DatasetError(f"{source!r} lists {len(twice)} image(s) more than once, e.g. {twice[0]!r} "
+                           f"({seen[twice[0]]} times): list each image once (a multi-label image: one row with "
+                           "'labels')")
 
 
 def _guess_kind(fs, root: str, source: str) -> str:
@@ -167,6 +180,9 @@ def _parse_boxes(value) -> list[list[float]]:
     for box in boxes:
         if len(box) != 4:
             raise DatasetError(f"box {list(box)} must have 4 numbers (x0, y0, x1, y1)")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not np.isfinite([x0, y0, x1, y1]).all() or x1 < x0 or y1 < y0:
+            raise DatasetError(f"box {list(box)} must be finite with x0 <= x1 and y0 <= y1 (x0, y0, x1, y1 in pixels)")
     return [[float(v) for v in box] for box in boxes]
 
 
@@ -200,15 +216,19 @@ def _manifest(fs, root, source, class_names, split):
         return int(value) if _is_int(value) else class_names.index(str(value))
 
     rows = []
-    for record, raw, multi in zip(records, raw_labels, raw_multi):
+    for number, (record, raw, multi) in enumerate(zip(records, raw_labels, raw_multi), start=1):
         path = str(record["path"])
         if "://" not in path and not path.startswith("/"):
             path = posixpath.join(base, path)
         mask = str(record.get("mask_path") or "")
         if mask and "://" not in mask and not mask.startswith("/"):
             mask = posixpath.join(base, mask)
+        try:
+            boxes = _parse_boxes(record.get("box"))
+        except DatasetError as error:
+            raise DatasetError(f"manifest {source!r} row {number} ({record['path']}): {error}") from None
         rows.append(_sample(path if "://" in path else _full_path(fs, path), index(raw), [index(x) for x in multi],
-                            _parse_boxes(record.get("box")), mask_path=mask if not mask or "://" in mask else _full_path(fs, mask)))
+                            boxes, mask_path=mask if not mask or "://" in mask else _full_path(fs, mask)))
     return rows, class_names, multi_label
 
 
@@ -263,14 +283,32 @@ def _read_bytes(path: str, storage_options: Mapping[str, Any] | None) -> bytes:
 
 
 def _decode(data: bytes, mode: str) -> torch.Tensor:
-    """Pillow decodes (torchvision's own decoders are deprecated since 0.29); errors name the reason."""
+    """Pillow decodes (torchvision's own decoders are deprecated since 0.29); errors name the reason.
+
+    The EXIF orientation is applied (a photo is explained upright, as viewers show it), 16-bit images are scaled
+    to 8 bits (Pillow's own conversion would clip them at 255), CMYK, paletted, grayscale and RGBA images are
+    converted by Pillow (alpha dropped)."""
+    if not data:
+        raise ValueError("cannot decode image: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert(mode))
+            image = ImageOps.exif_transpose(image)
+            array = np.asarray(_eight_bit(image).convert(mode))
+    except UnidentifiedImageError:
+        raise ValueError("cannot decode image: not an image format Pillow reads") from None
     except Exception as error:
         raise ValueError(f"cannot decode image: {type(error).__name__}: {error}") from None
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale scaled to 0..255, rounding; other modes as they are."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return image
+    array = np.asarray(image).astype(np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else float(2 ** 31 - 1)
+    return Image.fromarray(np.clip(np.rint(array * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
 
 
 def read_image(path: str, storage_options: Mapping[str, Any] | None = None) -> torch.Tensor:

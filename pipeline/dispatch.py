@@ -36,6 +36,9 @@ def connect(address: str | None = None):
             ray.init(address=address, logging_level="WARNING")
         else:
             ray.init(logging_level="WARNING", include_dashboard=False)
+            from . import watchdog
+
+            watchdog.start()  # a kill -9 of this driver leaves no Ray process of its cluster behind
     return ray
 
 
@@ -70,6 +73,13 @@ class ShardTask(Protocol):
 
     def fail(self, part: Part, reason: str) -> None:
         """Record a part that cannot be done (its rows that are not ok), with the reason."""
+
+    # optional: ``fatal(error) -> str | None``, the message when a task's exception must end the whole run
+
+
+class PoolAborted(RuntimeError):
+    """A task failed in a way that ends the run (``ShardTask.fatal`` said so, e.g. the storage is full or
+    read-only): nothing more is submitted, and the actors are ended."""
 
 
 @dataclass
@@ -164,8 +174,6 @@ class ShardPool:
 
     def _step(self) -> None:
         """Wait for one task or ready-ping and handle it by what happened."""
-        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-
         done, _ = self.ray.wait(list(self.in_flight) + list(self.recovering), num_returns=1, timeout=30.0)
         for ref, i in list(self.recovering.items()):
             if ref not in done and time.monotonic() - self.recovering_since[i] > RECOVERY_TIMEOUT:
@@ -174,19 +182,49 @@ class ShardPool:
         for ref in done:
             if ref in self.recovering:
                 self.recovered(ref)
-                continue
-            i, part = self.in_flight.pop(ref)
+            elif ref in self.in_flight:  # else handled already, with the other tasks of its actor
+                self._settle(self.in_flight[ref][0], [ref])
+
+    def _settle(self, i: int, refs: list) -> None:
+        """Handle finished tasks of actor ``i`` in the order they were submitted. When the actor's process ended,
+        all its queued tasks fail at once, but only the first of them was running: the others are bystanders,
+        resubmitted as they were (no attempt counted, never bisected)."""
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+        ended = False
+        for ref in refs:
+            _, part = self.in_flight.pop(ref)
             self.load[i] -= 1
             try:
                 report = self.ray.get(ref)
-            except ActorDiedError as error:  # the process is gone (OOM, segfault, node lost): Ray restarts it
-                self.died(i, part, error)
-            except RayActorError as error:  # unavailable: the task may still run there
-                self.unavailable(i, part, error)
+            except RayActorError as error:
+                if ended:
+                    self._bystander(i, part)
+                    continue
+                ended = True
+                if isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
+                    self.died(i, part, error)
+                else:  # unavailable: the task may still run there
+                    self.unavailable(i, part, error)
+                refs += self._queued_on(i, refs)
             except RayTaskError as error:  # an exception in the task (the actor lives on)
                 self.task_error(part, error)
             else:
                 self._done(part, report)
+
+    def _queued_on(self, i: int, seen: list) -> list:
+        """Actor ``i``'s other tasks, in submission order, once they have failed with it (a bounded wait)."""
+        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref not in seen]
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), timeout=60.0)
+        ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        return [ref for ref in refs if ref in ready]
+
+    def _bystander(self, i: int, part: Part) -> None:
+        """A part that was queued behind the one its actor ended on: it never ran, so it goes back unchanged, to
+        the actor's next incarnation (no process can still be running it then)."""
+        self.attempts[part] -= 1
+        (self.queue if self.actors[i] is None else self.pinned[i]).appendleft(part)
 
     def _done(self, part: Part, report: dict) -> None:
         self.computed += report["rows"]
@@ -206,14 +244,7 @@ class ShardPool:
     def died(self, i: int, part: Part, error: Exception) -> None:
         """The actor's process is gone: it restarts; the part is bisected (to find a row that kills it) or retried."""
         self.recover(i)
-        reason = f"the actor died on this {'shard' if part.whole else 'row'}: {error}"
-        if self.task.bisect and part.size > 1:
-            first, second = part.halves()
-            self.retries += 1
-            self.waiting.setdefault(part.shard, deque()).appendleft(second)
-            self.queue.appendleft(first)
-        else:
-            self._retry(part, reason, self.queue)
+        self._bisect_or_retry(part, "died", error, self.queue)
 
     def unavailable(self, i: int, part: Part, error: Exception) -> None:
         """Ray lost touch with the actor, whose task may still run: end that process, the part waits for its next
@@ -221,12 +252,15 @@ class ShardPool:
         if self.actors[i] is not None:
             self.ray.kill(self.actors[i], no_restart=False)
             self.recover(i)
-        self._retry(part, f"the actor became unavailable on this shard: {error}",
-                    self.queue if self.actors[i] is None else self.pinned[i])
+        self._bisect_or_retry(part, "became unavailable", error, self.queue if self.actors[i] is None else self.pinned[i])
 
     def task_error(self, part: Part, error: Exception) -> None:
         """The task raised (a transient storage error, say) and the actor lives on: retried, then recorded failed."""
         cause = getattr(error, "cause", None)
+        fatal = getattr(self.task, "fatal", None)
+        message = fatal(cause if cause is not None else error) if fatal is not None else None
+        if message:
+            raise PoolAborted(message)
         self._retry(part, str(cause if cause is not None else error).strip().splitlines()[-1], self.queue)
 
     def recover(self, i: int) -> None:
@@ -243,6 +277,7 @@ class ShardPool:
         try:
             self.ray.get(ref)
             self.recovering_since.pop(i, None)
+            self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
         except RayActorError:
             self.recoveries[i] += 1
             if self.recoveries[i] > RECOVERIES:
@@ -260,6 +295,24 @@ class ShardPool:
         self.recovering_since.pop(i, None)
 
     # ---- retry or give up -------------------------------------------------------------------------------
+    def _bisect_or_retry(self, part: Part, what: str, error: Exception, target: deque) -> None:
+        """The actor's process ended on ``part``. A whole shard is first retried as it is (most deaths are
+        transient: a lost node, memory pressure from elsewhere), so the rerun gives the same bits. When it ends the
+        process again, a row in it may be what kills it (a decoder segfault, an out-of-memory image): with
+        ``task.bisect`` the part is halved until that row runs alone (each half a new part, the second waiting for
+        the first); a single row is retried up to ``max_attempts``, then failed."""
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        suspect = not part.whole or self.attempts[part] >= min(2, self.config.max_attempts)
+        if self.task.bisect and part.size > 1 and suspect:
+            first, second = part.halves()
+            self.retries += 1
+            self.waiting.setdefault(part.shard, deque()).appendleft(second)
+            target.appendleft(first)
+        else:
+            unit = "row" if self.task.bisect and part.size == 1 else "shard"
+            self._retry(part, f"the actor {what} on this {unit}: {first_line}", target)
+
     def _retry(self, part: Part, reason: str, target: deque) -> None:
         if self.attempts[part] < self.config.max_attempts:
             self.retries += 1

@@ -39,6 +39,7 @@ from .models import build_model
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
 from .run import RunPlan, plan_run, software_versions
+from .secrets import redact
 from .store import canonical_json, config_differences
 
 #: Methods evaluated when none are given: LRP composites and the three baselines of Samek et al. (2015) / Binder
@@ -210,13 +211,13 @@ class EvaluateActor:
             for m in methods:
                 errors[m][i] = reason
 
-        records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=meta["path"][i], target=target[i],
+        records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=redact(meta["path"][i]), target=target[i],
                         label=meta["label"][i], prediction=prediction[i], method=m, status=status[m][i],
-                        error=errors[m][i], curve=curves[m][i]) for i in range(n) for m in methods]
+                        error=redact(errors[m][i]), curve=curves[m][i]) for i in range(n) for m in methods]
         _write_atomically(pa.Table.from_pylist(records, schema=CURVE_SCHEMA), shard_path(self.job.config.out, shard),
                           run.storage_options)
         counts = {s: sum(st.count(s) for st in status.values()) for s in ("ok", "failed", "nonfinite")}
-        failures = sorted({(meta["path"][i], errors[methods[0]][i]) for i in range(n) if status[methods[0]][i] == "failed"})
+        failures = sorted({(redact(meta["path"][i]), redact(errors[methods[0]][i])) for i in range(n) if status[methods[0]][i] == "failed"})
         return {"shard": shard, "rows": n, **counts, "failures": failures, "seconds": time.perf_counter() - began}
 
     def _evaluate(self, batch, meta, target, prediction, status, errors, curves):

@@ -137,10 +137,13 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu", download: b
                 kwargs.setdefault("num_classes", len(enum.meta["categories"]))
             model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
     else:
+        factory = _factory(spec)
         try:
-            model = _factory(spec)(**kwargs)
+            model = factory(**kwargs)
         except TypeError as error:
             raise ModelError(f"model.factory {spec.factory!r} rejected kwargs {kwargs}: {error}") from error
+        except Exception as error:  # the user's code: whatever it raises is a configuration error, named
+            raise ModelError(f"model.factory {spec.factory!r} raised {type(error).__name__}: {error}") from error
         if not isinstance(model, nn.Module):
             raise ModelError(f"model.factory {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
     path = _weights_file(spec)

@@ -6,6 +6,8 @@ The dispatch loop (actor pool, bounded in-flight tasks, retry of a dead actor's 
 """
 from __future__ import annotations
 
+import errno
+import os
 import platform
 from dataclasses import dataclass, field
 
@@ -16,10 +18,16 @@ import pyarrow.compute as pc
 from .actors import ActorJob, ExplainActor
 from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
-from .dispatch import Part, ShardPool
+from .dispatch import Part, PoolAborted, ShardPool
+from .lease import LeaseHeld, StoreLease
+from .secrets import redact
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
                     RelevanceStore, StoreError)
+
+#: errors of a storage that cannot take more writes: the run stops instead of failing shard after shard
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
 
 @dataclass
 class RunPlan:
@@ -73,11 +81,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         raise ConfigError(str(error)) from error
     except RuntimeError as error:  # a forward pass that does not fit the input size or channels
         raise ConfigError(f"the model cannot run on a {3}x{height}x{width} input: {error}") from error
-    for setting in config.explanations:
-        try:
-            lrp.Explainer(model, setting.composite, **setting.params)
-        except (ValueError, TypeError, NotImplementedError, lrp.UnsupportedLayerError) as error:
-            raise ConfigError(f"explanation {setting.name!r} cannot explain this model: {error}") from error
+    _dry_run(model, config, height, width)
 
     if names and index.class_names is not None and list(index.class_names) != list(names):
         # the dataset's labels index its own class list: read against the model's names they would be wrong
@@ -106,6 +110,30 @@ def plan_run(config: RunConfig) -> RunPlan:
         "class_names": class_names,
     }
     return RunPlan(config, index, rows, class_names, mode, height, width, store_config)
+
+
+DRY_RUN_BATCH = 2  # rows of the zero batch every explainer runs once on the driver before any actor starts
+
+
+def _dry_run(model, config: RunConfig, height: int, width: int) -> None:
+    """Build every explainer and run it once on a small zero batch, so that a setting that fails only on the first
+    batch (a box of the wrong length, a shape the engine cannot fold) is a configuration error before any work."""
+    import lrp
+    import torch
+
+    x = torch.zeros(DRY_RUN_BATCH, 3, height, width)
+    target = torch.zeros(DRY_RUN_BATCH, dtype=torch.long)
+    for setting in config.explanations:
+        try:
+            explainer = lrp.Explainer(model, setting.composite, **setting.params)
+        except (ValueError, TypeError, NotImplementedError, lrp.UnsupportedLayerError) as error:
+            raise ConfigError(f"explanation {setting.name!r} cannot explain this model: {error}") from error
+        try:
+            explainer(x, target)
+        except Exception as error:  # any failure here would fail every batch of the run
+            raise ConfigError(
+                f"explanation {setting.name!r} fails on a {DRY_RUN_BATCH}x3x{height}x{width} zero batch (the dry run "
+                f"before any actor starts): {type(error).__name__}: {error}") from error
 
 
 def _rows(index: DatasetIndex, mode: str, classes: list, class_names: list[str]) -> pa.Table:
@@ -233,7 +261,7 @@ class ExplainTask:
     """Explain's shards for the :class:`~pipeline.dispatch.ShardPool`: store row blocks, each written by one actor
     to the groups that still miss rows there; a shard the actors cannot finish is recorded failed by the driver."""
 
-    bisect = False
+    bisect = True  # a part of a shard is written as the whole shard with the other rows kept (write_rows)
 
     def __init__(self, plan: RunPlan, store: RelevanceStore, todo: dict[int, list[str]]):
         self.plan, self.store, self.todo = plan, store, todo
@@ -244,25 +272,55 @@ class ExplainTask:
 
     def submit(self, actor, part: Part):
         start, rows = self._rows(part.shard)
-        return actor.explain_shard.remote(start, rows, self.todo[part.shard])
+        return actor.explain_shard.remote(start, rows, self.todo[part.shard], None if part.whole else part[1:3])
 
     def size(self, shard: int) -> int:
         start, stop = self.store.shard_rows(shard)
         return int(stop - start)
 
+    @staticmethod
+    def fatal(error: BaseException) -> str | None:
+        """A full or read-only store ends the run at once: every other shard would fail the same way."""
+        while error is not None:
+            if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                return f"the store cannot be written ({os.strerror(error.errno)}): {redact(str(error))}"
+            error = error.__cause__ or error.__context__
+        return None
+
     def fail(self, part: Part, reason: str) -> None:
         """The part's rows that are not ok become failed with the reason (rows already ok keep their values)."""
         start, rows = self._rows(part.shard)
+        mine = np.zeros(rows.num_rows, bool)
+        mine[part.lo:part.hi] = True
         for name in self.todo[part.shard]:
             self.store.group(name).write_failed(
-                start, rows.num_rows, reason, path=rows["path"].to_pylist(), sample_id=rows["sample_id"].to_numpy(),
+                start, rows.num_rows, redact(reason), mine, path=[redact(path) for path in rows["path"].to_pylist()],
+                sample_id=rows["sample_id"].to_numpy(),
                 target=rows["target"].to_numpy(), label=rows["label"].to_numpy())
 
 
 def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
     """Explain every missing row of the store; resumable, idempotent, and never holds images in the driver."""
     plan = plan_run(config)  # every config error surfaces here, before any work
-    store = create_store(plan)
+    lease = StoreLease(config.store, config.storage_options)
+    try:
+        lease.acquire()  # one driver per store: a second one is refused, naming the first
+    except LeaseHeld as error:
+        raise ConfigError(str(error)) from None
+    try:
+        store = create_store(plan)
+        lease.renew()  # a store laid out anew cleared its folder, the lease with it
+        summary = _explain_pending(plan, store, use_gpu)
+    finally:
+        lease.release()
+    if lease.lost is not None:
+        summary.messages.append(f"warning: another driver took the store's lease over during this run: "
+                                f"{lease.lost.describe()}")
+    return summary
+
+
+def _explain_pending(plan: RunPlan, store: RelevanceStore, use_gpu: bool | None) -> RunSummary:
+    config = plan.config
     todo: dict[int, list[str]] = {}
     for group in store.groups():
         for shard in group.pending_shards(retry_failed=config.retry_failed):
@@ -272,7 +330,14 @@ def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
         summary.messages.append("nothing to do: every row of the store is already computed")
         return summary
 
-    result = ShardPool("explain", ExplainActor, plan.job, config, use_gpu).run(todo, ExplainTask(plan, store, todo))
+    try:
+        result = ShardPool("explain", ExplainActor, plan.job, config, use_gpu).run(todo, ExplainTask(plan, store, todo))
+    except PoolAborted as error:
+        summary = summarize(store)
+        summary.messages.append(f"error: {error}. The run stopped; the rows not written are pending, none is marked "
+                                "ok that is not stored: free space or make the store writable, then run the same "
+                                "command again")
+        return summary
     summary = summarize(store)
     summary.computed_rows, summary.seconds, summary.retries = result.computed_rows, result.seconds, result.retries
     if result.notes:  # images the GPU decoder refused, decoded on the CPU instead (decode: auto)

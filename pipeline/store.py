@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from .lease import LEASE
+
 FORMAT_VERSION = 1
 
 STATUS_PENDING = 0
@@ -103,6 +105,7 @@ def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None)
     if not fs.isdir(path):
         raise StoreError(f"{url!r} is a file, not a relevance store: choose another path")
     entries = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    entries = [entry for entry in entries if entry != LEASE]  # the lease of the driver about to create the store
     if entries and "zarr.json" not in entries:
         raise StoreError(f"{url!r} is a folder that holds other files ({', '.join(sorted(entries)[:5])}): "
                          "a new store needs an empty or new path")

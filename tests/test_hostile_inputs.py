@@ -1,0 +1,225 @@
+"""Hostile and odd inputs (docs/hostile-inputs.md): each row of that table is one test here.
+
+Every case gets a recorded failed row with its reason, an ok row with a documented reading, or a clear
+configuration error before any work; never a crash of the run or a silent wrong value. The image rows go through
+the real explain actor in this process (one shard, the real Zarr store): decoding is the actor's job.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.actors import ExplainActor
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.datasets import read_image
+from pipeline.run import create_store, plan_run
+from pipeline.store import STATUS_FAILED, STATUS_OK, open_store
+from tests.test_pipeline import FACTORY, manifest, save_weights, values
+
+RGB = np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+
+
+def bomb(path: Path) -> None:
+    """A PNG that claims 40000 x 40000 pixels in a few bytes (PIL refuses it before decoding)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+
+
+def exif_rotated(path: Path) -> None:
+    image = Image.fromarray(RGB)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    image.save(path, exif=exif)
+
+
+def truncated(path: Path) -> None:
+    Image.fromarray(RGB).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+IMAGES = {  # case -> (file name, writer)
+    "truncated JPEG": ("truncated.jpg", truncated),
+    "zero-byte file": ("zero.png", lambda p: p.write_bytes(b"")),
+    "text file named .png": ("text.png", lambda p: p.write_text("hello, not an image")),
+    "1x1 image": ("one.png", lambda p: Image.fromarray(RGB[:1, :1]).save(p)),
+    "decompression bomb": ("bomb.png", bomb),
+    "CMYK JPEG": ("cmyk.jpg", lambda p: Image.fromarray(RGB).convert("CMYK").save(p)),
+    "16-bit PNG": ("g16.png", lambda p: Image.fromarray(RGB[..., 0].astype(np.uint16) * 257).save(p)),
+    "paletted PNG": ("palette.png", lambda p: Image.fromarray(RGB).convert("P").save(p)),
+    "grayscale": ("gray.png", lambda p: Image.fromarray(RGB).convert("L").save(p)),
+    "RGBA": ("rgba.png", lambda p: Image.fromarray(np.dstack([RGB, np.full((20, 28), 9, np.uint8)])).save(p)),
+    "EXIF-rotated photo": ("exif.jpg", exif_rotated),
+    "path with spaces and non-ASCII": ("dir with spaces/ümlaut é.png", lambda p: Image.fromarray(RGB).save(p)),
+    "symlink to a missing file": ("dangling.png", lambda p: os.symlink(p.parent / "nowhere.png", p)),
+    "mask of another size": ("masked.png", lambda p: Image.fromarray(RGB).save(p)),
+    "boxes outside the image": ("boxed.png", lambda p: Image.fromarray(RGB).save(p)),
+}
+# case -> (status, what the error says, or a check of the row)
+EXPECTED = {
+    "truncated JPEG": (STATUS_FAILED, "cannot decode image: OSError: image file is truncated"),
+    "zero-byte file": (STATUS_FAILED, "cannot decode image: empty file (0 bytes)"),
+    "text file named .png": (STATUS_FAILED, "cannot decode image: not an image format Pillow reads"),
+    "1x1 image": (STATUS_OK, ""),
+    "decompression bomb": (STATUS_FAILED, "DecompressionBombError"),
+    "CMYK JPEG": (STATUS_OK, ""),
+    "16-bit PNG": (STATUS_OK, ""),
+    "paletted PNG": (STATUS_OK, ""),
+    "grayscale": (STATUS_OK, ""),
+    "RGBA": (STATUS_OK, ""),
+    "EXIF-rotated photo": (STATUS_OK, ""),
+    "path with spaces and non-ASCII": (STATUS_OK, ""),
+    "symlink to a missing file": (STATUS_FAILED, "missing file"),
+    "mask of another size": (STATUS_FAILED, "mask size (5, 5) differs from the image size (20, 28)"),
+    "boxes outside the image": (STATUS_OK, ""),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory):
+    """One manifest with every odd image (and one plain one), explained by the real actor in this process."""
+    folder = tmp_path_factory.mktemp("hostile")
+    Image.fromarray(np.full((5, 5), 255, np.uint8)).save(folder / "small-mask.png")
+    lines = ["path,label,box,mask_path"]
+    for case, (name, write) in IMAGES.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        box = '"-50,-50,10,400"' if case == "boxes outside the image" else ""
+        mask = "small-mask.png" if case == "mask of another size" else ""
+        lines.append(f'"{path}",1,{box},{mask}')
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = config_from_dict(values(folder, str(folder / "manifest.csv"), explanations=["epsilon"],
+                                     rows_per_shard=64, batch_size=4))
+    plan = plan_run(config)
+    store = create_store(plan)
+    ExplainActor(plan.job).explain_shard(0, plan.rows, store.group_names)
+    rows = open_store(config.store).group("epsilon").rows().to_pylist()
+    return {case: row for case, row in zip(IMAGES, rows)}, open_store(config.store).group("epsilon")
+
+
+@pytest.mark.parametrize("case", list(IMAGES))
+def test_odd_image(hostile_store, case):
+    rows, group = hostile_store
+    status, error = EXPECTED[case]
+    row = rows[case]
+    assert row["status"] == status, row["error"]
+    assert error in row["error"] and (error or row["error"] == "")
+    if status == STATUS_OK:
+        assert np.isfinite(group.relevance[row["row"]].compute()).all()
+        assert row["residual"] == pytest.approx(row["relevance_sum"] - row["output"])
+    if case == "boxes outside the image":  # clipped to the map (16 x 16 after padding 28x20 to 28x28)
+        box = group.boxes[row["row"], 0]
+        assert box[0] == 0 and box[1] == 0 and box[3] == 16 and 0 < box[2] < 16
+
+
+def test_odd_images_decode_to_the_documented_pixels(hostile_store, tmp_path):
+    folder = Path(hostile_store[0]["1x1 image"]["path"]).parent
+    sixteen = read_image(str(folder / "g16.png"))  # scaled to 8 bits, not clipped at 255
+    np.testing.assert_array_equal(sixteen[0].numpy(), RGB[..., 0])
+    upright = read_image(str(folder / "exif.jpg"))  # EXIF orientation 6: shown rotated, 28 high and 20 wide
+    assert tuple(upright.shape) == (3, 28, 20)
+    rgba = read_image(str(folder / "rgba.png"))  # alpha dropped, colour kept
+    np.testing.assert_array_equal(rgba.permute(1, 2, 0).numpy(), RGB)
+    gray = read_image(str(folder / "gray.png"))
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all()
+
+
+# ---- configuration errors before any work ---------------------------------------------------------------------
+def csv(tmp_path: Path, text: str) -> str:
+    (tmp_path / "m.csv").write_text(text)
+    return str(tmp_path / "m.csv")
+
+
+def image(tmp_path: Path, name: str = "a.png") -> str:
+    Image.fromarray(RGB).save(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def refused(tmp_path: Path, source: str, match: str, **overrides) -> None:
+    with pytest.raises(ConfigError, match=match):
+        plan_run(config_from_dict(values(tmp_path, source, **overrides)))
+    assert not (tmp_path / "run.zarr").exists()
+
+
+def test_manifest_without_a_path_column(tmp_path):
+    refused(tmp_path, csv(tmp_path, f"file,label\n{image(tmp_path)},1\n"), "needs a 'path' column")
+
+
+def test_manifest_without_labels_in_label_mode(tmp_path):
+    refused(tmp_path, csv(tmp_path, f"path\n{image(tmp_path)}\n"), "have no single label", targets="label")
+
+
+def test_manifest_with_extra_columns_reads_the_known_ones(tmp_path):
+    plan = plan_run(config_from_dict(values(tmp_path, csv(tmp_path, f"path,label,notes\n{image(tmp_path)},2,hi\n"))))
+    assert plan.rows["label"].to_pylist() == [2]
+
+
+def test_label_out_of_range(tmp_path):
+    refused(tmp_path, csv(tmp_path, f"path,label\n{image(tmp_path)},7\n"), "label outside the model's 3 classes")
+
+
+def test_unknown_label_name(tmp_path):
+    model = {"factory": FACTORY, "weights": save_weights(tmp_path / "w.pt"), "class_names": ["cat", "dog", "car"]}
+    refused(tmp_path, csv(tmp_path, f"path,label\n{image(tmp_path)},zebra\n"), "'zebra'.*not class names", model=model)
+
+
+def test_duplicate_paths(tmp_path):
+    path = image(tmp_path)
+    refused(tmp_path, csv(tmp_path, f"path,label\n{path},1\n{path},2\n"), "more than once.*2 times")
+
+
+@pytest.mark.parametrize("box", ["10,10,2,2", "1,nan,5,5"], ids=["inverted", "NaN"])
+def test_inverted_or_nan_box(tmp_path, box):
+    refused(tmp_path, csv(tmp_path, f'path,label,box\n{image(tmp_path)},1,"{box}"\n'),
+            r"row 1 .*must be finite with x0 <= x1 and y0 <= y1")
+
+
+def raising_factory(num_classes: int = 3):
+    raise RuntimeError("the checkpoint server is down")
+
+
+def test_a_model_factory_that_raises(tmp_path):
+    model = {"factory": "tests.test_hostile_inputs:raising_factory"}
+    refused(tmp_path, manifest(tmp_path, 1), r"raising_factory' raised RuntimeError: the checkpoint server is down",
+            model=model)
+
+
+class Payload:
+    """A pickle that runs code when loaded without weights_only."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_weights_file_that_is_a_pickle_with_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": Payload(str(marker))}, tmp_path / "evil.pt")
+    refused(tmp_path, manifest(tmp_path, 1), "weights_only=True",
+            model={"factory": FACTORY, "weights": str(tmp_path / "evil.pt")})
+    assert not marker.exists()
+
+
+def test_a_state_dict_of_another_architecture(tmp_path):
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "other.pt")
+    refused(tmp_path, manifest(tmp_path, 1), "does not fit the model",
+            model={"factory": FACTORY, "weights": str(tmp_path / "other.pt")})
+
+
+def test_a_setting_that_fails_on_the_first_batch_fails_in_planning(tmp_path):
+    """epsilon_gamma_box with a 2-channel box on 3-channel images builds, and fails only when it runs."""
+    refused(tmp_path, manifest(tmp_path, 2), r"explanation 'box' fails on a 2x3x16x16 zero batch .*before any actor",
+            explanations=[{"name": "box", "composite": "epsilon_gamma_box", "low": [-1, -1], "high": [1, 1]}])
