@@ -64,9 +64,9 @@ def bare_engine(config, batch_size: int, threads: int) -> tuple[float, int]:
     return time.perf_counter() - began, len(inputs)
 
 
-def actor_in_process(config, part: int = 0, parts: int = 1) -> tuple[float, float, int]:
+def actor_in_process(config, part: int = 0, parts: int = 1, overlap: bool = True) -> tuple[float, float, int]:
     """(seconds with start-up, seconds of shard work, rows): the explain actor driven here, without Ray, over every
-    ``parts``-th shard from ``part`` (one writer per shard, as with Ray)."""
+    ``parts``-th shard from ``part`` (one writer per shard, as with Ray); ``overlap=False``: the sequential loop."""
     from pipeline.actors import ExplainActor
     from pipeline.run import create_store, plan_run
 
@@ -74,6 +74,7 @@ def actor_in_process(config, part: int = 0, parts: int = 1) -> tuple[float, floa
     plan = plan_run(config)
     store = create_store(plan)
     actor = ExplainActor(plan.job)
+    actor.overlap = overlap
     work, rows = 0.0, 0
     for shard in range(part, store.n_shards, parts):
         start, stop = store.shard_rows(shard)
@@ -178,7 +179,7 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
         root = Path(tmp)
         make_images(root / "data", args.images, args.size, 10, args.format)
         values = run_values(args, root, cpus_per_actor=args.cpus_per_actor or cpus)
-        engine, total, work = [], [], []
+        engine, total, work, sequential = [], [], [], []
         shared = {k: ([], []) for k in args.processes}
         for repeat in range(args.repeats):
             seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
@@ -187,6 +188,9 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
             all_in, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"r{repeat}.zarr")}))
             total.append(rows / all_in)
             work.append(rows / shards)
+            _, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"s{repeat}.zarr")}),
+                                               overlap=False)
+            sequential.append(rows / shards)
             for k, (walls, sums) in shared.items():
                 per_process = {**values, "cpus_per_actor": max(1, values["cpus_per_actor"] // k)}
                 wall, summed = actors_in_processes(config_from_dict({**per_process,
@@ -201,7 +205,8 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|")
     rows = [("bare engine, decoded inputs in memory", best),
             ("actor in-process, plan + model load + shards", max(total)),
-            ("actor in-process, shard work (decode+explain+write)", max(work))]
+            ("actor in-process, shard work, overlapped stages", max(work)),
+            ("actor in-process, shard work, sequential (before)", max(sequential))]
     for k, (walls, sums) in shared.items():
         rows += [(f"{k} actor processes, wall clock with start-up", max(walls)),
                  (f"{k} actor processes, sum of shard-work rates", max(sums))]
