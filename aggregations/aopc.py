@@ -1,4 +1,4 @@
-"""AOPC: the area over the perturbation curve, per method, with confidence intervals; its table and figure.
+"""AOPC: the area over the perturbation curve, per method, with confidence intervals.
 
 Samek et al. (2015) score an ordering of regions by how fast perturbing them in that order lowers f:
 
@@ -13,14 +13,13 @@ Reads ``<out>/curves/shard-*.parquet`` written by ``lrp-audit evaluate`` and wri
     <out>/aopc.parquet          one row per method: n, AOPC, CI, paired difference to random with CI
     <out>/aopc_curves.parquet   one row per (method, step k): mean f(x^(k)), mean decline with a 95% band,
                                 AOPC of the first k steps
+
+The report's figure and table of these numbers are in aggregations/report/evaluation.py.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -28,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.paths import beside, join_url
 
 REFERENCE = "random"
 CI_METHODS = ("bootstrap", "t")
@@ -208,16 +209,13 @@ def summarize(curves: pa.Table, *, ci: str = "bootstrap", level: float = 0.95, r
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
-def _join(base: str, name: str) -> str:
-    return f"{str(base).rstrip('/')}/{name}"
-
-
 def read_curves(out_dir: str, storage_options: dict | None = None) -> pa.Table:
     """Every shard of ``<out>/curves`` as one table (finished shards only; a run in progress reads partially)."""
-    fs, root = fsspec.core.url_to_fs(_join(out_dir, CURVES_DIR), **dict(storage_options or {}))
-    files = sorted(fs.glob(_join(root, "shard-*.parquet")))
+    fs, root = fsspec.core.url_to_fs(join_url(out_dir, CURVES_DIR), **dict(storage_options or {}))
+    files = sorted(fs.glob(join_url(root, "shard-*.parquet")))
     if not files:
-        raise FileNotFoundError(f"no perturbation curves under {_join(out_dir, CURVES_DIR)!r}: run 'lrp-audit evaluate'")
+        raise FileNotFoundError(f"no perturbation curves under {join_url(out_dir, CURVES_DIR)!r}: "
+                                "run 'lrp-audit evaluate'")
     tables = []
     for path in files:
         with fs.open(path, "rb") as handle:
@@ -227,7 +225,7 @@ def read_curves(out_dir: str, storage_options: dict | None = None) -> pa.Table:
 
 def read_settings(out_dir: str, storage_options: dict | None = None) -> dict:
     try:
-        with fsspec.open(_join(out_dir, SETTINGS), "rt", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, SETTINGS), "rt", **dict(storage_options or {})) as handle:
             return json.load(handle)
     except FileNotFoundError:
         return {}
@@ -235,7 +233,9 @@ def read_settings(out_dir: str, storage_options: dict | None = None) -> dict:
 
 def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 0.95, resamples: int = 2000,
                          seed: int = 0, storage_options: dict | None = None, write: bool = True) -> AopcResult:
-    """Summarize an evaluation directory and (``write``) store ``aopc.parquet`` and ``aopc_curves.parquet`` in it."""
+    """Summarize an evaluation directory and (``write``) store ``aopc.parquet`` and ``aopc_curves.parquet`` in it.
+
+    The keywords are :func:`summarize`'s and the storage options, passed through: hence seven parameters."""
     stored = read_settings(out_dir, storage_options)
     settings = {"methods": stored.get("config", {}).get("explanations", {}),
                 "perturbation": stored.get("config", {}).get("perturbation", {}),
@@ -246,7 +246,7 @@ def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 
         return result
     metadata = {b"lrp_audit_aopc": json.dumps(settings, sort_keys=True, default=str).encode()}
     for name, table in ((TABLE, result.table), (CURVES, result.curves)):
-        with fsspec.open(_join(out_dir, name), "wb", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, name), "wb", **dict(storage_options or {})) as handle:
             pq.write_table(table.replace_schema_metadata(metadata), handle)
     return result
 
@@ -254,9 +254,9 @@ def aggregate_evaluation(out_dir: str, *, ci: str = "bootstrap", level: float = 
 def load(out_dir: str, storage_options: dict | None = None) -> AopcResult | None:
     """The written summary of an evaluation directory, or None when there is none."""
     try:
-        with fsspec.open(_join(out_dir, TABLE), "rb", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, TABLE), "rb", **dict(storage_options or {})) as handle:
             table = pq.read_table(handle)
-        with fsspec.open(_join(out_dir, CURVES), "rb", **dict(storage_options or {})) as handle:
+        with fsspec.open(join_url(out_dir, CURVES), "rb", **dict(storage_options or {})) as handle:
             curves = pq.read_table(handle)
     except FileNotFoundError:
         return None
@@ -266,123 +266,4 @@ def load(out_dir: str, storage_options: dict | None = None) -> AopcResult | None
 
 def default_evaluation_dir(store_url: str) -> str:
     """``runs/name.zarr`` -> ``runs/name.evaluation``: where the report looks for an evaluation of that run."""
-    base = str(store_url).rstrip("/")
-    return (base[:-5] if base.endswith(".zarr") else base) + ".evaluation"
-
-
-# ---- the report section ---------------------------------------------------------------------------------------
-def figure(result: AopcResult):
-    """Left: mean f(x^(k)) per method as regions are perturbed; right: AOPC with its interval, best on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from aggregations.report_figures import plain_text
-
-    methods = result.table["method"].to_pylist()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, m in enumerate(methods):
-        rows = result.curves.filter(pc.equal(result.curves["method"], m))
-        if not rows.num_rows:
-            continue
-        step = rows["step"].to_numpy()
-        f0 = rows["mean_f"].to_numpy() + rows["mean_decline"].to_numpy()  # mean f(x^(0)), the same at every k
-        style = dict(color="0.45", linestyle="--") if m == REFERENCE else dict(color=colours[i % len(colours)])
-        left.plot(step, rows["mean_f"].to_numpy(), label=plain_text(m), linewidth=1.6, **style)
-        left.fill_between(step, f0 - rows["decline_high"].to_numpy(), f0 - rows["decline_low"].to_numpy(),
-                          alpha=0.15, color=style["color"], linewidth=0)
-    spec = result.settings.get("perturbation", {})
-    size = spec.get("region_size", "?")
-    left.set_xlabel(f"perturbation step k ({size}x{size} px regions, {spec.get('perturbation', '?')})")
-    left.set_ylabel(f"mean f(x^(k)) ({spec.get('score', 'logit')})")
-    left.set_title("Most relevant regions first")
-    left.legend(fontsize=8, frameon=False)
-    order = methods[::-1]
-    values = [result.aopc(m) for m in order]
-    records = {r["method"]: r for r in result.table.to_pylist()}
-    errors = np.array([[v - records[m]["ci_low"], records[m]["ci_high"] - v] for m, v in zip(order, values)]).T
-    right.barh([plain_text(m) for m in order], values, xerr=np.nan_to_num(errors), capsize=3,
-               color=["0.7" if m == REFERENCE else "#4c72b0" for m in order])
-    right.set_xlabel("AOPC (higher: the ordering finds what the model uses)")
-    right.set_title(f"AOPC, {int(round(100 * records[order[0]]['level']))}% interval")
-    fig.tight_layout()
-    return fig
-
-
-def figure_png(result: AopcResult) -> bytes:
-    import matplotlib.pyplot as plt
-
-    fig = figure(result)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _interval(low: float, high: float) -> str:
-    return "" if not (np.isfinite(low) and np.isfinite(high)) else f"[{low:.3g}, {high:.3g}]"
-
-
-def report_section(out_dir: str | None, storage_options: dict | None = None,
-                   store_config: dict | None = None) -> dict | None:
-    """What the HTML report shows for an evaluation directory, or None when there is no evaluation there.
-
-    Returns ``title``, ``summary`` (one sentence), ``figure_png`` (bytes), ``figure_uri`` (a data URI for an
-    ``<img src>``), ``columns`` and ``rows`` (formatted strings, best method first), ``records`` (the raw
-    numbers), ``settings`` and ``warning`` (an evaluation of another model or dataset than ``store_config``
-    says, or one that cannot be read, which then has no figure or rows). When only the curves exist the summary is computed (bootstrap), not written:
-    rendering a report never writes into the evaluation directory.
-    """
-    if not out_dir:
-        return None
-    title = "Explanation quality: region perturbation (AOPC)"
-    try:
-        result = load(out_dir, storage_options)
-        if result is None:
-            result = aggregate_evaluation(out_dir, storage_options=storage_options, write=False)
-        identity = read_settings(out_dir, storage_options).get("config", {})
-    except FileNotFoundError:
-        return None
-    except Exception as error:  # a broken evaluation folder must not take the rest of the report with it
-        return {"title": title, "warning": f"The evaluation at {out_dir} could not be read "
-                                           f"({type(error).__name__}: {error}); it is left out.", "rows": []}
-    mismatched = [name.replace("_", " ") for name in ("weights_digest", "dataset_fingerprint")
-                  if store_config and identity.get(name) is not None and store_config.get(name) is not None
-                  and identity[name] != store_config[name]]
-    records = result.table.to_pylist()
-    png = figure_png(result)
-    level = int(round(100 * records[0]["level"])) if records else 95
-    rows = [[r["method"], f"{r['aopc']:.4g}", _interval(r["ci_low"], r["ci_high"]),
-             "" if r["method"] == REFERENCE else f"{r['vs_random']:+.4g}",
-             "" if r["method"] == REFERENCE else _interval(r["vs_random_low"], r["vs_random_high"]),
-             str(r["n"]) + (f" ({r['excluded']} excluded)" if r["excluded"] else "")] for r in records]
-    return {
-        "title": title,
-        "warning": (f"This evaluation ({out_dir}) was made with another {' and '.join(mismatched)} than the audited "
-                    "store: its numbers describe that run, not this one.") if mismatched else "",
-        "summary": _summary(records),
-        "figure_png": png,
-        "figure_uri": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
-        "columns": ["method", "AOPC", f"{level}% CI", "minus random", f"{level}% CI", "images"],
-        "rows": rows,
-        "records": records,
-        "settings": result.settings,
-    }
-
-
-def _summary(records: Sequence[dict]) -> str:
-    methods = [r for r in records if r["method"] != REFERENCE]
-    if not methods:
-        return "Only the random ordering was evaluated."
-    best = methods[0]
-    beaten = [r["method"] for r in methods if np.isfinite(r["vs_random_low"]) and r["vs_random_low"] > 0]
-    not_beaten = [r["method"] for r in methods if r["method"] not in beaten]
-    text = (f"Perturbing the regions that {best['method']} ranks most relevant lowers f(x) the most "
-            f"(AOPC {best['aopc']:.3g}). ")
-    if beaten:
-        text += f"Better than a random order (interval of the paired difference above 0): {', '.join(beaten)}. "
-    if not_beaten:
-        text += f"Not distinguishable from, or worse than, a random order: {', '.join(not_beaten)}."
-    return text.strip()
+    return beside(store_url, ".evaluation")

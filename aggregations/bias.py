@@ -9,7 +9,8 @@ and evidence (see docs/aggregates.md for the definitions and defaults):
 - spot (the tag): on the class's mean map of positive relevance outside the object, the connected hot
   spot around its peak (after subtracting what the other classes put there). It qualifies when its box
   covers at most ``max_area`` of the map, holds at least ``min_spot_share`` of the class's positive
-  relevance, and is ``min_concentration`` times denser than uniform (share / area). Qualifying spots are checked on every image of the class (a second, selective read):
+  relevance, and is ``min_concentration`` times denser than uniform (share / area). Qualifying spots are
+  checked on every image of the class (a second, selective read):
   ``cue_score = spot_share * image_fraction``, flagged when ``image_fraction >= min_image_fraction``.
 - context (the water): ``context_share`` = mean over the class's images of the share of positive
   relevance outside the object; ``context_score = context_share - median over the other classes``,
@@ -65,7 +66,8 @@ def _smooth(image: np.ndarray, size: int) -> np.ndarray:
     pad = size // 2
     padded = np.pad(image, ((pad, size - 1 - pad), (pad, size - 1 - pad)), mode="edge")
     integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    return (integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]) / size**2
+    window = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    return window / size**2
 
 
 def _component(above: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
@@ -84,7 +86,8 @@ def _component(above: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
         component = grown
 
 
-def find_spot(share_map: np.ndarray, reference: np.ndarray | None, settings: BiasSettings = BiasSettings()) -> Spot | None:
+def find_spot(share_map: np.ndarray, reference: np.ndarray | None,
+              settings: BiasSettings = BiasSettings()) -> Spot | None:
     """The hot spot of one class.
 
     ``share_map`` (H, W): the class's mean positive relevance outside the object divided by its mean
@@ -103,26 +106,39 @@ def find_spot(share_map: np.ndarray, reference: np.ndarray | None, settings: Bia
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     area = (x1 - x0) * (y1 - y0) / (height * width)
     share = float(share_map[y0:y1, x0:x1].sum())
-    qualifies = area <= settings.max_area and share >= settings.min_spot_share and share >= settings.min_concentration * area
+    qualifies = (area <= settings.max_area and share >= settings.min_spot_share
+                 and share >= settings.min_concentration * area)
     return Spot((x0, y0, x1, y1), area, share, qualifies)
 
 
-def find_spots(positive: GroupedMaps, outside: GroupedMaps | None, settings: BiasSettings = BiasSettings()) -> dict[int, Spot | None]:
+def find_spots(positive: GroupedMaps, outside: GroupedMaps | None,
+               settings: BiasSettings = BiasSettings()) -> dict[int, Spot | None]:
     """Per class with at least ``min_images`` images: its spot (:func:`find_spot`), against the mean of the
     other classes' share maps. ``positive``/``outside``: summed R+ and R+ outside the object per class
     (the same classes, in the same order); without ``outside`` all of R+ counts as outside."""
+    return spots_of(share_maps(positive, outside, settings), settings)
+
+
+def share_maps(positive: GroupedMaps, outside: GroupedMaps | None, settings: BiasSettings = BiasSettings()) -> dict:
+    """Per class with at least ``min_images`` images and positive mass: R+ outside the object / sum R+ (H, W)."""
     outside = positive if outside is None else outside
-    share_maps = {}
+    shares = {}
     for key, positive_sum, outside_sum, count in zip(positive.keys[:, 0], positive.sums, outside.sums, positive.counts):
         mass = positive_sum.sum()
         if count >= settings.min_images and mass > 0:
-            share_maps[int(key)] = outside_sum / mass
-    if not share_maps:
+            shares[int(key)] = outside_sum / mass
+    return shares
+
+
+def spots_of(shares: dict, settings: BiasSettings = BiasSettings()) -> dict[int, Spot | None]:
+    """Each class's spot from its share map, against the mean share map of the other classes (in class order)."""
+    if not shares:
         return {}
-    total = np.sum(list(share_maps.values()), axis=0)
-    others = len(share_maps) - 1
+    shares = dict(sorted(shares.items()))
+    total = np.sum(list(shares.values()), axis=0)
+    others = len(shares) - 1
     return {c: find_spot(share_map, (total - share_map) / others if others else None, settings)
-            for c, share_map in share_maps.items()}
+            for c, share_map in shares.items()}
 
 
 def _spot_batch(read_rows: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, spot_boxes: np.ndarray,
@@ -187,6 +203,8 @@ def judge(spot: Spot | None, image_shares: np.ndarray, context_share: float, con
     ``image_shares``: per image of the class, the share of its positive relevance in the spot (outside
     the object); empty when the spot did not qualify for the check. Without object geometry
     (``objects_known=False``) a spot may be where the class's objects usually are, and the reason says so.
+    Eight parameters because each is one measured number of the class, from three places (spot, image
+    shares, context scores): the verdict is a pure function of them, testable without a store.
     """
     image_shares = np.asarray(image_shares, np.float64)
     shown = int((image_shares >= settings.min_image_share).sum())

@@ -11,7 +11,6 @@ Boxes are (x0, y0, x1, y1) in relevance-map pixels; pixel (y, x) is inside when 
 """
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pyarrow as pa
 
@@ -60,34 +59,6 @@ def box_window(row_boxes: np.ndarray, height: int, width: int) -> tuple[slice, s
     for x0, x1, y0, y1 in ranges:
         local[y0 - ya:y1 - ya, x0 - xa:x1 - xa] = True
     return slice(ya, yb), slice(xa, xb), None if local.all() else local
-
-
-def object_mask(boxes: np.ndarray | None, mask: da.Array | None, like: da.Array) -> da.Array | None:
-    """Lazy (N, H, W) bool object region, chunked like ``like``: the store's masks, else its boxes, else None."""
-    if mask is not None:
-        return mask.rechunk(like.chunks)
-    if boxes is None:
-        return None
-    _, height, width = like.shape
-    lazy_boxes = da.asarray(boxes).astype(np.float32).rechunk((like.chunks[0], -1, -1))
-    return lazy_boxes.map_blocks(box_mask, height, width, drop_axis=[1, 2], new_axis=[1, 2],
-                                 chunks=(like.chunks[0], (height,), (width,)), dtype=bool)
-
-
-def _inside_block(block: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    masked = np.where(inside, block, np.float32(0))  # exact: a copy with the context zeroed
-    out = np.empty((len(block), 3), np.float64)
-    out[:, 0] = masked.sum(axis=(1, 2), dtype=np.float64)
-    out[:, 1] = np.maximum(masked, 0, out=masked).sum(axis=(1, 2), dtype=np.float64)
-    out[:, 2] = inside.mean(axis=(1, 2))
-    return out
-
-
-def inside_sums(relevance: da.Array, inside: da.Array) -> da.Array:
-    """(N, 3) float64 per row: relevance inside the object, positive relevance inside, object area fraction."""
-    inside = inside.rechunk(relevance.chunks)
-    return da.map_blocks(_inside_block, relevance, inside, drop_axis=[1, 2], new_axis=[1],
-                         chunks=(relevance.chunks[0], (3,)), dtype=np.float64)
 
 
 def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dask
-import dask.array as da
 import numpy as np
 import pyarrow as pa
 from dask.delayed import Delayed
@@ -36,7 +35,7 @@ class GroupedMaps:
         """(G, H, W) E[R_p] per group."""
         return self.sums / np.maximum(self.counts, 1)[:, None, None]
 
-    def regroup(self, key_names: Sequence[str]) -> "GroupedMaps":
+    def regroup(self, key_names: Sequence[str]) -> GroupedMaps:
         """Coarser groups by a subset of the key columns, summing the finer groups; keys with -1 (unknown) drop out."""
         key_names = tuple(key_names)
         new_keys = self.keys[:, [self.key_names.index(name) for name in key_names]]
@@ -63,18 +62,6 @@ def encode(keys: np.ndarray, select: np.ndarray | None = None) -> tuple[np.ndarr
     return codes, unique_keys
 
 
-def _block_sums(block: np.ndarray, codes: np.ndarray) -> Partial:
-    """Partial sums of one chunk. Rows with code -1 are skipped."""
-    present = np.unique(codes[codes >= 0])
-    sums = np.zeros((len(present), *block.shape[1:]), np.float64)
-    counts = np.zeros(len(present), np.int64)
-    for row in np.flatnonzero(codes >= 0):  # one map at a time: in cache, no float64 copy of the chunk
-        g = np.searchsorted(present, codes[row])
-        sums[g] += block[row]
-        counts[g] += 1
-    return present, sums, counts
-
-
 def merge_partials(*partials: Partial) -> Partial:
     """Add partial sums that share codes; the result is ordered by code, so merging is deterministic."""
     partials = [p for p in partials if len(p[0])]
@@ -92,7 +79,8 @@ def merge_partials(*partials: Partial) -> Partial:
     return codes, sums, counts
 
 
-def to_grouped(partial: Partial, key_names: Sequence[str], unique_keys: np.ndarray, shape: tuple[int, int]) -> GroupedMaps:
+def to_grouped(partial: Partial, key_names: Sequence[str], unique_keys: np.ndarray,
+               shape: tuple[int, int]) -> GroupedMaps:
     """The merged partial of all chunks as :class:`GroupedMaps`."""
     codes, sums, counts = partial
     if len(codes) == 0:
@@ -108,34 +96,8 @@ def merge_tree(parts: list, merge) -> Delayed | None:
     return parts[0] if parts else None
 
 
-def grouped_sums(values: da.Array, keys: np.ndarray, key_names: Sequence[str], select: np.ndarray | None = None) -> Delayed:
-    """Lazy per-group sums of (N, H, W) maps: a Delayed :class:`GroupedMaps`.
-
-    ``keys`` (N, k) int: the group of each row; ``select`` (N,) bool: rows to include (e.g. status ok).
-    One task per chunk sums its rows per group; a tree of merges adds the partial sums, so memory holds
-    a few chunks and the partial maps of the groups present in them, never the whole array. Chunks
-    without a selected row are never read.
-    """
-    keys = np.asarray(keys, np.int64).reshape(values.shape[0], -1)
-    if keys.shape[1] != len(key_names):
-        raise ValueError(f"{keys.shape[1]} key columns but names {list(key_names)}")
-    codes, unique_keys = encode(keys, select)
-    values = values.rechunk({1: -1, 2: -1})
-    blocks = values.to_delayed(optimize_graph=False).ravel()
-    bounds = np.cumsum((0, *values.chunks[0]))
-    partials = [
-        dask.delayed(_block_sums, pure=True)(block, codes[start:stop])
-        for block, start, stop in zip(blocks, bounds[:-1], bounds[1:])
-        if (codes[start:stop] >= 0).any()
-    ]
-    merged = merge_tree(partials, merge_partials)
-    if merged is None:
-        merged = (np.zeros(0, np.int64), None, np.zeros(0, np.int64))
-    return dask.delayed(to_grouped, pure=True)(merged, tuple(key_names), unique_keys, values.shape[1:])
-
-
 def summary(maps: GroupedMaps, row_keys: np.ndarray, select: np.ndarray, totals: np.ndarray,
-            scores: np.ndarray | None = None) -> pa.Table:
+            scores: np.ndarray | None = None, heatmap_sum: np.ndarray | None = None) -> pa.Table:
     """Per group: count, E[f(x)], E[sum_p R_p] and sum_p E[R_p] side by side (the aggregate conservation).
 
     ``row_keys`` (N, k) are the rows' keys in ``maps.key_names`` order, ``totals`` the rows' float64 map
@@ -143,6 +105,7 @@ def summary(maps: GroupedMaps, row_keys: np.ndarray, select: np.ndarray, totals:
     logits f(x) (None for maps of derived values, e.g. positive relevance: no score to compare with).
     ``aggregation_gap`` = sum_p E[R_p] - E[sum_p R_p] (rounding only); ``explanation_gap`` =
     E[sum_p R_p] - E[f(x)] (what the explanations leak or absorb, e.g. through biases or epsilon).
+    ``heatmap_sum``: sum_p E[R_p] per group when the caller has the means already (no second copy of the maps).
     """
     row_keys = np.asarray(row_keys, np.int64).reshape(len(select), -1)
     index = {tuple(key): g for g, key in enumerate(maps.keys.tolist())}
@@ -153,7 +116,7 @@ def summary(maps: GroupedMaps, row_keys: np.ndarray, select: np.ndarray, totals:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_score = np.bincount(group_of[rows], weights=scores[rows], minlength=len(maps.keys)) / n
         mean_total = np.bincount(group_of[rows], weights=totals[rows], minlength=len(maps.keys)) / n
-    heatmap_sum = maps.means().sum(axis=(1, 2))
+    heatmap_sum = maps.means().sum(axis=(1, 2)) if heatmap_sum is None else heatmap_sum
     columns = {name: maps.keys[:, i] for i, name in enumerate(maps.key_names)}
     columns.update(count=maps.counts, mean_score=mean_score, mean_total=mean_total, heatmap_sum=heatmap_sum,
                    aggregation_gap=heatmap_sum - mean_total, explanation_gap=mean_total - mean_score)

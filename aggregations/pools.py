@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import dask.array as da
 import numpy as np
 
 # Named layouts for the common one-axis splits; any other grid is named r<row>c<col>.
@@ -76,7 +75,8 @@ def _edges(size: int, parts: int) -> tuple[int, ...]:
 def grid(height: int, width: int, rows: int = 3, cols: int = 1) -> Regions:
     """A rows x cols grid; cell edges at ``floor(i * size / parts)``. The default is the paper's thirds."""
     if not (1 <= rows <= height and 1 <= cols <= width):
-        raise ValueError(f"a {rows}x{cols} grid does not fit a {height}x{width} map: use 1..{height} rows, 1..{width} cols")
+        raise ValueError(f"a {rows}x{cols} grid does not fit a {height}x{width} map: "
+                         f"use 1..{height} rows, 1..{width} cols")
     if cols == 1 and rows in _ROW_NAMES:
         names = _ROW_NAMES[rows]
     elif rows == 1 and cols in _COL_NAMES:
@@ -120,30 +120,10 @@ def from_masks(masks: Mapping[str, np.ndarray], rest: str = "rest") -> Regions:
     return Regions(tuple(names), stack.shape[1], stack.shape[2], masks=stack)
 
 
-# ---- lazy reductions over (N, H, W) relevance ------------------------------------------------------------
-
-def positive(relevance: da.Array) -> da.Array:
-    """The positive part R+ = max(R, 0): evidence for the class, without the counter-evidence."""
-    return da.maximum(relevance, 0)
-
-
-def row_totals(values: da.Array) -> da.Array:
-    """(N,) float64 sum over each map."""
-    return values.sum(axis=(1, 2), dtype=np.float64)
-
-
-def region_sums(values: da.Array, regions: Regions) -> da.Array:
-    """(N, R) float64 region sums, one Dask task per chunk of rows."""
-    if values.shape[1:] != (regions.height, regions.width):
-        raise ValueError(f"regions are for {regions.height}x{regions.width} maps, the store has {values.shape[1:]}")
-    values = values.rechunk({1: -1, 2: -1})
-    return values.map_blocks(regions.sums, drop_axis=[1, 2], new_axis=[1],
-                             chunks=(values.chunks[0], (len(regions.names),)), dtype=np.float64)
-
-
 # ---- conservation ------------------------------------------------------------------------------------------
 
-def conservation(sums: np.ndarray, totals: np.ndarray, abs_totals: np.ndarray, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+def conservation(sums: np.ndarray, totals: np.ndarray, abs_totals: np.ndarray,
+                 rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
     """Per row: (sum of regions - total, whether that is within rounding of float64 sums).
 
     ``abs_totals`` (sum of |R|) scales the tolerance: rounding grows with the magnitudes summed,

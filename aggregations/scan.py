@@ -1,32 +1,76 @@
 """The one pass of the aggregation job: every per-row statistic and every partial class map, per chunk.
 
-Each statistic alone (``pools.row_totals``, ``pools.region_sums``, ``context.inside_sums``,
-``heatmaps.grouped_sums``) is a cheap, memory-bound sweep; as separate Dask tasks they sweep each
+Each statistic alone (the plain Dask reductions of tests/helpers/reductions.py: row totals, region
+sums, inside sums, grouped map sums) is a cheap, memory-bound sweep; as separate Dask tasks they sweep each
 51 MB chunk six times, with fresh float32/float64 temporaries each time, and together cost several
 times the zarr decompression they follow. Here a chunk is swept a few maps at a time through
 preallocated buffers that stay in cache, and every statistic is taken from them: the job then runs at
 the speed of reading the store. tests/test_aggregate_job.py checks that this pass and the separate
-lazy functions agree.
+reductions agree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from aggregations import context, heatmaps
+from aggregations import context, heatmaps, pools
 from aggregations.pools import Regions
 
 ROW_STATS = ("total", "positive_total", "inside", "inside_positive", "object_area")  # then one column per region
+TOTAL, POSITIVE_TOTAL, INSIDE, INSIDE_POSITIVE, OBJECT_AREA = range(len(ROW_STATS))  # column of each
+OBJECT = slice(INSIDE, OBJECT_AREA + 1)  # the three columns that need object geometry
+REGIONS = len(ROW_STATS)  # first region column
 MAPS_PER_STEP = 4  # 4 maps of 224x224 float32 per buffer: 800 kB, cache-resident
 
 
 @dataclass
+class RowStats:
+    """Per row of a group, by name: what the scan measured (float64, NaN for rows not scanned) and what follows.
+
+    ``total``/``positive_total``: sums of the stored map and of its positive part; ``inside``,
+    ``inside_positive``, ``object_area``: the same inside the object and its area fraction (NaN without
+    geometry); ``region_sums`` (N, R) in ``region_names`` order. Derived: ``region_residual`` and
+    ``conserved`` (regions add up to the total), ``context_usage`` (inside / total) and
+    ``inside_share_positive`` (NaN without an object); ``spot_share`` is filled in by the spot check.
+    """
+
+    total: np.ndarray
+    positive_total: np.ndarray
+    inside: np.ndarray
+    inside_positive: np.ndarray
+    object_area: np.ndarray
+    region_sums: np.ndarray
+    region_names: tuple[str, ...]
+    region_residual: np.ndarray = field(init=False)
+    conserved: np.ndarray = field(init=False)
+    context_usage: np.ndarray = field(init=False)
+    inside_share_positive: np.ndarray = field(init=False)
+    spot_share: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.region_residual, self.conserved = pools.conservation(self.region_sums, self.total,
+                                                                  2 * self.positive_total - self.total)
+        has_object = self.object_area > 0
+        self.context_usage = np.where(has_object, context.ratio(self.inside, self.total), np.nan)
+        self.inside_share_positive = np.where(has_object, context.ratio(self.inside_positive, self.positive_total),
+                                              np.nan)
+        self.spot_share = np.full(len(self.total), np.nan)
+
+    @classmethod
+    def from_array(cls, stats: np.ndarray, region_names: tuple[str, ...]) -> RowStats:
+        """From the scan's (N, 5 + R) array (``ROW_STATS`` columns, then one per region)."""
+        return cls(*(stats[:, ROW_STATS.index(name)] for name in ROW_STATS), region_sums=stats[:, REGIONS:],
+                   region_names=tuple(region_names))
+
+
+@dataclass
 class ScanResult:
-    """Per row: ``stats`` (N, 5 + R) float64 in ``ROW_STATS`` + region order (NaN for rows not scanned).
+    """Per row: ``stats`` (N, 5 + R) float64 in ``ROW_STATS`` + region order (NaN for rows not scanned;
+    :meth:`RowStats.from_array` names them).
     Per group: ``maps`` (relevance, by the fine key), ``positive`` (R+ by class), ``outside`` (R+ outside
     the object by class; None without object geometry)."""
 
@@ -47,7 +91,7 @@ def scan_chunk(block: np.ndarray, boxes: np.ndarray | None, mask: np.ndarray | N
     pooled over the window around each row's boxes. Rows with code -1 contribute no map; their stats
     are computed but meaningless."""
     n, height, width = block.shape
-    stats = np.full((n, len(ROW_STATS) + len(regions.names)), np.nan)
+    stats = np.full((n, REGIONS + len(regions.names)), np.nan)
     fine, classes = _present(codes), _present(class_codes)
     sums = np.zeros((len(fine), height, width))
     positive_sums = np.zeros((len(classes), height, width))
@@ -61,29 +105,30 @@ def scan_chunk(block: np.ndarray, boxes: np.ndarray | None, mask: np.ndarray | N
         stop = min(start + step, n)
         x, p, rows = block[start:stop], positive[: stop - start], slice(start, stop)
         np.maximum(x, zero, out=p)
-        stats[rows, 0] = x.sum(axis=(1, 2), dtype=np.float64)
-        stats[rows, 1] = p.sum(axis=(1, 2), dtype=np.float64)
-        stats[rows, len(ROW_STATS):] = regions.sums(x)
+        stats[rows, TOTAL] = x.sum(axis=(1, 2), dtype=np.float64)
+        stats[rows, POSITIVE_TOTAL] = p.sum(axis=(1, 2), dtype=np.float64)
+        stats[rows, REGIONS:] = regions.sums(x)
         if mask is not None:
             m, q = mask[start:stop], masked[: stop - start]
-            stats[rows, 2] = np.multiply(x, m, out=q).sum(axis=(1, 2), dtype=np.float64)
-            stats[rows, 3] = np.multiply(p, m, out=q).sum(axis=(1, 2), dtype=np.float64)
-            stats[rows, 4] = np.count_nonzero(m.reshape(len(m), -1), axis=1) / (height * width)
+            stats[rows, INSIDE] = np.multiply(x, m, out=q).sum(axis=(1, 2), dtype=np.float64)
+            stats[rows, INSIDE_POSITIVE] = np.multiply(p, m, out=q).sum(axis=(1, 2), dtype=np.float64)
+            stats[rows, OBJECT_AREA] = np.count_nonzero(m.reshape(len(m), -1), axis=1) / (height * width)
         for j in range(stop - start):
             row = start + j
             window = None
             if boxes is not None and mask is None:
                 window = context.box_window(boxes[row], height, width)
                 if window is None:
-                    stats[row, 2:5] = 0.0
+                    stats[row, OBJECT] = 0.0
                 else:
                     ys, xs, local = window
                     x_in, p_in = x[j, ys, xs], p[j, ys, xs]
                     if local is not None:
                         x_in, p_in = np.where(local, x_in, zero), np.where(local, p_in, zero)
-                    stats[row, 2] = x_in.sum(dtype=np.float64)
-                    stats[row, 3] = p_in.sum(dtype=np.float64)
-                    stats[row, 4] = (x_in.size if local is None else np.count_nonzero(local)) / (height * width)
+                    stats[row, INSIDE] = x_in.sum(dtype=np.float64)
+                    stats[row, INSIDE_POSITIVE] = p_in.sum(dtype=np.float64)
+                    area = x_in.size if local is None else np.count_nonzero(local)
+                    stats[row, OBJECT_AREA] = area / (height * width)
             if codes[row] >= 0:
                 sums[np.searchsorted(fine, codes[row])] += x[j]
             if class_codes[row] >= 0:
@@ -127,14 +172,17 @@ def scan(relevance: da.Array, boxes: np.ndarray | None, mask: da.Array | None, r
     else unknown (inside stats NaN, ``outside`` None). ``fine_keys`` (N, k) group the relevance maps of
     the rows in ``select``; ``class_keys`` (N,) group the positive maps of the rows in ``class_select``.
     Chunks without a selected row (failed or pending shards) are not read; their rows' stats are NaN.
+    Nine parameters: each is one input array of the pass (kept apart so that a pass over a block of
+    classes differs from the full pass in the selections only, and tests can drive it without a store).
     """
     relevance = relevance.rechunk({1: -1, 2: -1})
     codes, unique_fine = heatmaps.encode(fine_keys, select)
     class_codes, unique_classes = heatmaps.encode(np.asarray(class_keys).reshape(-1, 1), class_select)
     blocks = relevance.to_delayed(optimize_graph=False).ravel()
-    masks = [None] * len(blocks) if mask is None else mask.rechunk(relevance.chunks).to_delayed(optimize_graph=False).ravel()
+    masks = ([None] * len(blocks) if mask is None
+             else mask.rechunk(relevance.chunks).to_delayed(optimize_graph=False).ravel())
     bounds = np.cumsum((0, *relevance.chunks[0]))
-    width = len(ROW_STATS) + len(regions.names)
+    width = REGIONS + len(regions.names)
     objects = mask is not None or boxes is not None
     empty = (np.zeros(0, np.int64), None, np.zeros(0, np.int64))
     parts = []

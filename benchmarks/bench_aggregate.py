@@ -12,7 +12,13 @@ then measures, each in a fresh subprocess so peak RSS is its own:
 
 Targets: aggregation at least 70% of the read speed, peak RSS under 2 GB whatever the store's size.
 
+With ``--groups``, memory against the number of (target, label, prediction) groups instead: a store of
+``--classes`` classes with ``--wrong`` of each class's rows predicted as random other classes (about that
+many groups per class), aggregated with each of ``--budgets`` (GiB; 0 = one pass, no bound), each in a
+fresh subprocess: passes, seconds, peak RSS, and the planner's estimate of the largest pass.
+
     .venv/bin/python benchmarks/bench_aggregate.py [--gb 2.1] [--workers 2] [--keep DIR]
+    .venv/bin/python benchmarks/bench_aggregate.py --groups [--classes 1000] [--per-class 30] [--size 64]
 """
 from __future__ import annotations
 
@@ -63,15 +69,57 @@ def build(path: Path, n_rows: int, seed: int = 0) -> None:
                           path=np.array([f"img{i}.png" for i in range(start, start + n)]), boxes=boxes)
 
 
+def build_groups(path: Path, classes: int, per_class: int, wrong: int, size: int, seed: int = 0) -> None:
+    """Many classes, rows of each class interleaved over the shards, ``wrong`` rows per class mispredicted."""
+    from pipeline.store import RelevanceStore
+
+    rng = np.random.default_rng(seed)
+    n_rows = classes * per_class
+    target = np.arange(n_rows) % classes
+    prediction = target.copy()
+    for c in range(classes):
+        rows = np.flatnonzero(target == c)[:wrong]
+        prediction[rows] = (c + 1 + rng.permutation(classes - 1)[:len(rows)]) % classes
+    store = RelevanceStore.create(str(path), config={"benchmark": "groups"},
+                                  class_names=[f"c{i}" for i in range(classes)], groups=["lrp"], n_rows=n_rows,
+                                  height=size, width=size, rows_per_shard=ROWS_PER_SHARD)
+    group = store.group("lrp")
+    for start in range(0, n_rows, ROWS_PER_SHARD):
+        rows = slice(start, min(start + ROWS_PER_SHARD, n_rows))
+        maps = rng.standard_normal((rows.stop - start, size, size), dtype=np.float32)
+        group.write_block(start, relevance=maps, output=maps.sum(axis=(1, 2), dtype=np.float64), target=target[rows],
+                          label=target[rows], prediction=prediction[rows], sample_id=np.arange(start, rows.stop),
+                          path=np.array([f"img{i}.png" for i in range(start, rows.stop)]))
+
+
+def measure_groups(store_path: str, out: str, workers: int, budget_gb: float) -> dict:
+    """One aggregation under a budget, with the planner's estimate of its largest pass."""
+    from aggregations import views
+    from aggregations.run import aggregate
+    from aggregations.tables import GroupMeta
+    from pipeline.store import open_store
+
+    budget = int(budget_gb * 2**30) if budget_gb > 0 else None
+    store = open_store(store_path)
+    meta = GroupMeta.read(store.group("lrp"), store.class_names)
+    map_bytes = store.height * store.width * 8
+    blocks = views.plan_passes(meta, map_bytes, budget)
+    start = time.perf_counter()
+    result = aggregate(store_path, out, num_workers=workers, memory_budget=budget)
+    fine = len(np.unique(meta.keys(("target", "label", "prediction", "correct"))[meta["ok"]], axis=0))
+    return {"seconds": time.perf_counter() - start, "passes": result.seconds["lrp"]["passes"], "groups": fine,
+            "estimate_mb": max(views.pass_bytes(meta, map_bytes, b) for b in blocks) / 2**20}
+
+
 def measure_read(store_path: str, workers: int) -> dict:
     from pipeline.store import open_store
 
-    array = open_store(store_path).group("lrp").zarr_group["relevance"]
+    group = open_store(store_path).group("lrp")
     step = ROWS_PER_SHARD
-    starts = range(0, array.shape[0], step)
+    starts = range(0, group.n_rows, step)
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        nbytes = sum(pool.map(lambda s: array[s:s + step].nbytes, starts))
+        nbytes = sum(pool.map(lambda s: group.read("relevance", s, s + step).nbytes, starts))
     return {"seconds": time.perf_counter() - start, "bytes": nbytes}
 
 
@@ -89,13 +137,14 @@ def measure_aggregate(store_path: str, out: str, workers: int, single_pass: bool
             "phases": {**result.seconds["lrp"], "write": result.seconds["write"]}}
 
 
-def child(kind: str, store_path: str, out: str, workers: int) -> dict:
+def child(kind: str, store_path: str, out: str, workers: int, budget_gb: float = 0.0) -> dict:
     """Run one measurement in a fresh interpreter; its peak RSS comes back with it."""
     call = {"read": f"measure_read({store_path!r}, {workers})",
             "aggregate": f"measure_aggregate({store_path!r}, {out!r}, {workers})",
-            "single": f"measure_aggregate({store_path!r}, {out!r}, {workers}, single_pass=True)"}[kind]
+            "single": f"measure_aggregate({store_path!r}, {out!r}, {workers}, single_pass=True)",
+            "groups": f"measure_groups({store_path!r}, {out!r}, {workers}, {budget_gb!r})"}[kind]
     code = (f"import sys, json, resource; sys.path.insert(0, {str(REPO)!r}); "
-            f"from benchmarks.bench_aggregate import measure_read, measure_aggregate; r = {call}; "
+            f"from benchmarks.bench_aggregate import measure_read, measure_aggregate, measure_groups; r = {call}; "
             f"r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if done.returncode:
@@ -109,7 +158,15 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for both (default: CPUs)")
     parser.add_argument("--repeat", type=int, default=2, help="measurements of each, the best is reported")
     parser.add_argument("--keep", help="build the store here and keep it (default: a temp dir, removed)")
+    parser.add_argument("--groups", action="store_true", help="memory against the number of groups (see above)")
+    parser.add_argument("--classes", type=int, default=1000, help="--groups: classes (default 1000)")
+    parser.add_argument("--per-class", type=int, default=30, help="--groups: rows per class (default 30)")
+    parser.add_argument("--wrong", type=int, default=10, help="--groups: mispredicted rows per class (default 10)")
+    parser.add_argument("--size", type=int, default=64, help="--groups: map height and width (default 64)")
+    parser.add_argument("--budgets", default="0,0.5,0.25,0.125", help="--groups: GiB, comma-separated (0: no bound)")
     args = parser.parse_args()
+    if args.groups:
+        return main_groups(args)
 
     n_rows = int(np.ceil(args.gb * 1e9 / (SIZE * SIZE * 4)))
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-aggregate-"))
@@ -135,13 +192,38 @@ def main() -> int:
         for kind, name in names.items():
             seconds = best[kind]["seconds"]
             rss = max(r["peak_rss_mb"] for r in runs[kind])
-            print(f"{name:<28}{gb / seconds:>8.3f}{seconds:>10.2f}{best['read']['seconds'] / seconds:>9.0%}{rss:>13.0f}")
+            share = best["read"]["seconds"] / seconds
+            print(f"{name:<28}{gb / seconds:>8.3f}{seconds:>10.2f}{share:>9.0%}{rss:>13.0f}")
         phases = best["aggregate"]["phases"]
-        print("\naggregate phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        print("\naggregate phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if k != "passes")
+              + f"; passes {phases.get('passes', 1)}")
         print(f"flagged: {best['aggregate']['flagged']} (planted: class 3 cue); rows re-read for the spot check: "
               f"{best['aggregate']['summary']['spot_checked_rows']} of {n_rows}; one pass only flags "
               f"{best['single']['flagged']}")
         print("targets: aggregation >= 70% of the read speed, peak RSS < 2048 MB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def main_groups(args) -> int:
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-groups-"))
+    store_path = root / "groups.zarr"
+    try:
+        if not store_path.exists():
+            start = time.perf_counter()
+            build_groups(store_path, args.classes, args.per_class, args.wrong, args.size)
+            print(f"built {args.classes * args.per_class} rows of {args.size}x{args.size} "
+                  f"in {time.perf_counter() - start:.0f}s")
+        map_mb = args.size * args.size * 8 / 2**20
+        print(f"\n{args.classes} classes x {args.per_class} rows, {args.wrong} mispredicted per class, "
+              f"{args.size}x{args.size} maps ({map_mb * 1024:.0f} kB per float64 map); {args.workers} worker threads")
+        print(f"{'budget GiB':>10}{'groups':>8}{'passes':>8}{'seconds':>9}{'estimate MB':>13}{'peak RSS MB':>13}")
+        for budget in (float(b) for b in args.budgets.split(",")):
+            r = child("groups", str(store_path), str(root / "out"), args.workers, budget)
+            print(f"{budget or 'none':>10}{r['groups']:>8}{r['passes']:>8}{r['seconds']:>9.1f}{r['estimate_mb']:>13.0f}"
+                  f"{r['peak_rss_mb']:>13.0f}")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,8 @@
 Every method gets the same input batch (float32, random-init torchvision model, eval mode) and is timed as the median
 of ``--repeats`` rounds after one warm-up round; a round times every method once (interleaved, so that load from other
 processes spreads over all methods). Explainers are built once, outside the timed loop (that is how a dataset is
-explained: one explainer, many batches); zennit's composite context is entered around each timed call, untimed. Ratios are to forward+backward (the input
+explained: one explainer, many batches); zennit's composite context is entered around each timed call, untimed.
+Ratios are to forward+backward (the input
 gradient with frozen parameters, what one LRP backward pass costs at best; "/ full bwd": to ``.backward()`` with
 trainable parameters, which also computes weight gradients); "vs zennit" is zennit's time divided by ours (throughput
 ratio). The issue's targets are checked at the end.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -43,7 +45,8 @@ def zennit_composite(name: str, model_name: str):
     canonizers = [ResNetCanonizer()] if model_name.startswith("resnet") else [VGGCanonizer()]
     if name == "epsilon":
         rule = Epsilon()
-        return LayerMapComposite(layer_map_base() + [(Convolution, rule), (torch.nn.Linear, rule)], canonizers=canonizers)
+        return LayerMapComposite(layer_map_base() + [(Convolution, rule), (torch.nn.Linear, rule)],
+                                 canonizers=canonizers)
     if name == "epsilon_gamma_box":
         return EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canonizers)
     return {"epsilon_plus": EpsilonPlus, "epsilon_alpha2_beta1": EpsilonAlpha2Beta1}[name](canonizers=canonizers)
@@ -76,7 +79,7 @@ class Timer:
                     seconds = self._once(fn)
                 else:
                     with context() as modified:
-                        seconds = self._once(lambda: fn(modified))
+                        seconds = self._once(functools.partial(fn, modified))
                 if round_ > 0:
                     self.times[name].append(seconds)
 
@@ -177,7 +180,8 @@ def print_table(name: str, rows, base: float, full: float):
     print(f"|{'-' * 54}|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 12}|{'-' * 11}|")
     for method, seconds, fastest, zennit in rows:
         speedup = f"{zennit / seconds:.2f}x" if zennit is not None else ""
-        print(f"| {method:<52} | {seconds:>10.3f} | {fastest:>8.3f} | {seconds / base:>8.2f}x | {seconds / full:>9.2f}x "
+        print(f"| {method:<52} | {seconds:>10.3f} | {fastest:>8.3f} | {seconds / base:>8.2f}x "
+              f"| {seconds / full:>9.2f}x "
               f"| {speedup:>9} |")
     sys.stdout.flush()
 
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     # zennit get the same global setting
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{args.size}x{args.size}, float32{' (TF32 on)' if args.tf32 else ''}, median of {args.repeats} after 1 warm-up")
+          f"{args.size}x{args.size}, float32{' (TF32 on)' if args.tf32 else ''}, "
+          f"median of {args.repeats} after 1 warm-up")
     summary = []
     for name in args.models:
         summary += check_targets(name, bench_model(name, args, device))

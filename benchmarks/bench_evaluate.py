@@ -9,13 +9,14 @@ give the same curves (checked). Prints images/s (an image = all its methods and 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 
 import torch
 
 from pipeline.perturbation import PerturbationSpec, RegionPerturbation
-from pipeline.tinycnn import tiny_cnn
+from jobs.demo.tinycnn import tiny_cnn
 
 
 def naive_curves(perturb: RegionPerturbation, model, x, target, orders, sample_ids):
@@ -76,8 +77,8 @@ def main() -> None:
         for name in orders:
             torch.testing.assert_close(batched[name], naive[name], rtol=1e-4, atol=1e-4)
         repeats = 1
-        t_naive = measure(lambda: naive_curves(perturb, model, x, target, orders, ids), repeats)
-        t_batched = measure(lambda: perturb.curves(model, x, target, orders, ids), repeats)
+        t_naive = measure(functools.partial(naive_curves, perturb, model, x, target, orders, ids), repeats)
+        t_batched = measure(functools.partial(perturb.curves, model, x, target, orders, ids), repeats)
         print(f"| {label} | {batch / t_naive:.1f} | {batch / t_batched:.1f} | {t_naive / t_batched:.2f}x |")
 
 

@@ -164,7 +164,8 @@ def main() -> None:
     print(f"| {'what':<44} | {'images/s':>9} | {'vs engine':>9} |")
     print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|")
     for threads, rate in best.items():
-        print(f"| {f'bare engine, decoded inputs, {threads} thread(s)':<44} | {rate:9.1f} | {rate / best_engine:9.0%} |")
+        label = f"bare engine, decoded inputs, {threads} thread(s)"
+        print(f"| {label:<44} | {rate:9.1f} | {rate / best_engine:9.0%} |")
     print(f"| {'explain job, end to end (plan+actors+store)':<44} | {best_job:9.1f} | {best_job / best_engine:9.0%} |")
     print(f"| {'explain job, after actors are up':<44} | {best_steady:9.1f} | {best_steady / best_engine:9.0%} |")
 
@@ -185,7 +186,8 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
             seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
                                          args.batch_size, cpus)
             engine.append(count / seconds)
-            all_in, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"r{repeat}.zarr")}))
+            config = config_from_dict({**values, "store": str(root / f"r{repeat}.zarr")})
+            all_in, shards, rows = actor_in_process(config)
             total.append(rows / all_in)
             work.append(rows / shards)
             _, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"s{repeat}.zarr")}),

@@ -11,6 +11,7 @@ import numpy as np
 
 from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
+from aggregations.views import DEFAULT_MEMORY_BUDGET
 from pipeline.lease import active_lease
 from pipeline.store import StoreError
 
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", default=None,
                         help="threads (default), sync, processes, ray, or a distributed address like tcp://host:8786")
     parser.add_argument("--workers", type=int, default=None, help="threads/processes of the local scheduler")
+    parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
+                        help="GiB of heatmaps held at once; more (target, label, prediction) groups than fit take "
+                             "more passes over the store (default 2; 0: one pass, no bound)")
     parser.add_argument("--while-writing", action="store_true",
                         help="aggregate a store that an explain run is still writing (only the rows ok so far; "
                              "the output says so); without it such a store is refused")
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             with np.load(args.masks) as archive:
                 masks = {name: archive[name] for name in archive.files}
         result = aggregate(args.store, args.out, groups=args.groups, grid=args.grid, masks=masks,
-                           scheduler=args.scheduler, num_workers=args.workers, settings=settings)
+                           scheduler=args.scheduler, num_workers=args.workers, settings=settings,
+                           memory_budget=int(args.memory_gb * 2**30) if args.memory_gb > 0 else None)
     except (StoreError, ValueError, FileNotFoundError, KeyError) as error:
         print(f"lrp-audit aggregate: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""The ``lrp-audit`` console script: ``lrp-audit <command> ...`` runs ``python -m jobs.<command> ...``.
+"""The ``lrp-audit`` console script: ``lrp-audit <command> ...`` runs ``python -m jobs.<command> ...``
+(a dash in a command is an underscore in its module: ``export-virelay`` is ``jobs/export_virelay.py``).
 
 Each command lives in its own module ``jobs/<command>.py`` exposing ``main(argv) -> int``, so that the
 console script and ``ray job submit -- python -m jobs.<command>`` run exactly the same code.
@@ -14,12 +15,14 @@ COMMANDS = {
     "aggregate": "class heatmaps, region pools, context usage and bias flags over a store",
     "report": "render the self-contained HTML audit report",
     "evaluate": "region-perturbation evaluation (AOPC) of explanation methods",
+    "spray": "SpRAy: cluster each class's relevance maps into prediction strategies",
+    "export-virelay": "write a store and its SpRAy results as a ViRelAy project",
 }
 
 
 def _usage() -> str:
     lines = ["usage: lrp-audit <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run 'lrp-audit <command> --help' for the options of one command."]
     return "\n".join(lines)
 
@@ -34,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrp-audit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(f"jobs.{command}")
+        module = importlib.import_module(f"jobs.{command.replace('-', '_')}")
     except ModuleNotFoundError as error:
-        if error.name == f"jobs.{command}":
+        if error.name == f"jobs.{command.replace('-', '_')}":
             print(f"lrp-audit: command {command!r} is not available in this version", file=sys.stderr)
             return 2
         raise

@@ -84,7 +84,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None =
                      help="GPU actors even if no GPU is up yet (autoscaling clusters)")
     run.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU actors even on a GPU cluster")
     run.add_argument("--tf32", action="store_true", default=None,
-                     help="GPU: TF32 convolutions, about 2x faster on Ampere and later but ~1e-3 relative error "
+                     help="GPU: TF32 convolutions, faster on Ampere and later (benchmarks/RESULTS.md) "
+                          "but ~1e-3 relative error "
                           "(default: full float32)")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 

@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregates", help="aggregates folder of STORE (default: STORE.aggregates)")
     p.add_argument("--compare-aggregates", help="aggregates folder of STORE2 (default: STORE2.aggregates)")
     p.add_argument("--evaluation", metavar="DIR",
-                   help="results of 'lrp-audit evaluate' to show (default: STORE without .zarr + .evaluation, if present)")
+                   help="results of 'lrp-audit evaluate' to show "
+                        "(default: STORE without .zarr + .evaluation, if present)")
     p.add_argument("--max-classes", type=int, default=40, help="classes shown in the galleries (default 40)")
     p.add_argument("--title", help="title of the report")
     p.add_argument("--scheduler", help="Dask scheduler when aggregates must be computed (see lrp-audit aggregate)")

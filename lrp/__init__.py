@@ -9,11 +9,11 @@ Modules: :mod:`lrp.rules` (one rule per formula), :mod:`lrp.composites` (rules a
 :mod:`lrp.canonizers` (BatchNorm folding, residual sums, concatenation), :mod:`lrp.graph` (the traced network),
 :mod:`lrp.explainer`, :mod:`lrp.heatmap`.
 """
+from . import rules
 from .composites import BASELINES, COMPOSITES, Composite, composite_parameters, make_composite
-from .explainer import Explanation, Explainer
+from .explainer import Explainer, Explanation
 from .heatmap import heatmap
 from .layers import UnsupportedLayerError
-from . import rules
 
 __all__ = [
     "BASELINES", "COMPOSITES", "Composite", "Explainer", "Explanation", "UnsupportedLayerError",

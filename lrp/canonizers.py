@@ -1,114 +1,94 @@
-"""Canonizers: rewrite a network into an equivalent form on which the LRP rules are well defined.
+"""Canonizers: which kind each traced call is, and the passes that rewrite the traced steps into canonical form.
 
-zennit applies canonizers by mutating the model and undoing it afterwards; here they act on the traced graph only, so the
-user's model is never touched:
+zennit applies canonizers by mutating the model and undoing it afterwards; here they act on the traced graph only, so
+the user's model is never touched. The classification tables below say which fx call is which :class:`Kind`; the
+passes (:data:`PASSES`, run in order by :class:`lrp.graph.Network`) then rewrite the steps:
 
-* BatchNorm folding: ``BN(conv(x))`` becomes one affine layer ``conv'(x)`` with ``W' = W s`` and ``b' = (b - mu) s + beta``,
-  ``s = gamma / sqrt(var + eps)``. LRP rules then see the pre-activation that actually reaches the ReLU.
-* Residual sums (``a + b``) become ``sum`` nodes, which composites map to a proportional (``Norm``) rule instead of the
-  gradient's copy, which would double the relevance.
-* Concatenations (GoogLeNet's inception blocks) become ``structural`` nodes: their relevance is split back exactly.
+* :func:`fold_batchnorms`: ``BN(conv(x))`` becomes one affine layer ``conv'(x)`` with ``W' = W s`` and
+  ``b' = (b - mu) s + beta``, ``s = gamma / sqrt(var + eps)``, so LRP rules see the pre-activation that reaches the
+  ReLU. A BatchNorm that does not directly follow a Conv/Linear (DenseNet's after a concatenation) becomes an
+  ``affine`` step (elementwise ``x * s + t``) with its own rule.
+* :func:`mark_nonnegative`: which values cannot be negative by construction (after a ReLU), so rules skip their
+  ``x^-`` branches without a per-batch check.
 
-The node classification below (which fx call is which kind) is the canonical form of the network.
+Residual sums (``a + b``) are ``sum`` steps (a proportional ``Norm`` rule instead of the gradient's copy, which would
+double the relevance); concatenations, chunks and splits are ``structural`` (relevance split back exactly).
 """
 from __future__ import annotations
 
 import operator
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-#: Node kinds of the canonical graph.
-INPUT = "input"
-OUTPUT = "output"
-LINEAR = "linear"  # Conv*d and Linear (with folded BatchNorm)
-ACTIVATION = "activation"  # ReLU
-MAXPOOL = "maxpool"
-AVGPOOL = "avgpool"
-SUM = "sum"  # a + b of two tensors (residual connections)
-SCALE = "scale"  # multiplication / division by a constant (e.g. GoogLeNet's input transform)
-SHIFT = "shift"  # addition / subtraction of a constant
-IDENTITY = "identity"  # Dropout, Identity: the identity at inference
-STRUCTURAL = "structural"  # reshape, flatten, cat, indexing: relevance is moved, never changed
-META = "meta"  # non-tensor values (x.shape, x.size(0))
-BATCHNORM = "batchnorm"  # only before folding
+from .kinds import Kind
+from .layers import LinearLayer, UnsupportedLayerError
+
+_POINTWISE_MODULES = (nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+                      nn.ELU, nn.Mish)  # nn.ReLU6 is a Hardtanh
 
 _MODULE_KINDS = [
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), LINEAR),
-    ((nn.modules.batchnorm._BatchNorm,), BATCHNORM),
-    ((nn.ReLU,), ACTIVATION),
-    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), MAXPOOL),
-    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), AVGPOOL),
-    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity), IDENTITY),
-    ((nn.Flatten, nn.Unflatten), STRUCTURAL),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), Kind.LINEAR),
+    ((nn.modules.batchnorm._BatchNorm,), Kind.BATCHNORM),
+    ((nn.ReLU,), Kind.ACTIVATION),
+    (_POINTWISE_MODULES, Kind.POINTWISE),
+    ((nn.LayerNorm,), Kind.LAYERNORM),
+    ((nn.MultiheadAttention,), Kind.TUPLE),  # (output, weights): the output read is an attention step
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+     Kind.MAXPOOL),
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+     Kind.AVGPOOL),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity), Kind.IDENTITY),
+    ((nn.Flatten, nn.Unflatten), Kind.STRUCTURAL),
 ]
 
+#: gate activations: a product of a tensor with one of these is a squeeze-and-excitation gate
+GATE_ACTIVATIONS = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
+#: pointwise functions whose output is >= 0
+_NONNEGATIVE_POINTWISE = (nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid,
+                          "sigmoid")
+
 _FUNCTION_KINDS = {
-    F.relu: ACTIVATION,
-    torch.relu: ACTIVATION,
-    F.max_pool1d: MAXPOOL,
-    F.max_pool2d: MAXPOOL,
-    F.max_pool3d: MAXPOOL,
-    F.adaptive_max_pool2d: MAXPOOL,
-    F.avg_pool1d: AVGPOOL,
-    F.avg_pool2d: AVGPOOL,
-    F.avg_pool3d: AVGPOOL,
-    F.adaptive_avg_pool1d: AVGPOOL,
-    F.adaptive_avg_pool2d: AVGPOOL,
-    F.adaptive_avg_pool3d: AVGPOOL,
-    F.dropout: IDENTITY,
-    torch.flatten: STRUCTURAL,
-    torch.cat: STRUCTURAL,
-    torch.concat: STRUCTURAL,
-    torch.reshape: STRUCTURAL,
-    torch.unsqueeze: STRUCTURAL,
-    torch.squeeze: STRUCTURAL,
-    torch.permute: STRUCTURAL,
-    torch.transpose: STRUCTURAL,
-    operator.getitem: STRUCTURAL,
-    getattr: META,
+    F.relu: Kind.ACTIVATION, torch.relu: Kind.ACTIVATION,
+    **{f: Kind.POINTWISE for f in (F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.sigmoid,
+                                   torch.sigmoid, F.tanh, torch.tanh, F.leaky_relu, F.elu, F.mish)},
+    F.layer_norm: Kind.LAYERNORM,
+    **{f: Kind.MAXPOOL for f in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d)},
+    **{f: Kind.AVGPOOL for f in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                                 F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean)},
+    F.dropout: Kind.IDENTITY,
+    **{f: Kind.STRUCTURAL for f in (torch.flatten, torch.cat, torch.concat, torch.reshape, torch.unsqueeze,
+                                    torch.squeeze, torch.permute, torch.transpose, operator.getitem, torch.roll)},
+    **{f: Kind.TUPLE for f in (torch.chunk, torch.split, torch.unbind, torch.tensor_split)},
+    getattr: Kind.META,
 }
 
 _METHOD_KINDS = {
-    "relu": ACTIVATION,
-    "relu_": ACTIVATION,
-    "flatten": STRUCTURAL,
-    "view": STRUCTURAL,
-    "reshape": STRUCTURAL,
-    "unsqueeze": STRUCTURAL,
-    "squeeze": STRUCTURAL,
-    "permute": STRUCTURAL,
-    "transpose": STRUCTURAL,
-    "contiguous": STRUCTURAL,
-    "size": META,
-    "dim": META,
+    "relu": Kind.ACTIVATION, "relu_": Kind.ACTIVATION,
+    "sigmoid": Kind.POINTWISE, "tanh": Kind.POINTWISE,
+    "mean": Kind.AVGPOOL,
+    **{m: Kind.STRUCTURAL for m in ("flatten", "view", "reshape", "unsqueeze", "squeeze", "permute", "transpose",
+                                    "contiguous", "expand", "roll")},
+    **{m: Kind.TUPLE for m in ("chunk", "split", "unbind", "tensor_split")},
+    "size": Kind.META, "dim": Kind.META,
 }
 
-_ARITHMETIC = {
-    operator.add: SUM,
-    operator.iadd: SUM,
-    torch.add: SUM,
-    "add": SUM,
-    "add_": SUM,
-    operator.sub: SHIFT,
-    operator.isub: SHIFT,
-    operator.mul: SCALE,
-    operator.imul: SCALE,
-    torch.mul: SCALE,
-    "mul": SCALE,
-    operator.truediv: SCALE,
-    torch.div: SCALE,
-    "div": SCALE,
+#: arithmetic calls and the kind they have with one tensor operand (a sum needs two)
+ARITHMETIC = {
+    operator.add: Kind.SUM, operator.iadd: Kind.SUM, torch.add: Kind.SUM, "add": Kind.SUM, "add_": Kind.SUM,
+    operator.sub: Kind.SHIFT, operator.isub: Kind.SHIFT,
+    operator.mul: Kind.SCALE, operator.imul: Kind.SCALE, torch.mul: Kind.SCALE, "mul": Kind.SCALE,
+    operator.truediv: Kind.SCALE, torch.div: Kind.SCALE, "div": Kind.SCALE,
 }
-
-
+#: products: with two tensor operands they are gates when one operand is a gate activation
+MULTIPLICATIONS = (operator.mul, operator.imul, torch.mul, "mul")
 _DIVISIONS = (operator.truediv, torch.div, "div")
 #: attributes of a tensor that are metadata, not values (``getattr`` nodes reading anything else are refused)
 META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"})
 
 
-def module_kind(module: nn.Module) -> str | None:
+def module_kind(module: nn.Module) -> Kind | None:
     """The canonical kind of a leaf module, or None when LRP has no rule for it."""
     if getattr(module, "return_indices", False):
         return None  # a max pool that also returns its indices: a tuple, not a map
@@ -118,15 +98,15 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
-def function_kind(target, tensor_args: int, first_is_tensor: bool = True) -> str | None:
+def function_kind(target, tensor_args: int, first_is_tensor: bool = True) -> Kind | None:
     """The canonical kind of a traced function or method call with ``tensor_args`` tensor operands (counted with
     repeats: ``y * y`` has two) of which the first positional one is a tensor when ``first_is_tensor``."""
-    if target in _ARITHMETIC:
-        kind = _ARITHMETIC[target]
-        if kind == SUM:
-            return SUM if tensor_args >= 2 else SHIFT
+    if target in ARITHMETIC:
+        kind = ARITHMETIC[target]
+        if kind == Kind.SUM:
+            return Kind.SUM if tensor_args >= 2 else Kind.SHIFT
         if tensor_args >= 2:
-            return None  # products and differences of two tensors have no LRP rule here
+            return None  # products and differences of two tensors have no LRP rule (gates are found by the graph)
         if target in _DIVISIONS and not first_is_tensor:
             return None  # c / y is not linear in y
         return kind
@@ -135,15 +115,63 @@ def function_kind(target, tensor_args: int, first_is_tensor: bool = True) -> str
     return _FUNCTION_KINDS.get(target)
 
 
-def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
-    """Fold an inference-mode BatchNorm that follows a Conv/Linear layer into that layer's weight and bias."""
-    mean, var = bn.running_mean, bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    folded_weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
-    folded_bias = shift if bias is None else bias * scale + shift
-    return folded_weight, folded_bias
+def library_function_kind(target, args, kwargs) -> Kind | None:
+    """Kinds of functions of libraries lrp does not import (torchvision wraps them as leaves of the fx trace)."""
+    name = (getattr(target, "__module__", None) or "", getattr(target, "__name__", None))
+    if name == ("torchvision.ops.stochastic_depth", "stochastic_depth"):
+        training = kwargs.get("training", args[3] if len(args) > 3 else True)
+        return Kind.IDENTITY if training is False else None  # traced in eval mode: the identity
+    return None
+
+
+def is_gate_activation(step) -> bool:
+    """Whether a step is a sigmoid-like gate (squeeze-and-excitation's last activation)."""
+    return step.kind == Kind.POINTWISE and _matches(step.target, GATE_ACTIVATIONS)
+
+
+def _matches(target, entries) -> bool:
+    types = tuple(e for e in entries if isinstance(e, type))
+    return isinstance(target, types) or any(target is e or target == e for e in entries if not isinstance(e, type))
+
+
+# -- passes over the traced steps ---------------------------------------------------------------------------------
+def fold_batchnorms(steps: list) -> None:
+    """Fold each BatchNorm into the Conv/Linear before it where that layer's output feeds only the BatchNorm;
+    any other BatchNorm becomes an ``affine`` step (elementwise ``x * s + t`` with its running statistics)."""
+    consumers: dict[int, list[int]] = {}
+    for step in steps:
+        for j in step.inputs:
+            consumers.setdefault(j, []).append(step.index)
+    for step in steps:
+        if step.kind != Kind.BATCHNORM:
+            continue
+        producer = steps[step.inputs[0]]
+        foldable = (producer.kind == Kind.LINEAR and producer.layer.batchnorm is None
+                    and consumers[producer.index] == [step.index])
+        if foldable:
+            producer.layer = LinearLayer(producer.layer.name, producer.layer.module, step.target)
+            step.kind = Kind.IDENTITY  # the folded layer already produces the normalized output
+            continue
+        if not step.target.track_running_stats:
+            raise UnsupportedLayerError(
+                f"BatchNorm {step.name!r} has no running statistics (track_running_stats=False): at inference it "
+                "normalizes with the batch's own statistics, which has no LRP rule")
+        step.kind = Kind.AFFINE
+
+
+def mark_nonnegative(steps: list) -> None:
+    """Decide from the graph alone which values cannot be negative, so rules need no per-batch ``(x >= 0).all()``."""
+    keeps_sign = (Kind.MAXPOOL, Kind.AVGPOOL, Kind.IDENTITY, Kind.STRUCTURAL, Kind.SUM)
+    for step in steps:
+        inputs = [steps[j] for j in step.inputs]
+        step.inputs_nonnegative = bool(inputs) and all(s.nonnegative for s in inputs)
+        step.nonnegative = (
+            step.kind == Kind.ACTIVATION
+            or (step.kind in keeps_sign and step.inputs_nonnegative)
+            or (step.kind == Kind.POINTWISE and _matches(step.target, _NONNEGATIVE_POINTWISE))
+            or (step.kind == Kind.GATE and inputs[0].nonnegative)  # gate values are >= 0
+        )
+
+
+#: the passes Network runs after tracing, in order
+PASSES = (fold_batchnorms, mark_nonnegative)

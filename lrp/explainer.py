@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import canonizers as C
 from .composites import Composite, make_composite
-from .graph import Network
+from .graph import Network, refuse_hooks
+from .kinds import NO_RELEVANCE, Kind
 from .rules import StepContext, ZBox, bound_image
 
 
@@ -67,6 +67,7 @@ class Explainer:
         return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"
 
     def __call__(self, x: torch.Tensor, target) -> Explanation:
+        refuse_hooks(self.model)  # hooks registered after the explainer was built are refused too
         x = self._check_input(x)
         with _precision(x, self.tf32):
             return self._explain(x, target)
@@ -136,7 +137,7 @@ class Explainer:
         if not isinstance(rule, ZBox) or self._first is None:
             return self.composite
         layer_input = self.network.steps[self._first].inputs[0]
-        before = [step.kind for step in self.network.steps[:layer_input + 1] if step.kind not in (C.INPUT, C.META)]
+        before = [step.kind for step in self.network.steps[:layer_input + 1] if step.kind not in (Kind.INPUT, *NO_RELEVANCE)]
         if not before or not set(before) <= _ELEMENTWISE_AFFINE:
             return self.composite  # the box is taken as the bounds of what the layer sees, as zennit takes it
         low, high = (self.network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input] for b in (rule.low, rule.high))
@@ -148,12 +149,13 @@ class Explainer:
         relevance: dict[int, torch.Tensor] = {self.network.output_index: seed}
         for step in reversed(steps):
             r = relevance.pop(step.index, None)
-            if step.kind == C.INPUT:
+            if step.kind == Kind.INPUT:
                 return r if r is not None else torch.zeros_like(values[step.index])
-            if r is None or step.kind == C.META:
+            if r is None or step.kind in NO_RELEVANCE:
                 values[step.index] = None
                 continue
-            ctx = StepContext(step, [values[j] for j in step.inputs], values[step.index], _Vjp(step, values))
+            ctx = StepContext(step, [values[j] for j in step.inputs], values[step.index], _Vjp(step, values),
+                              step.arguments(values.__getitem__))
             rule = composite.rule_for(step, self._first)
             for j, r_in in zip(step.inputs, rule(ctx, r)):
                 if r_in is not None:
@@ -162,7 +164,7 @@ class Explainer:
         raise AssertionError("the input step was not reached")
 
 
-_ELEMENTWISE_AFFINE = {C.SCALE, C.SHIFT, C.STRUCTURAL, C.IDENTITY}
+_ELEMENTWISE_AFFINE = {Kind.SCALE, Kind.SHIFT, Kind.STRUCTURAL, Kind.IDENTITY}
 
 
 @contextmanager

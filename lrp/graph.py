@@ -4,18 +4,24 @@ Tracing (instead of module hooks) lets LRP see the real data flow: residual sums
 are nodes like any layer, so each gets its own rule, and anything without a rule is refused up front with the name of
 the module or call, never silently passed through as a gradient.
 
-The model is traced in eval mode (inference semantics: Dropout off, BatchNorm with running statistics) and its
-training flag is restored afterwards; its parameters are shared, never copied or modified.
+The model is traced in eval mode (inference semantics: Dropout off, BatchNorm with running statistics, stochastic
+depth off) and its training flag is restored afterwards; its parameters are shared, never copied or modified.
 """
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module_globals
 
-from . import canonizers as C
+from . import attention
+from . import canonizers as canon
+from .kinds import NO_RELEVANCE, Kind
 from .layers import LinearLayer, UnsupportedLayerError
 
 
@@ -42,39 +48,109 @@ class Step:
 
     index: int
     name: str
-    kind: str
-    inputs: list[int] = field(default_factory=list)  # indices of the tensor-valued steps it reads (deduplicated)
+    kind: Kind | None
+    inputs: list[int] = field(default_factory=list)  # the relevance-carrying steps it reads (deduplicated)
     target: Any = None  # the function, method name or module called
     args: Any = ()
     kwargs: Any = None
     layer: LinearLayer | None = None
+    element: int | None = None  # for a call returning a tuple (chunk, attention): the element this step is
     nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, through pools, reshapes and sums)
     inputs_nonnegative: bool = False  # every tensor input is; rules then skip their x^- branches without a check
 
+    def arguments(self, lookup: Callable[[int], Any]) -> tuple[tuple, dict]:
+        """The call's positional and keyword arguments with the values of earlier steps filled in."""
+        return _resolve(self.args, lookup), _resolve(self.kwargs or {}, lookup)
+
     def call(self, lookup: Callable[[int], Any]):
         """Run the step's forward computation, reading earlier values through ``lookup``."""
-        args = _resolve(self.args, lookup)
-        kwargs = _resolve(self.kwargs or {}, lookup)
-        if self.kind == C.LINEAR:
-            return self.layer.forward(args[0], *self.layer.params())
-        if self.kind == C.ACTIVATION:
-            return torch.relu(args[0])  # never in place: the pre-activation is needed for the backward pass
-        if self.kind == C.IDENTITY:
-            return args[0]
-        if self.kind == C.SUM:
-            if kwargs.get("alpha", 1) != 1:
-                raise UnsupportedLayerError(f"{self.name}: torch.add with alpha is not supported")
-            return args[0] + args[1]
-        if isinstance(self.target, nn.Module):
-            return self.target.forward(*args, **kwargs)  # .forward: the model's own hooks never fire
-        if isinstance(self.target, str):
-            self_arg, *rest = args
-            method = self.target[:-1] if self.target.endswith("_") and self.target != "relu_" else self.target
-            return getattr(self_arg, method)(*rest, **kwargs)
-        if self.target in _INPLACE_SAFE:
-            return _INPLACE_SAFE[self.target](*args, **kwargs)
+        args, kwargs = self.arguments(lookup)
+        return _FORWARD.get(self.kind, _call_target)(self, args, kwargs)
+
+
+def _call_target(step: Step, args, kwargs):
+    target = step.target
+    if isinstance(target, nn.Module):
+        value = target.forward(*args, **kwargs)  # .forward: the model's own hooks never fire
+    elif isinstance(target, str):
+        self_arg, *rest = args
+        method = target[:-1] if target.endswith("_") and target != "relu_" else target
+        value = getattr(self_arg, method)(*rest, **kwargs)
+    elif target in _INPLACE_SAFE:
+        value = _INPLACE_SAFE[target](*args, **kwargs)
+    else:
         kwargs.pop("inplace", None)
-        return self.target(*args, **kwargs)
+        value = target(*args, **kwargs)
+    return value if step.element is None else value[step.element]
+
+
+def _sum(step, args, kwargs):
+    if kwargs.get("alpha", 1) != 1:
+        raise UnsupportedLayerError(f"{step.name}: torch.add with alpha is not supported")
+    return args[0] + args[1]
+
+
+def _pointwise(step, args, kwargs):
+    if isinstance(step.target, nn.Module) and getattr(step.target, "inplace", False):
+        return step.target.forward(args[0].clone())  # the input is kept for the backward pass
+    return _call_target(step, args, kwargs)
+
+
+def _batchnorm(step, args, kwargs):
+    bn = step.target  # inference semantics whatever the module's training flag
+    return F.batch_norm(args[0], bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _layer_norm(step, args, kwargs):
+    if isinstance(step.target, nn.LayerNorm):
+        m = step.target
+        return F.layer_norm(args[0], m.normalized_shape, m.weight, m.bias, m.eps)
+    return _call_target(step, args, kwargs)
+
+
+_FORWARD = {
+    Kind.LINEAR: lambda step, args, kwargs: step.layer.forward(args[0], *step.layer.params()),
+    Kind.ACTIVATION: lambda step, args, kwargs: torch.relu(args[0]),  # never in place: the input is kept
+    Kind.IDENTITY: lambda step, args, kwargs: args[0],
+    Kind.SUM: _sum,
+    Kind.POINTWISE: _pointwise,
+    Kind.AFFINE: _batchnorm,
+    Kind.LAYERNORM: _layer_norm,
+    Kind.ATTENTION: lambda step, args, kwargs: attention.forward(step.target, args[0]),
+}
+
+_INPLACE_SAFE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
+
+
+class _Attribute:
+    """A tensor the model reads in forward (``self.class_token``): a constant, fetched fresh at each call."""
+
+    def __init__(self, root: nn.Module, path: str):
+        self.root, self.path = root, path
+
+    def __call__(self):
+        value = self.root
+        for part in self.path.split("."):
+            value = getattr(value, part)
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def refuse_hooks(model: nn.Module) -> None:
+    """The explainer computes each module without its forward hooks and pre-hooks; a hook that changes an output
+    would make it explain another function than the model's, so models with such hooks are refused up front."""
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        raise UnsupportedLayerError(
+            "a global forward hook or pre-hook is registered (torch.nn.modules.module.register_module_forward_hook): "
+            "the explainer does not run hooks, so it could explain another function than the model; remove it")
+    for name, module in model.named_modules():
+        found = [what for what, hooks in (("forward hook", module._forward_hooks),
+                                          ("forward pre-hook", module._forward_pre_hooks)) if hooks]
+        if found:
+            where = repr(name) if name else f"{type(model).__name__} (the model itself)"
+            raise UnsupportedLayerError(
+                f"module {where} ({type(module).__name__}) has a {' and a '.join(found)}: the explainer computes the "
+                "model without hooks, so a hook that changes an input or output would make it explain another "
+                "function; remove the hook while explaining (handle.remove())")
 
 
 class _HookFreeTracer(fx.Tracer):
@@ -84,22 +160,25 @@ class _HookFreeTracer(fx.Tracer):
         return super().call_module(m, m.forward, args, kwargs)
 
 
-import operator as _op
-
-_INPLACE_SAFE = {_op.iadd: _op.add, _op.isub: _op.sub, _op.imul: _op.mul}
+def _prune_unused_elements(graph: fx.Graph) -> None:
+    """Drop reads of tuple elements nobody uses (``x, _ = attention(...)``), so no step computes them."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+            graph.erase_node(node)
 
 
 class Network:
-    """A model traced into canonical steps (see :mod:`lrp.canonizers` for the kinds)."""
+    """A model traced into canonical steps (see :mod:`lrp.canonizers` for the kinds and the passes)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        refuse_hooks(model)
         training = {m: m.training for m in model.modules()}
         model.eval()
         # a bare layer (nn.Linear, nn.Conv2d) is a leaf to fx: wrap it so that it becomes one traced call
-        self._root = nn.Sequential(model) if C.module_kind(model) is not None else model
+        self._root = nn.Sequential(model) if canon.module_kind(model) is not None else model
         try:
-            graph_module = fx.GraphModule(self._root, _HookFreeTracer().trace(self._root))
+            graph = _HookFreeTracer().trace(self._root)
         except Exception as error:  # fx raises many types; all mean the same to the user
             raise UnsupportedLayerError(
                 f"could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}); "
@@ -108,108 +187,16 @@ class Network:
         finally:
             for module, flag in training.items():
                 module.training = flag
-        self.steps: list[Step] = []
-        self._build(graph_module)
-        self._fold_batchnorms()
-        self._mark_nonnegative()
-        self.input_index = next(s.index for s in self.steps if s.kind == C.INPUT)
-        self.output_index = next(s.index for s in self.steps if s.kind == C.OUTPUT)
-        linear = [s for s in self.steps if s.kind == C.LINEAR]
+        _prune_unused_elements(graph)
+        self.steps: list[Step] = _Builder(self._root).build(graph)
+        for canonical_pass in canon.PASSES:
+            canonical_pass(self.steps)
+        self.input_index = next(s.index for s in self.steps if s.kind == Kind.INPUT)
+        self.output_index = next(s.index for s in self.steps if s.kind == Kind.OUTPUT)
+        linear = [s for s in self.steps if s.kind == Kind.LINEAR]
         if not linear:
             raise UnsupportedLayerError(f"{type(model).__name__} has no Conv or Linear layer to explain")
         self.first_linear = linear[0].index
-
-    # -- construction -------------------------------------------------------------------------------------------
-    def _build(self, graph_module: fx.GraphModule):
-        index_of: dict[fx.Node, int] = {}
-        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedLayerError(
-                f"the model's forward takes {len(placeholders)} inputs; LRP explains models with exactly one input"
-            )
-        for node in graph_module.graph.nodes:
-            index = len(self.steps)
-            to_ref = lambda n: Ref(index_of[n])  # noqa: E731
-            args = fx.node.map_arg(node.args, to_ref)
-            kwargs = fx.node.map_arg(node.kwargs, to_ref)
-            inputs = []
-            for n in node.all_input_nodes:
-                if self.steps[index_of[n]].kind != C.META and index_of[n] not in inputs:
-                    inputs.append(index_of[n])
-            step = Step(index, node.name, "", inputs, node.target, args, kwargs)
-            if node.op == "call_module":
-                step.name = node.target  # the module path users know ('features.3'), not fx's 'features_3'
-            if node.op == "placeholder":
-                step.kind = C.INPUT
-            elif node.op == "output":
-                if not isinstance(node.args[0], fx.Node):
-                    raise UnsupportedLayerError(
-                        "the model returns a tuple or dict; LRP explains a single logits tensor (B, classes)"
-                    )
-                step.kind = C.OUTPUT
-            elif node.op == "call_module":
-                module = graph_module.get_submodule(node.target)
-                original = self._root.get_submodule(node.target)
-                step.target = original
-                step.kind = C.module_kind(module)
-                if step.kind is None:
-                    why = " with return_indices=True" if getattr(module, "return_indices", False) else ""
-                    raise UnsupportedLayerError(
-                        f"module {node.target!r} ({type(module).__name__}{why}) has no LRP rule; supported: Conv, "
-                        "Linear, BatchNorm after Conv/Linear, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Dropout, Flatten"
-                    )
-                if step.kind == C.LINEAR:
-                    step.layer = LinearLayer(node.target, original)
-            elif node.op in ("call_function", "call_method"):
-                all_meta = node.all_input_nodes and all(self.steps[index_of[n]].kind == C.META for n in node.all_input_nodes)
-                # operands counted with repeats (y * y is a product of two tensors), and whether the first is one
-                operands: list = []
-                fx.node.map_arg((node.args, node.kwargs), lambda n: operands.append(self.steps[index_of[n]].kind != C.META))
-                first = bool(node.args) and isinstance(node.args[0], fx.Node) and self.steps[index_of[node.args[0]]].kind != C.META
-                step.kind = C.META if all_meta else C.function_kind(node.target, sum(operands), first)
-                if step.kind == C.META and node.target is getattr and node.args[1] not in C.META_ATTRIBUTES:
-                    step.kind = None  # x.data, x.mT, x.T: tensors, not metadata
-                if step.kind is None:
-                    where = f" at {node.stack_trace.strip().splitlines()[-2].strip()}" if node.stack_trace else ""
-                    hint = ""
-                    if node.target is getattr:
-                        hint = f": it reads the tensor attribute {node.args[1]!r}, not metadata like .shape"
-                    elif node.target in C._ARITHMETIC:
-                        hint = ": LRP has rules for sums of tensors and for scaling or shifting one tensor by constants"
-                    raise UnsupportedLayerError(
-                        f"operation {_describe(node.target)} (node {node.name!r}{where}) has no LRP rule{hint}"
-                    )
-            elif node.op == "get_attr":
-                raise UnsupportedLayerError(
-                    f"the model reads tensor attribute {node.target!r} directly in forward; LRP cannot attribute to it"
-                )
-            index_of[node] = index
-            self.steps.append(step)
-
-    def _fold_batchnorms(self):
-        consumers: dict[int, list[int]] = {}
-        for step in self.steps:
-            for j in step.inputs:
-                consumers.setdefault(j, []).append(step.index)
-        for step in self.steps:
-            if step.kind != C.BATCHNORM:
-                continue
-            producer = self.steps[step.inputs[0]]
-            if producer.kind != C.LINEAR or producer.layer.batchnorm is not None or consumers[producer.index] != [step.index]:
-                raise UnsupportedLayerError(
-                    f"BatchNorm {step.name!r} does not directly follow a Conv/Linear layer whose output only it reads; "
-                    "it cannot be folded, and LRP has no rule for a standalone BatchNorm"
-                )
-            producer.layer = LinearLayer(producer.layer.name, producer.layer.module, step.target)
-            step.kind = C.IDENTITY  # the folded layer already produces the normalized output
-
-    def _mark_nonnegative(self):
-        """Decide from the graph alone which values cannot be negative, so rules need no per-batch ``(x >= 0).all()``."""
-        keeps_sign = (C.MAXPOOL, C.AVGPOOL, C.IDENTITY, C.STRUCTURAL, C.SUM)
-        for step in self.steps:
-            inputs = [self.steps[j] for j in step.inputs]
-            step.inputs_nonnegative = bool(inputs) and all(s.nonnegative for s in inputs)
-            step.nonnegative = step.kind == C.ACTIVATION or (step.kind in keeps_sign and step.inputs_nonnegative)
 
     # -- execution ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, until: int | None = None) -> list:
@@ -219,13 +206,157 @@ class Network:
         for step in self.steps:
             if until is not None and step.index > until:
                 break
-            if step.kind == C.INPUT:
-                continue
-            if step.kind == C.OUTPUT:
+            if step.kind in (Kind.INPUT, Kind.TUPLE):
+                continue  # a tuple is computed by the steps that read its elements
+            if step.kind == Kind.OUTPUT:
                 values[step.index] = values[step.args[0].index]
                 continue
             values[step.index] = step.call(values.__getitem__)
         return values
+
+
+_SUPPORTED_MODULES = ("Conv, Linear, BatchNorm, ReLU, ReLU6, Hardswish, Hardsigmoid, SiLU, GELU, Sigmoid, Tanh, "
+                      "LayerNorm, MultiheadAttention (self-attention), MaxPool, AvgPool, AdaptiveAvgPool, Dropout, "
+                      "Flatten")
+
+
+class _Builder:
+    """Turns an fx graph into steps, one handler per node op (see ``_HANDLERS``)."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.steps: list[Step] = []
+        self.index_of: dict[fx.Node, int] = {}
+
+    def build(self, graph: fx.Graph) -> list[Step]:
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedLayerError(
+                f"the model's forward takes {len(placeholders)} inputs; LRP explains models with exactly one input"
+            )
+        for node in graph.nodes:
+            index = len(self.steps)
+            def to_ref(n):
+                return Ref(self.index_of[n])
+            inputs = []
+            for n in node.all_input_nodes:
+                j = self.index_of[n]
+                if self.steps[j].kind not in NO_RELEVANCE and j not in inputs:
+                    inputs.append(j)
+            step = Step(index, node.name, None, inputs, node.target, fx.node.map_arg(node.args, to_ref),
+                        fx.node.map_arg(node.kwargs, to_ref))
+            self._HANDLERS[node.op](self, node, step)
+            self._refuse_tuple_reads(node, step)
+            self.index_of[node] = index
+            self.steps.append(step)
+        return self.steps
+
+    def _kind_of(self, node: fx.Node) -> Kind:
+        return self.steps[self.index_of[node]].kind
+
+    def _placeholder(self, node, step):
+        step.kind = Kind.INPUT
+
+    def _output(self, node, step):
+        if not isinstance(node.args[0], fx.Node):
+            raise UnsupportedLayerError(
+                "the model returns a tuple or dict; LRP explains a single logits tensor (B, classes)")
+        step.kind = Kind.OUTPUT
+
+    def _attribute(self, node, step):
+        step.kind, step.target, step.args, step.kwargs = Kind.CONSTANT, _Attribute(self.root, node.target), (), {}
+
+    def _constant_inputs(self, node) -> Kind | None:
+        """META or CONSTANT when every input is one (a value that does not depend on the model's input)."""
+        kinds = {self._kind_of(n) for n in node.all_input_nodes}
+        if not kinds or not kinds <= NO_RELEVANCE:
+            return None
+        return Kind.META if kinds == {Kind.META} else Kind.CONSTANT
+
+    def _module(self, node, step):
+        original = self.root.get_submodule(node.target)
+        step.name, step.target = node.target, original  # the module path users know ('features.3')
+        step.kind = self._constant_inputs(node) or canon.module_kind(original)
+        if step.kind is None:
+            why = " with return_indices=True" if getattr(original, "return_indices", False) else ""
+            raise UnsupportedLayerError(
+                f"module {node.target!r} ({type(original).__name__}{why}) has no LRP rule; supported: "
+                f"{_SUPPORTED_MODULES}")
+        if step.kind == Kind.LINEAR:
+            step.layer = LinearLayer(node.target, original)
+
+    def _function(self, node, step):
+        constant = self._constant_inputs(node)
+        if constant is not None:
+            step.kind = constant
+            return
+        if node.target is operator.getitem and self._kind_of(node.args[0]) == Kind.TUPLE:
+            self._element(node, step)
+            return
+        # operands counted with repeats (y * y is a product of two tensors), and whether the first is one
+        operands: list = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: operands.append(self._kind_of(n) not in NO_RELEVANCE))
+        first = bool(node.args) and isinstance(node.args[0], fx.Node) and self._kind_of(node.args[0]) not in NO_RELEVANCE
+        step.kind = canon.function_kind(node.target, sum(operands), first)
+        if step.kind is None:
+            step.kind = canon.library_function_kind(node.target, node.args, node.kwargs)
+        if step.kind == Kind.META and node.target is getattr and node.args[1] not in canon.META_ATTRIBUTES:
+            step.kind = None  # x.data, x.mT, x.T: tensors, not metadata
+        if step.kind is None and node.target in canon.MULTIPLICATIONS and sum(operands) == 2:
+            self._gate(step)
+        if step.kind is None:
+            raise UnsupportedLayerError(_no_rule_message(node))
+
+    def _gate(self, step):
+        """``gated * gate`` with gate a sigmoid-like activation: the gate is a constant scale of the gated path."""
+        gates = [j for j in step.inputs if canon.is_gate_activation(self.steps[j])]
+        if len(step.inputs) == 2 and len(gates) == 1:
+            step.kind = Kind.GATE
+            step.inputs = [j for j in step.inputs if j != gates[0]] + gates  # the gated path first
+
+    def _element(self, node, step):
+        """``tuple_call(...)[i]`` as one step computing element i: chunk/split elements move relevance exactly."""
+        producer = self.steps[self.index_of[node.args[0]]]
+        index = node.args[1]
+        step.name = f"{producer.name}[{index}]"
+        step.target, step.args, step.kwargs, step.inputs = producer.target, producer.args, producer.kwargs, producer.inputs
+        step.element = index
+        step.kind = Kind.STRUCTURAL
+        if isinstance(producer.target, nn.MultiheadAttention):
+            if index != 0:
+                raise UnsupportedLayerError(
+                    f"the model reads the attention weights of {producer.name!r}; LRP explains its output only")
+            same = len({repr(a) for a in producer.args[:3]}) == 1 and len(producer.args) >= 3
+            try:
+                attention.check(producer.name, producer.target, same, producer.kwargs or {})
+            except attention.AttentionError as error:
+                raise UnsupportedLayerError(str(error)) from None
+            step.kind, step.element, step.args, step.kwargs = Kind.ATTENTION, None, producer.args[:1], {}
+
+    def _refuse_tuple_reads(self, node, step):
+        if step.kind == Kind.TUPLE or step.element is not None or step.kind == Kind.ATTENTION:
+            return
+        for j in step.inputs:
+            if self.steps[j].kind == Kind.TUPLE:
+                raise UnsupportedLayerError(
+                    f"{node.name!r} reads the tuple returned by {self.steps[j].name!r} as a whole; LRP needs its "
+                    "elements read one by one (a, b = x.chunk(2))")
+
+    _HANDLERS: ClassVar[dict] = {
+        "placeholder": _placeholder, "output": _output, "get_attr": _attribute,
+        "call_module": _module, "call_function": _function, "call_method": _function,
+    }
+
+
+def _no_rule_message(node: fx.Node) -> str:
+    where = f" at {node.stack_trace.strip().splitlines()[-2].strip()}" if node.stack_trace else ""
+    hint = ""
+    if node.target is getattr:
+        hint = f": it reads the tensor attribute {node.args[1]!r}, not metadata like .shape"
+    elif node.target in canon.ARITHMETIC:
+        hint = (": LRP has rules for sums of tensors, for scaling or shifting one tensor by constants, and for "
+                "gates (a tensor times a sigmoid of another)")
+    return f"operation {_describe(node.target)} (node {node.name!r}{where}) has no LRP rule{hint}"
 
 
 def _describe(target) -> str:

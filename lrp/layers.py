@@ -8,13 +8,11 @@ an in-place update of the model (training, ``load_state_dict``) invalidates it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
-
-from .canonizers import fold_batchnorm
+from torch import nn
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -128,3 +126,22 @@ class LinearLayer:
         if not self.is_conv:
             return bias
         return bias.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
+    """Fold an inference-mode BatchNorm that follows a Conv/Linear layer into that layer's weight and bias."""
+    scale, shift = batchnorm_affine(bn)
+    folded_weight = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    folded_bias = shift if bias is None else bias * scale + shift
+    return folded_weight, folded_bias
+
+
+def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An inference-mode BatchNorm as ``x * scale + shift`` per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift

@@ -20,7 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from . import attention
+from .layers import batchnorm_affine
 from .stabilize import safe_divide
 
 
@@ -32,6 +35,7 @@ class StepContext:
     inputs: list
     output: torch.Tensor
     vjp: object  # callable(relevance) -> list of input gradients
+    arguments: tuple = ((), {})  # the call's resolved (args, kwargs), constants included (LayerNorm's weight)
 
     @property
     def layer(self):
@@ -160,7 +164,8 @@ class Gamma(Rule):
         layer, x, z = ctx.layer, ctx.inputs[0], ctx.output
         g, keep = self.gamma, self.include_bias
         w_up, b_up = layer.variant(("gamma+", g), lambda w, b: (w + g * _pos(w), None if b is None else b + g * _pos(b)))
-        w_dn_b_dn = lambda: layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
+        def w_dn_b_dn():
+            return layer.variant(("gamma-", g), lambda w, b: (w + g * _neg(w), None if b is None else b + g * _neg(b)))
         if _nonnegative(ctx):
             if not bool((relevance * (z <= 0)).any()):
                 # the usual case below a ReLU: relevance only at neurons with positive output, so no masks are needed
@@ -282,6 +287,71 @@ class DeconvReLU(Rule):
 
     def __call__(self, ctx, relevance):
         return [relevance.clamp(min=0)]
+
+
+class Affine(Rule):
+    r"""A BatchNorm that cannot be folded, as the elementwise affine map :math:`z = s x + t` (running statistics):
+    the z rule on it, :math:`R_x = s x / (s x + t) R_z` (``include_bias=False``: :math:`t` left out, relevance passes
+    unchanged where :math:`s x \ne 0`; a zero input, e.g. after a ReLU, gets none: the shift alone explains it)."""
+
+    params = ("stabilizer", "include_bias")
+
+    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        x = ctx.inputs[0]
+        scale, shift = (t.reshape((1, -1) + (1,) * (x.dim() - 2)) for t in batchnorm_affine(ctx.step.target))
+        contribution = x * scale
+        z = contribution + shift if self.include_bias else contribution
+        return [contribution * safe_divide(relevance, z, self.stabilizer)]
+
+
+class LayerNorm(Rule):
+    r"""AttnLRP's LayerNorm rule: the standard deviation is a constant, so :math:`y = (x - \bar x) w / \sigma + b` is
+    linear in :math:`x` and gets the epsilon rule, :math:`R_x = x \odot J^T (R / z)` with :math:`z = y` (``b`` left out
+    when ``include_bias=False``). Conserves exactly with ``include_bias=False`` and exact division."""
+
+    params = ("stabilizer", "include_bias")
+
+    def __init__(self, stabilizer: float = 1e-6, include_bias: bool = True):
+        self.stabilizer, self.include_bias = float(stabilizer), include_bias
+
+    def __call__(self, ctx, relevance):
+        x = ctx.inputs[0]
+        shape, weight, bias, eps = layer_norm_parameters(ctx.step.target, *ctx.arguments)
+        dims = tuple(range(-len(shape), 0))
+        centered = x - x.mean(dims, keepdim=True)
+        std = (centered.pow(2).mean(dims, keepdim=True) + eps).sqrt()
+        scale = 1 / std if weight is None else weight / std
+        z = centered * scale
+        if self.include_bias and bias is not None:
+            z = z + bias
+        g = safe_divide(relevance, z, self.stabilizer) * scale
+        return [x * (g - g.mean(dims, keepdim=True))]
+
+
+def layer_norm_parameters(target, args, kwargs) -> tuple:
+    """(normalized_shape, weight, bias, eps) of an ``nn.LayerNorm`` or an ``F.layer_norm`` call."""
+    if isinstance(target, nn.LayerNorm):
+        return tuple(target.normalized_shape), target.weight, target.bias, target.eps
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, args)) | kwargs
+    return tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+
+
+class Attention(Rule):
+    """Self-attention: AttnLRP (softmax rule, uniform rule on both products, epsilon on the projections), or CP-LRP
+    with ``cp=True`` (attention weights constant: relevance through the values only). See :mod:`lrp.attention`."""
+
+    params = ("epsilon", "include_bias", "cp")
+
+    def __init__(self, epsilon: float = 1e-6, include_bias: bool = True, cp: bool = False):
+        self.epsilon, self.include_bias, self.cp = float(epsilon), include_bias, cp
+
+    def __call__(self, ctx, relevance):
+        return [attention.relevance(ctx.step.target, ctx.inputs[0], relevance, self.epsilon, self.include_bias,
+                                    self.cp)]
 
 
 def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, float]:

@@ -62,7 +62,7 @@ class ExplanationSetting:
         return {"composite": self.composite, **self.params}
 
     @classmethod
-    def parse(cls, value) -> "ExplanationSetting":
+    def parse(cls, value) -> ExplanationSetting:
         """From a dict ``{composite: epsilon, epsilon: 0.01, name: ...}`` or a string ``epsilon:epsilon=0.01,...``."""
         if isinstance(value, ExplanationSetting):
             return value
@@ -104,7 +104,7 @@ class RunConfig:
     decode: str = "cpu"  # auto: JPEGs decoded + preprocessed on the GPU (GPU actors only); see docs/pipeline.md
     batch_size: int = 32
     num_actors: int | None = None
-    actors_per_gpu: int = 1  # processes sharing a GPU: one is GIL-bound near 220 images/s (docs/pipeline.md)
+    actors_per_gpu: int = 1  # processes sharing a GPU: one process is GIL-bound (benchmarks/RESULTS.md)
     cpus_per_actor: int = 1
     rows_per_shard: int = 256
     max_attempts: int = 3
@@ -153,9 +153,6 @@ class RunConfig:
         }
 
 
-_SECTIONS = {"dataset": DatasetSpec, "model": ModelSpec}
-
-
 def _build(cls, values: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -163,9 +160,7 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
     try:
         return cls(**values)
-    except (ModelError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from error
-    except TypeError as error:
+    except (ModelError, ValueError, TypeError) as error:
         raise ConfigError(f"{where}: {error}") from error
 
 
@@ -176,17 +171,20 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
         if not values.get(key):
             raise ConfigError(f"the config needs '{key}' (see docs/pipeline.md for an example)")
     dataset = values["dataset"]
-    values["dataset"] = _build(DatasetSpec, {"source": dataset} if isinstance(dataset, str) else dict(dataset), "dataset")
+    dataset = {"source": dataset} if isinstance(dataset, str) else dict(dataset)
+    values["dataset"] = _build(DatasetSpec, dataset, "dataset")
     model = values["model"]
     values["model"] = _build(ModelSpec, {"name": model} if isinstance(model, str) else dict(model), "model")
     preprocess = dict(values.get("preprocess") or {})
-    values["preprocess_from_weights"] = bool(preprocess.pop("from_weights", values.get("preprocess_from_weights", False)))
+    from_weights = preprocess.pop("from_weights", values.get("preprocess_from_weights", False))
+    values["preprocess_from_weights"] = bool(from_weights)
     if values["preprocess_from_weights"]:
         from .models import weights_enum
 
         enum = weights_enum(values["model"])
         if enum is None:
-            raise ConfigError("preprocess.from_weights needs model.name with torchvision weights (e.g. weights: DEFAULT)")
+            raise ConfigError("preprocess.from_weights needs model.name with torchvision weights "
+                              "(e.g. weights: DEFAULT)")
         try:
             values["preprocess"] = PreprocessSpec.from_weights(enum, **preprocess)
         except (TypeError, ValueError) as error:
@@ -197,7 +195,8 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
         values.pop("preprocess", None)
     if "explanations" in values:
         settings = values["explanations"]
-        values["explanations"] = [ExplanationSetting.parse(s) for s in ([settings] if isinstance(settings, (str, dict)) else settings)]
+        settings = [settings] if isinstance(settings, (str, dict)) else settings
+        values["explanations"] = [ExplanationSetting.parse(s) for s in settings]
     if isinstance(values.get("classes"), (str, int)):
         values["classes"] = [c.strip() for c in str(values["classes"]).split(",")]
     values["classes"] = [int(c) if str(c).lstrip("-").isdigit() else c for c in values.get("classes", []) or []]

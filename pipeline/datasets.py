@@ -18,7 +18,8 @@ import json
 import posixpath
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import fsspec
 import numpy as np

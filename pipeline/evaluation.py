@@ -36,6 +36,7 @@ from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
 from .dispatch import Part, ShardPool
 from .models import build_model
+from .paths import join_url as _join
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
 from .run import RunPlan, plan_run, software_versions
@@ -151,10 +152,6 @@ class EvaluationJob:
 
     config: EvaluationConfig
     target_mode: str  # label, prediction, classes or labels
-
-
-def _join(base: str, name: str) -> str:
-    return f"{str(base).rstrip('/')}/{name}"
 
 
 def shard_path(out: str, shard: int) -> str:

@@ -73,7 +73,8 @@ def _weights_file(spec: ModelSpec) -> str | None:
         hint = ""
         if spec.name:
             try:
-                hint = f" nor a weights name of {spec.name} ({', '.join(['DEFAULT'] + [m.name for m in torchvision.models.get_model_weights(spec.name)])})"
+                known = ["DEFAULT"] + [m.name for m in torchvision.models.get_model_weights(spec.name)]
+                hint = f" nor a weights name of {spec.name} ({', '.join(known)})"
             except (ValueError, KeyError):
                 hint = f" ({spec.name} has no torchvision weights)"
         raise ModelError(f"model.weights {spec.weights!r} is not an existing file{hint}: fix the path or the name")
@@ -165,7 +166,10 @@ def model_class_names(spec: ModelSpec) -> list[str] | None:
                 text = file.read()
         except FileNotFoundError:
             raise ModelError(f"class names file {spec.class_names!r} does not exist") from None
-        names = json.loads(text) if text.lstrip().startswith("[") else [line.strip() for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            names = json.loads(text)
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
         return [str(name) for name in names]
     enum = weights_enum(spec)
     if enum is not None and "categories" in enum.meta:
@@ -181,7 +185,8 @@ def count_classes(model: nn.Module, channels: int, size: tuple[int, int]) -> int
     with torch.no_grad():
         logits = model(x)
     if logits.dim() != 2:
-        raise ModelError(f"the model returns shape {tuple(logits.shape)}; an explained model must return (batch, classes) logits")
+        raise ModelError(f"the model returns shape {tuple(logits.shape)}; "
+                         "an explained model must return (batch, classes) logits")
     return int(logits.shape[1])
 
 

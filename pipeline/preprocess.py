@@ -56,7 +56,7 @@ class PreprocessSpec:
             raise ValueError(f"preprocess.mean {self.mean} and std {self.std} need equal lengths and std > 0")
 
     @classmethod
-    def from_weights(cls, weights, **overrides) -> "PreprocessSpec":
+    def from_weights(cls, weights, **overrides) -> PreprocessSpec:
         """The geometry of a torchvision weights' own ``transforms()`` (ImageClassification preset)."""
         preset = weights.transforms()
         spec = dict(resize=list(preset.resize_size), center_crop=list(preset.crop_size),

@@ -111,7 +111,7 @@ def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None)
                          "a new store needs an empty or new path")
 
 
-def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> "RelevanceStore":
+def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> RelevanceStore:
     """Open an existing store at a local path or any fsspec URL (``s3://...``); read-only by default."""
     try:
         root = _open_root(url, mode, storage_options)
@@ -131,7 +131,7 @@ class RelevanceStore:
     """A relevance store: shared run attributes plus one :class:`ExplanationGroup` per setting."""
 
     def __init__(self, root: zarr.Group, url: str):
-        self.zarr_group = root
+        self._group = root
         self.url = url
         attrs = root.attrs.asdict()
         self.format_version = int(attrs["lrp_audit_format"])
@@ -163,13 +163,15 @@ class RelevanceStore:
         channels: int | None = None,
         software: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
-    ) -> "RelevanceStore":
+    ) -> RelevanceStore:
         """Create the store, or reopen it for resuming when it was made with the same config.
 
         ``groups`` names the explanation settings (a dict maps each name to its setting, kept in the
         group's attrs). ``channels`` adds per-channel relevance (N,C,H,W); ``max_boxes`` K > 0 adds
         boxes (N,K,4); ``num_labels`` adds multi-label targets (N,L); ``with_mask`` adds masks (N,H,W).
-        A store made with a different config is refused, never overwritten.
+        A store made with a different config is refused, never overwritten. The keywords are the layout,
+        one each; validating, comparing with an existing store and laying out a new one stay together here
+        so that the order of those writes (docs/store-format.md) is in one place: hence its length.
         """
         settings = dict(groups) if isinstance(groups, Mapping) else {name: {} for name in groups}
         if not settings:
@@ -249,7 +251,8 @@ class RelevanceStore:
             make(name, (n,), dtype, fill, ("row",))
         if layout["channels"]:
             c = layout["channels"]
-            make("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"), inner=(1, c, h, w))
+            make("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"),
+                 inner=(1, c, h, w))
         if layout["num_labels"]:
             make("labels", (n, layout["num_labels"]), "bool", False, ("row", "class"))
         if layout["max_boxes"]:
@@ -269,16 +272,40 @@ class RelevanceStore:
         start = shard * self.rows_per_shard
         return start, min(start + self.rows_per_shard, self.n_rows)
 
-    def group(self, name: str) -> "ExplanationGroup":
+    def group(self, name: str) -> ExplanationGroup:
         if name not in self.group_names:
             raise KeyError(f"no explanation group {name!r} in {self.url!r}; groups: {self.group_names}")
-        return ExplanationGroup(self.zarr_group[f"{EXPLANATIONS}/{name}"], name, self.rows_per_shard)
+        return ExplanationGroup(self._group[f"{EXPLANATIONS}/{name}"], name, self.rows_per_shard)
 
-    def groups(self) -> list["ExplanationGroup"]:
+    def groups(self) -> list[ExplanationGroup]:
         return [self.group(name) for name in self.group_names]
 
     def __repr__(self) -> str:
-        return f"RelevanceStore({self.url!r}, rows={self.n_rows}, map={self.height}x{self.width}, groups={self.group_names})"
+        return (f"RelevanceStore({self.url!r}, rows={self.n_rows}, map={self.height}x{self.width}, "
+                f"groups={self.group_names})")
+
+
+class RowReader:
+    """A zarr array behind a plain object: ``reader[key]`` and ``reader.rows(indices)`` (only those rows).
+
+    A plain object because Ray's Dask scheduler rebuilds every dataclass among a task's arguments
+    through its ``__init__`` (ray/util/dask/common.py, ``unpack_object_refs``), and zarr 3 arrays are
+    dataclasses with init=False fields, so the rebuild fails.
+    """
+
+    def __init__(self, array: zarr.Array):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, np.dtype(array.dtype), array.ndim
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Just these rows (sorted), one read per run of consecutive rows: the store's inner chunks are
+        single rows, so this decompresses nothing else (zarr's ``oindex`` is slower for scattered rows)."""
+        indices = np.asarray(indices, np.int64)
+        runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1) if len(indices) else []
+        parts = [self.array[run[0]:run[-1] + 1] for run in runs]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
 def _clear_shards(array: zarr.Array, shards: range) -> None:
@@ -296,48 +323,86 @@ class ExplanationGroup:
     """The rows of one explanation setting: lazy relevance (dask) plus per-row metadata."""
 
     def __init__(self, group: zarr.Group, name: str, rows_per_shard: int):
-        self.zarr_group = group
+        self._group = group
         self.name = name
         self.rows_per_shard = rows_per_shard
         self.setting: dict = dict(group.attrs.get("setting", {}))
         self.n_rows: int = group["status"].shape[0]
 
-    def _lazy(self, name: str) -> da.Array | None:
-        if name not in self.zarr_group:
+    # ---- reading arrays (what aggregations and benchmarks use instead of the zarr group) -----------------
+    def has(self, name: str) -> bool:
+        """Whether this group has the array ``name`` (``labels``, ``boxes``, ``mask``, ``relevance_channels``)."""
+        return name in self._group
+
+    def lazy(self, name: str, ray: bool = False) -> da.Array | None:
+        """The array ``name`` as a dask array, one chunk per shard; None when the group has no such array.
+
+        ``ray``: built on a :class:`RowReader`, so that Dask on Ray can ship the tasks (see there).
+        """
+        if name not in self._group:
             return None
-        array = self.zarr_group[name]
-        rows = max(min(self.rows_per_shard, self.n_rows), 1)
-        return da.from_zarr(array, chunks=(rows, *array.shape[1:]))  # one dask chunk per shard
+        array = self._group[name]
+        chunks = (max(min(self.rows_per_shard, self.n_rows), 1), *array.shape[1:])
+        if not ray:
+            return da.from_zarr(array, chunks=chunks)
+        reader = RowReader(array)
+        return da.from_array(reader, chunks=chunks, lock=False, meta=np.empty((0,) * reader.ndim, reader.dtype))
+
+    def row_reader(self, name: str) -> RowReader:
+        """A picklable reader of the array ``name``: ``reader.rows(indices)`` reads just those rows."""
+        return RowReader(self._group[name])
+
+    def read_rows(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` (sorted) of the array ``name``, one read per run of consecutive rows."""
+        return self.row_reader(name).rows(indices)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the array ``name`` (all rows by default)."""
+        return self._group[name][start:stop]
+
+    def label_bits(self, columns: np.ndarray) -> np.ndarray:
+        """Per row, the multi-label bit of class ``columns[row]`` (False where it is -1 or out of range).
+
+        Read shard by shard, so memory stays at one shard of ``labels`` however many rows and classes.
+        """
+        labels = self._group["labels"]
+        out = np.zeros(len(columns), bool)
+        step = self.rows_per_shard
+        for start in range(0, len(columns), step):
+            block, picked = labels[start:start + step], columns[start:start + step]
+            valid = (picked >= 0) & (picked < block.shape[1])
+            out[start:start + step][valid] = block[np.flatnonzero(valid), picked[valid]]
+        return out
 
     @property
     def relevance(self) -> da.Array:
-        return self._lazy("relevance")
+        return self.lazy("relevance")
 
     @property
     def relevance_channels(self) -> da.Array | None:
-        return self._lazy("relevance_channels")
+        return self.lazy("relevance_channels")
 
     @property
     def mask(self) -> da.Array | None:
-        return self._lazy("mask")
+        return self.lazy("mask")
 
     @property
     def boxes(self) -> np.ndarray | None:
-        return self.zarr_group["boxes"][...] if "boxes" in self.zarr_group else None
+        return self._group["boxes"][...] if "boxes" in self._group else None
 
     @property
     def labels(self) -> np.ndarray | None:
-        return self.zarr_group["labels"][...] if "labels" in self.zarr_group else None
+        return self._group["labels"][...] if "labels" in self._group else None
 
     @property
     def status(self) -> np.ndarray:
-        return self.zarr_group["status"][...]
+        return self._group["status"][...]
 
     def rows(self) -> pa.Table:
         """Per-row metadata as one Arrow table (no relevance), e.g. to select rows for aggregation."""
         columns = {"row": pa.array(np.arange(self.n_rows, dtype=np.int64))}
         for name in _ROW_ARRAYS:
-            values = self.zarr_group[name][...]
+            values = self._group[name][...]
             columns[name] = pa.array(values.astype(object) if values.dtype.kind in "TUO" else values,
                                      type=pa.string() if values.dtype.kind in "TUO" else None)
         return pa.table(columns)
@@ -346,7 +411,7 @@ class ExplanationGroup:
         """Status of one shard's rows; None when its status chunk is unreadable (a write cut by a kill)."""
         start = shard * self.rows_per_shard
         try:
-            return self.zarr_group["status"][start:min(start + self.rows_per_shard, self.n_rows)]
+            return self._group["status"][start:min(start + self.rows_per_shard, self.n_rows)]
         except Exception:  # a truncated chunk from a killed writer: redo the shard
             return None
 
@@ -361,7 +426,8 @@ class ExplanationGroup:
                 todo.append(shard)
         return todo
 
-    def write_block(self, start: int, *, relevance: np.ndarray, status: np.ndarray | None = None, **arrays: Any) -> np.ndarray:
+    def write_block(self, start: int, *, relevance: np.ndarray, status: np.ndarray | None = None,
+                    **arrays: Any) -> np.ndarray:
         """Write rows ``[start, start+n)`` covering whole shards; ``status`` goes last and is returned.
 
         Rows whose status is ok (the default) but whose relevance or output is NaN/Inf are stored as
@@ -381,7 +447,8 @@ class ExplanationGroup:
         if "relevance_sum" not in arrays:
             arrays["relevance_sum"] = relevance.sum(axis=(1, 2), dtype=np.float64)
         if "residual" not in arrays and "output" in arrays:
-            arrays["residual"] = np.asarray(arrays["relevance_sum"], np.float64) - np.asarray(arrays["output"], np.float64)
+            relevance_sum, output = (np.asarray(arrays[k], np.float64) for k in ("relevance_sum", "output"))
+            arrays["residual"] = relevance_sum - output
         status = np.full(n, STATUS_OK, np.int8) if status is None else np.asarray(status, np.int8).copy()
         finite = np.isfinite(relevance).all(axis=(1, 2))
         for name in ("relevance_channels", "output"):
@@ -391,28 +458,28 @@ class ExplanationGroup:
         status[(status == STATUS_OK) & ~finite] = STATUS_NONFINITE
 
         for name in arrays:
-            if name not in self.zarr_group:
+            if name not in self._group:
                 raise StoreError(f"this store has no {name!r} array (create it with the matching option)")
         shards = range(start // self.rows_per_shard, -(-stop // self.rows_per_shard))
-        _clear_shards(self.zarr_group["status"], shards)  # first: the rows read pending until status is back
+        _clear_shards(self._group["status"], shards)  # first: the rows read pending until status is back
         for name, values in {"relevance": relevance, **arrays}.items():
-            array = self.zarr_group[name]
+            array = self._group[name]
             values = np.asarray(values)
             if values.dtype.kind in "UO" or array.dtype.kind in "TUO":
                 values = np.asarray(values, dtype=str)
             _clear_shards(array, shards)
             array[start:stop] = values
-        self.zarr_group["status"][start:stop] = status
+        self._group["status"][start:stop] = status
         return status
 
     def _read_block(self, start: int, n: int) -> dict[str, np.ndarray]:
         """Every array's rows ``[start, start+n)``; an unreadable shard (torn by a kill) reads as fill values, pending."""
         try:
-            return {name: np.array(self.zarr_group[name][start:start + n]) for name in self.zarr_group.array_keys()}
+            return {name: np.array(self._group[name][start:start + n]) for name in self._group.array_keys()}
         except Exception:  # a torn object: nothing in it can be kept, and its rows are recomputed
-            return {name: np.full((n, *self.zarr_group[name].shape[1:]), self.zarr_group[name].fill_value,
-                                  dtype=object if self.zarr_group[name].dtype.kind in "TUO" else self.zarr_group[name].dtype)
-                    for name in self.zarr_group.array_keys()}
+            return {name: np.full((n, *self._group[name].shape[1:]), self._group[name].fill_value,
+                                  dtype=object if self._group[name].dtype.kind in "TUO" else self._group[name].dtype)
+                    for name in self._group.array_keys()}
 
     def write_rows(self, start: int, n: int, rows: np.ndarray, *, status: np.ndarray, **arrays: Any) -> np.ndarray:
         """Write the shard ``[start, start+n)`` where only ``rows`` (a boolean mask) take the new values; the other
@@ -444,7 +511,7 @@ class ExplanationGroup:
         for name, values in current.items():
             if values.dtype.kind in "TUO":
                 values = current[name] = values.astype(object)
-            values[redo] = self.zarr_group[name].fill_value
+            values[redo] = self._group[name].fill_value
         for name, values in arrays.items():
             current[name][redo] = np.asarray(values, dtype=current[name].dtype)[redo]
         current["status"][redo] = STATUS_FAILED

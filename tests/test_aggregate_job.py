@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from aggregation_stores import assert_tables_equal, make_store, tiny_cnn
 
 from aggregations import run
+from helpers.models import tiny_cnn
+from helpers.stores import assert_tables_equal, make_store
 from jobs.aggregate import main
 from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, open_store
 
@@ -82,7 +83,8 @@ def test_outputs_layout_and_rerun_gives_the_same_result(mixed_store, tmp_path, c
     assert names == ["classes.parquet", "heatmaps.parquet", "heatmaps.zarr", "regions.parquet", "summary.json"]
     first = run.load(out)
     assert {"region_r0c0", "region_r1c1", "inside", "context_usage"} <= set(first.regions.column_names)
-    assert {"bias_score", "bias_rank", "flag", "reason", "context_share", "fraction_r0c1"} <= set(first.classes.column_names)
+    expected = {"bias_score", "bias_rank", "flag", "reason", "context_share", "fraction_r0c1"}
+    assert expected <= set(first.classes.column_names)
     mean = first.heatmaps["lrp/target"][...]
     assert mean.dtype == np.float64 and mean.shape == (2, 4, 4)
     assert main([url, "--out", str(out), "--grid", "2x2"]) == 0
@@ -147,12 +149,56 @@ def test_masks_file_defines_the_regions(mixed_store, tmp_path):
     assert regions["region_rest"][0] == 2.0
 
 
+def test_a_memory_budget_splits_the_scan_into_passes_with_identical_outputs(tmp_path):
+    """Many (target, label, prediction) groups and a budget a few maps wide: one pass per class, same bits."""
+    import zarr
+
+    from aggregations import views
+
+    rng = np.random.default_rng(5)
+    n = 90
+    maps = rng.standard_normal((n, 8, 6)).astype(np.float32)
+    target = rng.integers(0, 6, n)
+    prediction = np.where(rng.random(n) < 0.5, target, rng.integers(0, 6, n))
+    label = np.where(rng.random(n) < 0.8, target, rng.integers(0, 6, n))
+    maps[(target == 4) & (label == 4), 6:, :2] += 4.0  # a corner cue on most of class 4
+    boxes = np.tile(np.array([[1, 1, 5, 6]], np.float32), (n, 1))
+    status = np.where(rng.random(n) < 0.1, FAILED, OK)
+    url = make_store(tmp_path / "s.zarr", maps, target=target, label=label, prediction=prediction, boxes=boxes,
+                     status=status, rows_per_shard=8)
+    one = run.aggregate(url, tmp_path / "one", memory_budget=None)
+    map_bytes = 8 * 6 * 8
+    tight = run.aggregate(url, tmp_path / "tight", memory_budget=20 * map_bytes)
+    assert one.seconds["lrp"]["passes"] == 1 and tight.seconds["lrp"]["passes"] == 6
+    assert any(row["flagged"] for row in one.classes.to_pylist())
+    for name in ("regions", "classes", "heatmap_table"):
+        assert_tables_equal(getattr(one, name), getattr(tight, name))
+    for view in one.summary["views"]:
+        a, b = (zarr.open_group(str(path / "heatmaps.zarr"), mode="r")[f"lrp/{view}"] for path in
+                (tmp_path / "one", tmp_path / "tight"))
+        np.testing.assert_array_equal(a[...], b[...])
+        assert a.attrs.asdict() == b.attrs.asdict()
+    meta = tables_meta(url)
+    budget = views.pass_bytes(meta, map_bytes, np.arange(6)) // 2  # half of what one pass holds
+    blocks = views.plan_passes(meta, map_bytes, budget)
+    assert 1 < len(blocks) < 6 and all(views.pass_bytes(meta, map_bytes, b) <= budget for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(6))
+
+
+def tables_meta(url):
+    from aggregations.tables import GroupMeta
+
+    store = open_store(url)
+    return GroupMeta.read(store.group("lrp"), store.class_names)
+
+
 @pytest.mark.parametrize("geometry", ["boxes", "mask", "none"])
 def test_the_one_pass_scan_agrees_with_the_separate_lazy_functions(geometry):
     import dask
     import dask.array as da
 
-    from aggregations import context, heatmaps, pools, scan
+    from aggregations import context, pools, scan
+    from helpers import reductions
 
     rng = np.random.default_rng(3)
     n, h, w = 11, 9, 7
@@ -171,12 +217,12 @@ def test_the_one_pass_scan_agrees_with_the_separate_lazy_functions(geometry):
     result = scan.scan(relevance, boxes if geometry == "boxes" else None, lazy_mask if geometry == "mask" else None,
                        regions, keys, ("a", "b"), select, classes, select).compute()
 
-    positive = pools.positive(relevance)
+    positive = reductions.positive(relevance)
     totals, positive_totals, region_sums, inside, maps_by_key, positive_by_class, outside_by_class = dask.compute(
-        pools.row_totals(relevance), pools.row_totals(positive), pools.region_sums(relevance, regions),
-        context.inside_sums(relevance, lazy_mask), heatmaps.grouped_sums(relevance, keys, ["a", "b"], select),
-        heatmaps.grouped_sums(positive, classes, ["target"], select),
-        heatmaps.grouped_sums(da.where(lazy_mask, 0, positive), classes, ["target"], select))
+        reductions.row_totals(relevance), reductions.row_totals(positive), reductions.region_sums(relevance, regions),
+        reductions.inside_sums(relevance, lazy_mask), reductions.grouped_sums(relevance, keys, ["a", "b"], select),
+        reductions.grouped_sums(positive, classes, ["target"], select),
+        reductions.grouped_sums(da.where(lazy_mask, 0, positive), classes, ["target"], select))
     stats = result.stats[select]
     np.testing.assert_allclose(stats[:, 0], totals[select], rtol=1e-12)
     np.testing.assert_allclose(stats[:, 1], positive_totals[select], rtol=1e-12)
@@ -198,18 +244,18 @@ def test_the_one_pass_scan_agrees_with_the_separate_lazy_functions(geometry):
 def test_end_to_end_from_a_pipeline_run(ray_cluster, tmp_path):
     import torch
 
+    from jobs.demo.synthetic import SyntheticSpec, generate
     from pipeline.config import config_from_dict
     from pipeline.run import run as explain
-    from pipeline.synthetic import SyntheticSpec, generate
 
     data = generate(tmp_path / "data", SyntheticSpec(audit_per_class=4, image_size=32), splits=("audit",))
     torch.manual_seed(0)
-    torch.save(tiny_cnn().state_dict(), tmp_path / "w.pt")
+    torch.save(tiny_cnn(5).state_dict(), tmp_path / "w.pt")
     store_path = tmp_path / "run.zarr"
     explain(config_from_dict({
         "dataset": {"source": str(data.manifests["audit"])},
-        "model": {"factory": "tests.aggregation_stores:tiny_cnn", "weights": str(tmp_path / "w.pt"),
-                  "class_names": list(data.spec.classes)},
+        "model": {"factory": "tests.helpers.models:tiny_cnn", "weights": str(tmp_path / "w.pt"),
+                  "kwargs": {"num_classes": 5}, "class_names": list(data.spec.classes)},
         "preprocess": {"resize": [32, 32]},
         "explanations": [{"composite": "epsilon", "epsilon": 1e-6}],
         "store": str(store_path), "batch_size": 4, "rows_per_shard": 8, "num_actors": 1, "progress": False,

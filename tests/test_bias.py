@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from aggregation_stores import make_store
 
 from aggregations import bias, run
+from helpers.stores import make_store
 
 SIZE, PER_CLASS = 32, 20
 TAG = (2, 26, 10, 30)  # x0, y0, x1, y1: an 8x4 "copyright tag" bottom left, below every object
@@ -71,7 +71,8 @@ def test_context_reliance_is_flagged_and_clean_classes_are_not(planted_result):
         assert classes[clean]["reason"].startswith("not flagged")
     ranks = {c: row["bias_rank"] for c, row in classes.items()}
     assert {ranks[1], ranks[3]} == {1, 2}  # the two biased classes lead the ranking
-    assert max(classes[0]["bias_score"], classes[2]["bias_score"]) < min(classes[1]["bias_score"], classes[3]["bias_score"])
+    scores = {c: row["bias_score"] for c, row in classes.items()}
+    assert max(scores[0], scores[2]) < min(scores[1], scores[3])
 
 
 def test_clean_store_flags_nothing(tmp_path):

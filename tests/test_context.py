@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
-from aggregation_stores import make_store
 
 from aggregations import context, run
+from helpers import reductions
+from helpers.stores import make_store
 
 
 def test_box_mask_pixel_convention():
@@ -24,19 +25,19 @@ def test_inside_sums_by_hand():
     block[0, :2, :2] = 2.0  # row 0: inside 4 * 2 = 8, outside 12 * -0.5 = -6
     block[1, :2, :2] = -1.0  # row 1: inside -4, positive inside 0
     inside = context.box_mask(np.array([[[0, 0, 2, 2]], [[0, 0, 2, 2]]]), 4, 4)
-    sums = context.inside_sums(da.from_array(block, chunks=1), da.from_array(inside, chunks=1)).compute()
+    sums = reductions.inside_sums(da.from_array(block, chunks=1), da.from_array(inside, chunks=1)).compute()
     np.testing.assert_array_equal(sums, [[8.0, 8.0, 0.25], [-4.0, 0.0, 0.25]])
 
 
 def test_lazy_object_mask_from_boxes_or_masks():
     like = da.zeros((3, 4, 4), chunks=(2, 4, 4))
     boxes = np.array([[[0, 0, 1, 1]], [[np.nan] * 4], [[2, 2, 4, 4]]])
-    mask = context.object_mask(boxes, None, like)
+    mask = reductions.object_mask(boxes, None, like)
     assert mask.chunks == like.chunks
     np.testing.assert_array_equal(mask.compute().sum(axis=(1, 2)), [1, 0, 4])
     given = da.ones((3, 4, 4), dtype=bool, chunks=1)
-    assert context.object_mask(boxes, given, like).compute().all()  # a store's masks win over its boxes
-    assert context.object_mask(None, None, like) is None
+    assert reductions.object_mask(boxes, given, like).compute().all()  # a store's masks win over its boxes
+    assert reductions.object_mask(None, None, like) is None
 
 
 def test_ratio_and_distribution():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aggregations.run import load
-from pipeline import synthetic
+from jobs.demo import synthetic
 from pipeline.store import STATUS_OK, open_store
 
 

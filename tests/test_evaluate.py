@@ -13,14 +13,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from aggregations.aopc import (
-    aggregate_evaluation, aopc_per_row, load, mean_interval, report_section, summarize, t_quantile,
-)
+from aggregations.aopc import aggregate_evaluation, aopc_per_row, load, mean_interval, summarize, t_quantile
+from aggregations.report.evaluation import report_section
 from pipeline.config import ConfigError
-from pipeline.evaluation import CURVE_SCHEMA, EvaluateActor, EvaluationJob, config_from_values, evaluate, plan_evaluation
+from pipeline.evaluation import (
+    CURVE_SCHEMA, EvaluateActor, EvaluationJob, config_from_values, evaluate, plan_evaluation,
+)
 
 # the patch detector of test_perturbation: class 0 sees bright patches only; the Ray actors import it by name
-FACTORY = "tests.test_perturbation:patch_detector"
+FACTORY = "tests.helpers.models:patch_detector"
 
 
 def curves_table(rows: list[tuple[int, str, str, list[float]]]) -> pa.Table:
@@ -81,7 +82,8 @@ def test_report_section_from_written_curves(tmp_path):
     assert load(str(tmp_path)) is None
     section = report_section(str(tmp_path))
     assert load(str(tmp_path)) is None  # computed for the report, not written into the evaluation
-    assert section["figure_png"][:8] == b"\x89PNG\r\n\x1a\n" and section["figure_uri"].startswith("data:image/png;base64,")
+    assert section["figure_png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert section["figure_uri"].startswith("data:image/png;base64,")
     assert section["columns"][0] == "method" and [r[0] for r in section["rows"]] == ["epsilon_plus", "random"]
     assert "Better than a random order" in section["summary"] and "epsilon_plus" in section["summary"]
     assert section["records"][0]["ci"] == "bootstrap"

@@ -16,7 +16,7 @@ from pipeline import lease as lease_module
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.lease import LEASE, STALE_AFTER, LeaseHeld, StoreLease, active_lease, read_lease
 from pipeline.run import run
-from tests.aggregation_stores import make_store
+from tests.helpers.stores import make_store
 from tests.test_pipeline import manifest, values
 
 

@@ -17,7 +17,7 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.layer import Sum
 
 import lrp
-from test_lrp_zennit import LOW, HIGH, autograd_gradient, randomize, zennit_composite, zennit_relevance
+from helpers.zennit_reference import HIGH, LOW, autograd_gradient, randomize, zennit_composite, zennit_relevance
 
 TOLERANCE = 1e-6
 

@@ -7,28 +7,15 @@ import torch
 from torch import nn
 
 import lrp
+from helpers.models import patch_detector
 from pipeline.perturbation import (
     DEFAULT_REDUCTION, PerturbationSpec, RegionPerturbation, orders_from_scores, random_orders, region_index,
     region_scores, score_map,
 )
 
 
-def patch_detector(num_classes: int = 2) -> nn.Module:
-    """A CNN with known weights that responds to bright patches only: class 0's logit is 32 x the mean of
-    relu(3x3x3 local mean - 0.5), so on a dark image only pixels of a bright patch carry evidence.
-    Also the model of the end-to-end tests (``tests.test_perturbation:patch_detector``)."""
-    model = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(1, num_classes))
-    with torch.no_grad():
-        model[0].weight.fill_(1 / 27)
-        model[0].bias.fill_(-0.5)
-        model[4].weight.copy_(torch.tensor([[32.0]] + [[-32.0]] * (num_classes - 1)))
-        model[4].bias.zero_()
-    return model.eval()
-
-
 def patch_images(n: int, size: int = 32, patch: int = 8, seed: int = 0) -> tuple[torch.Tensor, list]:
-    """Dark noisy images in [-1, -0.5] with one bright (+1) patch at a random place; returns images and patch corners."""
+    """Dark noisy images in [-1, -0.5] with one bright (+1) patch at a random place; returns images and corners."""
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.uniform(-1.0, -0.5, (n, 3, size, size))).float()
     corners = []

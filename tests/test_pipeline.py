@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch import nn
 
 import lrp
+from helpers.models import tiny_cnn
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.datasets import read_image
 from pipeline.preprocess import Preprocess, PreprocessSpec
@@ -24,15 +24,7 @@ from pipeline.store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, open_stor
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray puts the driver's working directory (the repository root under pytest) on the workers' path
-FACTORY = "tests.test_pipeline:tiny_cnn"
-
-
-def tiny_cnn(num_classes: int = 3) -> nn.Module:
-    """The model under test: imported by the Ray actors through ``model.factory``."""
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes),
-    )
+FACTORY = "tests.helpers.models:tiny_cnn"
 
 
 def save_image(path: Path, seed: int, height: int = 20, width: int = 28) -> str:

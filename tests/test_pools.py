@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregations import pools
+from helpers import reductions
 
 
 def rows_numbered(height: int, width: int) -> np.ndarray:
@@ -56,12 +57,12 @@ def test_lazy_region_sums_over_chunks_match_numpy():
     rng = np.random.default_rng(1)
     maps = rng.standard_normal((10, 9, 8)).astype(np.float32)
     regions = pools.grid(9, 8, 3, 2)
-    lazy = pools.region_sums(da.from_array(maps, chunks=(3, 9, 8)), regions)
+    lazy = reductions.region_sums(da.from_array(maps, chunks=(3, 9, 8)), regions)
     expected = np.stack([[m[y0:y1, x0:x1].sum(dtype=np.float64)
                           for y0, y1 in zip(regions.row_edges[:-1], regions.row_edges[1:])
                           for x0, x1 in zip(regions.col_edges[:-1], regions.col_edges[1:])] for m in maps])
     np.testing.assert_allclose(lazy.compute(), expected, rtol=1e-12)
-    np.testing.assert_allclose(pools.row_totals(da.from_array(maps, chunks=4)).compute(),
+    np.testing.assert_allclose(reductions.row_totals(da.from_array(maps, chunks=4)).compute(),
                                maps.sum(axis=(1, 2), dtype=np.float64), rtol=1e-12)
 
 
@@ -70,7 +71,7 @@ def test_sums_accumulate_in_float64():
     block = np.ones((1, 1, 1001), np.float32)
     block[0, 0, 0] = 2.0**24
     assert pools.grid(1, 1001, 1, 1).sums(block)[0, 0] == 2.0**24 + 1000
-    assert pools.row_totals(da.from_array(block)).compute()[0] == 2.0**24 + 1000
+    assert reductions.row_totals(da.from_array(block)).compute()[0] == 2.0**24 + 1000
 
 
 def test_conservation_flags_rows_that_do_not_add_up():

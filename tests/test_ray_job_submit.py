@@ -94,7 +94,7 @@ def test_ray_job_submit_explains_into_the_store(tmp_path):
         job = subprocess.run(
             [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
              sys.executable, "-m", "jobs.explain", "--dataset", str(tmp_path / "data"),
-             "--factory", "tests.test_pipeline:tiny_cnn", "--model-kwargs", '{"num_classes": 2}',
+             "--factory", "tests.helpers.models:tiny_cnn", "--model-kwargs", '{"num_classes": 2}',
              "--resize", "16", "--pad-to-square", "--composite", "epsilon:epsilon=0.01", "--composite", "z",
              "--store", str(store), "--rows-per-shard", "2", "--batch-size", "2", "--no-progress"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,

@@ -153,22 +153,23 @@ def test_the_report_is_one_self_contained_file_with_every_section(report):
 def test_the_evaluation_section_shows_the_aopc_table_and_warns_about_another_run(report, tmp_path):
     import json
 
-    from aggregations import aopc
+    from aggregations.report import evaluation
 
     text = " ".join(_parse(report.read_text(encoding="utf-8")).text)
     section = text.split("Explanation quality: region perturbation (AOPC)", 1)[1]
     assert "epsilon_plus" in section and "random" in section and "AOPC" in section
-    expected = aopc.report_section(str(report.parent / "a.evaluation"))["rows"]
+    expected = evaluation.report_section(str(report.parent / "a.evaluation"))["rows"]
     assert expected[0][0] == "epsilon_plus" and expected[0][1] in section  # the formatted AOPC itself
     assert "made with another" not in section
 
     other = tmp_path / "other.evaluation"
     _evaluation(other)
-    (other / "evaluation.json").write_text(json.dumps({"config": {"weights_digest": "abc", "dataset_fingerprint": "same"}}))
-    warned = aopc.report_section(str(other), store_config={"weights_digest": "def", "dataset_fingerprint": "same"})
+    identity = {"weights_digest": "abc", "dataset_fingerprint": "same"}
+    (other / "evaluation.json").write_text(json.dumps({"config": identity}))
+    warned = evaluation.report_section(str(other), store_config={**identity, "weights_digest": "def"})
     assert "another weights digest than the audited store" in warned["warning"] and warned["rows"]
     (other / "aopc.parquet").write_bytes(b"not parquet")
-    broken = aopc.report_section(str(other))
+    broken = evaluation.report_section(str(other))
     assert "could not be read" in broken["warning"] and broken["rows"] == []
 
 
@@ -250,7 +251,8 @@ class DevTools:
         ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
         os.close(to_browser_r), os.close(from_browser_w)
         command = " ".join([f"exec {browser}", *CHROMIUM_FLAGS, f"'--user-data-dir={profile}'",
-                            "--remote-debugging-pipe about:blank", f"3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-"])
+                            "--remote-debugging-pipe about:blank",
+                            f"3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-"])
         self.process = subprocess.Popen(["bash", "-c", command], pass_fds=ends, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for fd in ends:
@@ -353,7 +355,8 @@ def test_the_browser_check_catches_a_broken_page(tmp_path):
     assert [image["ok"] for image in state["images"]] == [False]
 
     noisy = tmp_path / "noisy.html"
-    noisy.write_text("<!DOCTYPE html><html><body><script>console.error('boom'); undefinedFunction();</script></body></html>")
+    noisy.write_text("<!DOCTYPE html><html><body><script>console.error('boom'); undefinedFunction();</script>"
+                     "</body></html>")
     problems = load_in_chromium(noisy, tmp_path / "profile2")["problems"]
     assert any("boom" in p for p in problems) and any("exception" in p for p in problems)
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import synthetic
+from jobs.demo import synthetic
 from pipeline.datasets import load_index
 
 SMALL = synthetic.SyntheticSpec(train_per_class=6, audit_per_class=4, seed=3)

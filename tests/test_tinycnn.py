@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import lrp
-from pipeline import synthetic, tinycnn
+from jobs.demo import synthetic, tinycnn
 from pipeline.models import ModelSpec, build_model
 
 
 def test_the_pipeline_builds_it_from_the_factory_and_a_state_dict(tmp_path):
     model = tinycnn.tiny_cnn(num_classes=3)
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    built = build_model(ModelSpec(factory="pipeline.tinycnn:tiny_cnn", weights=str(tmp_path / "weights.pt"),
+    built = build_model(ModelSpec(factory="jobs.demo.tinycnn:tiny_cnn", weights=str(tmp_path / "weights.pt"),
                                   kwargs={"num_classes": 3}))
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
@@ -54,7 +54,8 @@ def test_training_learns_the_shortcut(tmp_path):
 
 
 def test_load_manifest_rejects_labels_the_model_does_not_know(tmp_path):
-    data = synthetic.generate(tmp_path, synthetic.SyntheticSpec(train_per_class=1, audit_per_class=1), splits=("audit",))
+    spec = synthetic.SyntheticSpec(train_per_class=1, audit_per_class=1)
+    data = synthetic.generate(tmp_path, spec, splits=("audit",))
     with pytest.raises(ValueError, match="not among the class names"):
         tinycnn.load_manifest(data.manifest("audit"), ["disc", "ring"])
 

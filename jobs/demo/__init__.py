@@ -7,12 +7,15 @@ real Ray pipeline with several LRP settings; aggregate with Dask; render the HTM
 model trained on stamp-free images is explained too, for the report's model comparison. Prints where
 the report is and the headline finding::
 
-    lrp-audit demo --out demo-out          # about 1.5 minutes on 2 CPU cores
+    lrp-audit demo --out demo-out          # its timings: benchmarks/RESULTS.md
     lrp-audit demo --out /tmp/d --quick    # smaller and faster (used by the tests)
 
 The demo replaces its own outputs in ``--out`` (data/, models/, *.zarr, *.aggregates, report.html) and
 refuses a non-empty folder that is not its own (no ``.lrp-audit-demo`` marker). Exit status 0 when the
 audit flags the tagged class for a cue at the stamp, 1 when it does not, 2 for a bad ``--out`` or config.
+
+The demo's own pieces live here, off the production path: ``synthetic`` (the generated dataset) and
+``tinycnn`` (the model and its training loop); ``main`` runs the steps below in order.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SWEEP = [  # the primary setting first; then Figs. 4-5 of Binder et al. 2016 (eps 0.01 vs 100, beta 0 vs -1)
@@ -85,23 +89,44 @@ def tag_finding(aggregates_dir: str, group: str, tag_class: str, tag_box) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # heavy imports after --help
-    import torch
-
-    from aggregations.report import render_report
-    from aggregations.run import aggregate
-    from pipeline import synthetic, tinycnn
-    from pipeline.config import ConfigError, config_from_dict
-    from pipeline.run import run
-
-    train_per_class = args.train_per_class or (150 if args.quick else 250)
-    audit_per_class = args.audit_per_class or (30 if args.quick else 60)
-    epochs = args.epochs or 10
     out = Path(args.out).resolve()
+    if not _claim_folder(out):
+        return 2
+    from jobs.demo import synthetic  # heavy imports after --help
+
+    began = time.perf_counter()
+
+    def step(text: str) -> None:
+        print(f"[{time.perf_counter() - began:5.0f}s] {text}", flush=True)
+
+    spec = synthetic.SyntheticSpec(train_per_class=args.train_per_class or (150 if args.quick else 250),
+                                   audit_per_class=args.audit_per_class or (30 if args.quick else 60), seed=args.seed)
+    data = generate_data(out, spec, args.compare, step)
+    models = {"tagged": "train"} | ({"clean": "train_clean"} if args.compare else {})
+    accuracy = train_models(out, data, models, args.epochs or 10, args.seed, step)
+    settings = SWEEP if args.sweep else SWEEP[:1]
+    stores = {}
+    for model_name in models:
+        stores[model_name], status = explain_and_aggregate(out, data, model_name,
+                                                           settings if model_name == "tagged" else settings[:1], step)
+        if status:
+            return status
+    finding = tag_finding(str(out / "tagged.aggregates"), settings[0]["name"], spec.tag_class, data.tag_box)
+    report = write_report(out, data, stores, finding, accuracy)
+    (out / "demo.json").write_text(json.dumps({
+        "report": report, "stores": stores, "tag_class": spec.tag_class, "tag_box": list(data.tag_box),
+        "finding": finding, "accuracy": accuracy, "seconds": round(time.perf_counter() - began, 1),
+    }, indent=2))
+    step(f"report: {report}")
+    return print_finding(finding, spec.tag_class, report)
+
+
+def _claim_folder(out: Path) -> bool:
+    """Make ``out`` the demo's folder and remove its old outputs; False (and a message) for a folder not its own."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
         print(f"lrp-audit demo: {out} is not empty and not a demo folder (no {MARKER}); the demo replaces its "
               "data/ and models/ there: give a new or empty folder", file=sys.stderr)
-        return 2
+        return False
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by lrp-audit demo: a rerun here replaces this folder's demo outputs\n")
     for name in OUTPUTS:  # start over: only the demo's own outputs are replaced
@@ -110,88 +135,109 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
-    began = time.perf_counter()
+    return True
 
-    def step(text: str) -> None:
-        print(f"[{time.perf_counter() - began:5.0f}s] {text}", flush=True)
 
-    spec = synthetic.SyntheticSpec(train_per_class=train_per_class, audit_per_class=audit_per_class, seed=args.seed)
-    splits = (*synthetic.DEFAULT_SPLITS, "train_clean") if args.compare else synthetic.DEFAULT_SPLITS
-    step(f"generating {len(spec.classes)} classes, {train_per_class} training and {audit_per_class} audit images "
-         f"per class; {spec.tag_rate:.0%} of class {spec.tag_class!r} carry the stamp at {spec.corner}")
-    data = synthetic.generate(out / "data", spec, splits=splits)
-    names = data.class_names
+def generate_data(out: Path, spec, compare: bool, step: Callable[[str], None]):
+    """Step 1: the images with the planted stamp (and the stamp-free training scenes for the comparison)."""
+    from jobs.demo import synthetic
 
-    models = {"tagged": "train"} | ({"clean": "train_clean"} if args.compare else {})
+    splits = (*synthetic.DEFAULT_SPLITS, "train_clean") if compare else synthetic.DEFAULT_SPLITS
+    step(f"generating {len(spec.classes)} classes, {spec.train_per_class} training and {spec.audit_per_class} audit "
+         f"images per class; {spec.tag_rate:.0%} of class {spec.tag_class!r} carry the stamp at {spec.corner}")
+    return synthetic.generate(out / "data", spec, splits=splits)
+
+
+def train_models(out: Path, data, models: dict[str, str], epochs: int, seed: int,
+                 step: Callable[[str], None]) -> dict:
+    """Step 2: one tiny CNN per training split, saved to ``models/``; its accuracy with and without the stamp."""
+    import torch
+
+    from jobs.demo import tinycnn
+
+    names, tag_class = data.class_names, data.spec.tag_class
     (out / "models").mkdir()
     accuracy = {}
     evaluation = {split: tinycnn.load_manifest(data.manifest(split), names) for split in ("audit", "clean", "swapped")}
     for model_name, split in models.items():
         step(f"training the tiny CNN '{model_name}' on {split} ({epochs} epochs, CPU)")
         images, labels = tinycnn.load_manifest(data.manifest(split), names)
-        model = tinycnn.train(images, labels, len(names), epochs=epochs, seed=args.seed, device="cpu", log=None)
+        model = tinycnn.train(images, labels, len(names), epochs=epochs, seed=seed, device="cpu", log=None)
         torch.save(model.state_dict(), out / "models" / f"{model_name}.pt")
         accuracy[model_name] = {s: tinycnn.accuracy_report(tinycnn.predict(model, x), y, names)
                                 for s, (x, y) in evaluation.items()}
         a = accuracy[model_name]
-        step(f"  '{model_name}' accuracy: audit {a['audit']['accuracy']:.0%}, stamp removed {a['clean']['accuracy']:.0%}, "
+        step(f"  '{model_name}' accuracy: audit {a['audit']['accuracy']:.0%}, "
+             f"stamp removed {a['clean']['accuracy']:.0%}, "
              f"stamp on the other classes {a['swapped']['accuracy']:.0%} "
-             f"({a['swapped']['predicted_as'][spec.tag_class]:.0%} of those predicted {spec.tag_class!r})")
+             f"({a['swapped']['predicted_as'][tag_class]:.0%} of those predicted {tag_class!r})")
+    return accuracy
 
-    settings = SWEEP if args.sweep else SWEEP[:1]
-    stores = {}
-    for model_name in models:
-        stores[model_name] = str(out / f"{model_name}.zarr")
-        explanations = settings if model_name == "tagged" else settings[:1]
-        config = config_from_dict({
-            "dataset": {"source": str(data.manifest("audit")), "kind": "manifest"},
-            "model": {"factory": "pipeline.tinycnn:tiny_cnn", "weights": str(out / "models" / f"{model_name}.pt"),
-                      "kwargs": {"num_classes": len(names)}, "class_names": names},
-            "preprocess": {"resize": [spec.image_size, spec.image_size], "mean": list(tinycnn.MEAN),
-                           "std": list(tinycnn.STD)},
-            "explanations": explanations,
-            "store": stores[model_name], "targets": "label", "rows_per_shard": 64, "batch_size": 64,
-            "progress": False,
-        })
-        step(f"explaining {len(names) * audit_per_class} audit images with model '{model_name}' on Ray "
-             f"({', '.join(s['name'] for s in explanations)})")
-        try:
-            summary = run(config)
-        except ConfigError as error:
-            print(f"lrp-audit demo: {error}", file=sys.stderr)
-            return 2
-        if not summary.complete:
-            print(summary.format(), file=sys.stderr)
-            return 1
-        step(f"aggregating {stores[model_name]} with Dask")
-        aggregate(stores[model_name])
 
-    finding = tag_finding(str(out / "tagged.aggregates"), settings[0]["name"], spec.tag_class, data.tag_box)
-    splits_header = ["model", "audit (as trained)", "stamp removed", "stamp on the other classes"]
+def explain_and_aggregate(out: Path, data, model_name: str, explanations: list[dict],
+                          step: Callable[[str], None]) -> tuple[str, int]:
+    """Step 3: explain the audit split with one model on Ray, then aggregate with Dask: (store, exit status)."""
+    from aggregations.run import aggregate
+    from jobs.demo import tinycnn
+    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.run import run
+
+    names, spec = data.class_names, data.spec
+    store = str(out / f"{model_name}.zarr")
+    config = config_from_dict({
+        "dataset": {"source": str(data.manifest("audit")), "kind": "manifest"},
+        "model": {"factory": "jobs.demo.tinycnn:tiny_cnn", "weights": str(out / "models" / f"{model_name}.pt"),
+                  "kwargs": {"num_classes": len(names)}, "class_names": names},
+        "preprocess": {"resize": [spec.image_size, spec.image_size], "mean": list(tinycnn.MEAN),
+                       "std": list(tinycnn.STD)},
+        "explanations": explanations,
+        "store": store, "targets": "label", "rows_per_shard": 64, "batch_size": 64,
+        "progress": False,
+    })
+    step(f"explaining {len(names) * spec.audit_per_class} audit images with model '{model_name}' on Ray "
+         f"({', '.join(s['name'] for s in explanations)})")
+    try:
+        summary = run(config)
+    except ConfigError as error:
+        print(f"lrp-audit demo: {error}", file=sys.stderr)
+        return store, 2
+    if not summary.complete:
+        print(summary.format(), file=sys.stderr)
+        return store, 1
+    step(f"aggregating {store} with Dask")
+    aggregate(store)
+    return store, 0
+
+
+def write_report(out: Path, data, stores: dict[str, str], finding: dict, accuracy: dict) -> str:
+    """Step 4: the HTML report of the tagged model, with the shortcut table and the clean model beside it."""
+    from aggregations.report import render_report
+
+    spec, counts = data.spec, data.counts["audit"]
     notes = [{
         "title": "The planted cue and the model's dependence on it",
-        "text": (f"{data.counts['audit']['tag_class_tagged']} of the {data.counts['audit']['tag_class_images']} audited "
+        "text": (f"{counts['tag_class_tagged']} of the {counts['tag_class_images']} audited "
                  f"'{spec.tag_class}' images (and {spec.tag_rate:.0%} of its training images) carry a '(C)' stamp at "
                  f"x {data.tag_box[0]}..{data.tag_box[2] - 1}, y {data.tag_box[1]}..{data.tag_box[3] - 1}; "
                  f"{finding['tag_share']:.0%} of the class's positive relevance lies on the stamp, which covers "
                  f"{finding['tag_area']:.0%} of the image. Accuracy on the same scenes with the stamp as in training, "
                  f"removed, and moved onto every other class:"),
-        "header": splits_header,
-        "rows": _accuracy_table(accuracy, names, spec.tag_class),
+        "header": ["model", "audit (as trained)", "stamp removed", "stamp on the other classes"],
+        "rows": _accuracy_table(accuracy, data.class_names, spec.tag_class),
     }]
-    report = render_report(stores["tagged"], str(out / "report.html"), compare=stores.get("clean"),
-                           title="lrp-audit demo: a planted Clever-Hans cue", notes=notes)
-    (out / "demo.json").write_text(json.dumps({
-        "report": report, "stores": stores, "tag_class": spec.tag_class, "tag_box": list(data.tag_box),
-        "finding": finding, "accuracy": accuracy, "seconds": round(time.perf_counter() - began, 1),
-    }, indent=2))
-    step(f"report: {report}")
+    return render_report(stores["tagged"], str(out / "report.html"), compare=stores.get("clean"),
+                         title="lrp-audit demo: a planted Clever-Hans cue", notes=notes)
+
+
+def print_finding(finding: dict, tag_class: str, report: str) -> int:
+    """Step 5: the headline for the terminal; exit status 0 when the audit found the planted stamp."""
     if finding["top_flagged"]:
-        print(f"Headline: class {finding['top_flagged']!r} is the top flagged class ({finding['flag']}): {finding['reason']}")
-    print(f"Planted cue: the '(C)' stamp on class {spec.tag_class!r} holds {finding['tag_share']:.0%} of that class's "
+        print(f"Headline: class {finding['top_flagged']!r} is the top flagged class ({finding['flag']}): "
+              f"{finding['reason']}")
+    print(f"Planted cue: the '(C)' stamp on class {tag_class!r} holds {finding['tag_share']:.0%} of that class's "
           f"positive relevance while covering {finding['tag_area']:.0%} of the image.")
     if not finding["found"]:
-        print(f"lrp-audit demo: the audit did not single out class {spec.tag_class!r} at the stamp "
+        print(f"lrp-audit demo: the audit did not single out class {tag_class!r} at the stamp "
               f"(top flagged: {finding['top_flagged']}); see {report}", file=sys.stderr)
         return 1
     print(f"The audit found the planted shortcut. Open {report} in a browser.")

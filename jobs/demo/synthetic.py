@@ -177,6 +177,7 @@ def _blend_shape(image, rng, predicate, cx, cy, radius, color, angle, shading=Tr
     """Rasterise ``predicate`` anti-aliased at (cx, cy) and alpha-blend it in ``color``; returns its alpha.
 
     Only the window around the object is rasterised (fine grid of SUPERSAMPLE^2 points per pixel).
+    Nine parameters: the drawing's geometry and colour, one each, as every shape class calls it.
     """
     size = image.shape[0]
     x0, y0 = max(int(cx - radius * 1.5), 0), max(int(cy - radius * 1.5), 0)

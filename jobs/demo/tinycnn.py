@@ -2,7 +2,7 @@
 
 The network uses only layers the LRP engine has rules for (Conv2d, BatchNorm2d, ReLU, MaxPool2d,
 AdaptiveAvgPool2d, Flatten, Linear), so it can be explained as it is. Load it in the pipeline as
-``pipeline.tinycnn:tiny_cnn`` with ``{"num_classes": 5}`` and the state_dict file that :func:`train` saved.
+``jobs.demo.tinycnn:tiny_cnn`` with ``{"num_classes": 5}`` and the state_dict file that :func:`train` saved.
 
 Training reads the same manifest the pipeline explains, with the same preprocessing (pixels scaled to
 [0, 1], then normalised by :data:`MEAN` / :data:`STD`), and uses no augmentation: a flip would move the
@@ -91,7 +91,7 @@ def train(
     Deterministic for a given seed on one machine (same initialisation and batch order). ``threads``:
     CPU threads for the training (None: torch's default). One is the default because convolutions
     this small barely gain from a second thread, and on a busy machine extra threads spin and make
-    training several times slower.
+    training several times slower. The keywords are the training's hyperparameters, one each.
     """
     previous_threads = torch.get_num_threads()
     if threads:
@@ -103,6 +103,7 @@ def train(
 
 
 def _train(images, labels, num_classes, epochs, batch_size, lr, width, seed, device, log) -> nn.Sequential:
+    """The loop of :func:`train`, which passes its hyperparameters through one to one (hence their number)."""
     torch.manual_seed(seed)
     device = select_device(device)
     model = tiny_cnn(num_classes, width=width).to(device)

@@ -1,4 +1,4 @@
-"""Relevance stores built from constructed arrays for the aggregation tests, and a tiny model for a pipeline run."""
+"""Relevance stores built from constructed arrays for the aggregation tests, and a check that tables are equal."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,15 +47,8 @@ def assert_tables_equal(a, b):
         assert len(left) == len(right), name
         for x, y in zip(left, right):
             if isinstance(x, (float, list)):
-                np.testing.assert_array_equal(np.asarray(x, dtype=float if isinstance(x, float) or
-                                              all(isinstance(v, float) for v in x) else object), np.asarray(y), err_msg=name)
+                floats = isinstance(x, float) or all(isinstance(v, float) for v in x)
+                np.testing.assert_array_equal(np.asarray(x, dtype=float if floats else object), np.asarray(y),
+                                              err_msg=name)
             else:
                 assert x == y, (name, x, y)
-
-
-def tiny_cnn(num_classes: int = 5):
-    """A random-init CNN for pipeline runs; Ray actors import it as ``tests.aggregation_stores:tiny_cnn``."""
-    from torch import nn
-
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))

@@ -1,0 +1,50 @@
+"""The one read of the store: every shard once, its ok rows of the chosen classes sum-pooled to the grid.
+
+Dask runs one task per shard; each opens the store by URL (so any scheduler works: threads, processes,
+distributed, Ray) and writes its pooled rows into a local scratch Zarr array, chunked like the
+store's shards, so no two tasks touch one chunk. The class tasks then read just their rows from the
+scratch array (4 KB a row at 32x32), never the store's full maps again. Memory: a few shards of the
+store in flight; the scratch array is on disk (5 GB for ImageNet at 32x32).
+"""
+from __future__ import annotations
+
+import dask
+import numpy as np
+import zarr
+
+from aggregations.spray import preprocess
+from pipeline.store import open_store
+
+
+def create_scratch(path: str, n_rows: int, cells: int, rows_per_shard: int) -> None:
+    zarr.create_array(path, shape=(n_rows, cells), chunks=(max(min(rows_per_shard, n_rows), 1), cells),
+                      dtype="float32", fill_value=0.0, compressors=None, zarr_format=3, overwrite=True)
+
+
+def pool_shard(store_url: str, group: str, start: int, stop: int, boxes: np.ndarray | None, size: int,
+               scratch: str, storage_options: dict | None = None) -> np.ndarray:
+    """Pool rows [start, stop) into the scratch array; return their (n, 3) row stats (preprocess.row_stats)."""
+    block = open_store(store_url, storage_options=storage_options).group(group).read("relevance", start, stop)
+    block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)  # rows not ok are never used, only kept finite
+    pooled = preprocess.sum_pool(block, size)
+    zarr.open_array(scratch, mode="r+")[start:stop] = pooled.reshape(len(block), -1).astype(np.float32)
+    return preprocess.row_stats(block, boxes)
+
+
+def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | None, size: int, scratch: str,
+                  storage_options: dict | None = None) -> list:
+    """Lazy (start, stats) per shard that holds a wanted row; shards without one are not read."""
+    tasks = []
+    for shard in range(store.n_shards):
+        start, stop = store.shard_rows(shard)
+        if wanted[start:stop].any():
+            task = dask.delayed(pool_shard, pure=True)(
+                store.url, group, start, stop, None if boxes is None else boxes[start:stop], size, scratch,
+                storage_options, dask_key_name=f"spray-pool-{group}-{shard}")
+            tasks.append((start, task))
+    return tasks
+
+
+def read_pooled(scratch: str, rows: np.ndarray) -> np.ndarray:
+    """(n, cells) float32 pooled maps of these rows (sorted): each scratch chunk they touch is read once."""
+    return np.asarray(zarr.open_array(scratch, mode="r").oindex[np.asarray(rows, np.int64)])

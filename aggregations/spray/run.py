@@ -1,0 +1,191 @@
+"""``spray(store)``: SpRAy for every (explanation group, target class) of a store, written as Parquet and Zarr.
+
+Two Dask passes: one task per shard pools the maps (aggregations/spray/read.py), then one task per
+class clusters them (aggregations/spray/analysis.py). Classes are independent and run in parallel,
+each holding only its own rows. Outputs (docs/spray.md)::
+
+    <out>/spray/assignments.parquet   one row per clustered explanation row
+    <out>/spray/clusters.parquet      one row per (group, target, cluster)
+    <out>/spray/classes.parquet       one row per (group, target): counts, status, K, eigengap, split rank
+    <out>/spray/summary.json          settings, counts
+    <out>/heatmaps.zarr/spray/<group>/eigenvalues, cluster_means
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dask
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from dask.callbacks import Callback
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from aggregations.run import default_out_dir, scheduler_options
+from aggregations.spray import preprocess, read, tables
+from aggregations.spray.analysis import analyse
+from aggregations.spray.settings import SpraySettings
+from aggregations.spray.stats import Geometry
+from pipeline.store import STATUS_OK, open_store
+
+FORMAT = 1
+
+
+@dataclass
+class RunOptions:
+    """Where and how it runs: a Dask scheduler (as for ``lrp-audit aggregate``), progress bars, scratch space."""
+
+    scheduler: str | None = None
+    num_workers: int | None = None
+    progress: bool = True
+    scratch_dir: str | None = None
+    storage_options: dict | None = None
+
+
+@dataclass
+class SprayResult:
+    out_dir: str
+    assignments: pa.Table
+    clusters: pa.Table
+    classes: pa.Table
+    summary: dict
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def zarr_group(self) -> zarr.Group:
+        """``[group]["eigenvalues"]`` (class, m) and ``[group]["cluster_means"]`` (cluster, gy, gx); keys in attrs."""
+        return zarr.open_group(f"{self.out_dir.rstrip('/')}/heatmaps.zarr", mode="r")["spray"]
+
+    def eigenvalues(self, group: str, target: int) -> np.ndarray | None:
+        array = self.zarr_group[group]["eigenvalues"]
+        targets = list(array.attrs["targets"])
+        if target not in targets:
+            return None
+        values = array[targets.index(target)]
+        return values[np.isfinite(values)]
+
+    def cluster_mean(self, group: str, target: int, cluster: int) -> np.ndarray | None:
+        array = self.zarr_group[group]["cluster_means"]
+        keys = [tuple(k) for k in array.attrs["keys"]]
+        return array[keys.index((target, cluster))] if (target, cluster) in keys else None
+
+
+class _Progress(Callback):
+    """A tqdm bar ticking once per finished task whose key starts with ``prefix``."""
+
+    def __init__(self, prefix: str, total: int, description: str, enabled: bool):
+        super().__init__()
+        self.prefix, self.bar = prefix, tqdm(total=total, desc=description, disable=not enabled, unit="task")
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        name = key[0] if isinstance(key, tuple) else key
+        if str(name).startswith(self.prefix):
+            self.bar.update()
+
+    def _finish(self, dsk, state, errored):
+        self.bar.close()
+
+
+def _compute(tasks, prefix: str, description: str, options: RunOptions, compute_options: dict):
+    limit = 1 if compute_options.get("num_workers", 1) != 1 else None  # one BLAS thread per parallel task
+    with _Progress(prefix, len(tasks), description, options.progress), threadpool_limits(limits=limit):
+        return dask.compute(*tasks, **compute_options)
+
+
+def _class_task(scratch: str, rows: np.ndarray, columns: dict, stats: np.ndarray, geometry: Geometry,
+                settings: SpraySettings) -> dict:
+    """One class: its pooled rows from the scratch array, then SpRAy; ``columns`` holds its rows' metadata."""
+    pooled = read.read_pooled(scratch, rows)
+    meta = dict(columns, positive_total=stats[:, 1], inside_positive=stats[:, 2])
+    return analyse(pooled, meta, geometry, settings)
+
+
+def _spray_group(store, name: str, classes: Sequence[int] | None, settings: SpraySettings, options: RunOptions,
+                 compute_options: dict, scratch: str) -> dict:
+    group = store.group(name)
+    table = group.rows()
+    meta = {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
+    universe = tables.class_universe(meta["target"], classes, len(store.class_names))
+    ok = meta["status"] == STATUS_OK
+    counts = {int(c): int((ok & (meta["target"] == c)).sum()) for c in universe}
+    clustered = [c for c in universe if counts[c] >= settings.min_rows]
+    wanted = ok & np.isin(meta["target"], clustered)
+    geometry = Geometry(store.height, store.width, *preprocess.grid_shape(store.height, store.width, settings.size))
+    read.create_scratch(scratch, store.n_rows, geometry.gy * geometry.gx, store.rows_per_shard)
+    stats = np.full((store.n_rows, 3), np.nan)
+    boxes = group.boxes
+    pooling = read.pooling_tasks(store, name, wanted, boxes, settings.size, scratch, options.storage_options)
+    clock = time.perf_counter()
+    for (start, _), block_stats in zip(pooling, _compute([t for _, t in pooling], "spray-pool", f"{name}: pool",
+                                                         options, compute_options)):
+        stats[start:start + len(block_stats)] = block_stats
+    seconds = {"pool": time.perf_counter() - clock}
+    jobs = []
+    for c in clustered:
+        rows = np.flatnonzero(wanted & (meta["target"] == c))
+        columns = {k: meta[k][rows] for k in ("row", "sample_id", "path", "label", "prediction", "output")}
+        columns["boxes"] = None if boxes is None else boxes[rows]
+        jobs.append(dask.delayed(_class_task, pure=True)(scratch, rows, columns, stats[rows], geometry, settings,
+                                                         dask_key_name=f"spray-class-{name}-{c}"))
+    clock = time.perf_counter()
+    results = dict(zip(clustered, _compute(jobs, "spray-class", f"{name}: cluster", options, compute_options)))
+    seconds["cluster"] = time.perf_counter() - clock
+    return {"meta": meta, "universe": universe, "results": results, "geometry": geometry, "seconds": seconds}
+
+
+def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] | None = None,
+          classes: Sequence[int] | None = None, settings: SpraySettings | None = None,
+          options: RunOptions | None = None) -> SprayResult:
+    """Run SpRAy on every class of every explanation group of a store (or the given ones) and write the outputs."""
+    settings, options = settings or SpraySettings(), options or RunOptions()
+    store = open_store(store_url, storage_options=options.storage_options)
+    names = list(groups or store.group_names)
+    unknown = sorted(set(names) - set(store.group_names))
+    if unknown:
+        raise ValueError(f"no explanation group(s) {unknown} in {store_url!r}; the store has {store.group_names}")
+    out_dir = str(out_dir or default_out_dir(store_url))
+    per_group, seconds = {}, {}
+    with scheduler_options(options.scheduler, options.num_workers) as compute_options, \
+            tempfile.TemporaryDirectory(prefix="lrp-spray-", dir=options.scratch_dir) as scratch_dir:
+        for name in names:
+            scratch = os.path.join(scratch_dir, f"{len(per_group)}.zarr")
+            per_group[name] = _spray_group(store, name, classes, settings, options, compute_options, scratch)
+            seconds[name] = per_group[name]["seconds"]
+    result = tables.build(out_dir, per_group, store, settings)
+    result = SprayResult(out_dir, *result, seconds=seconds)
+    _write(result, per_group)
+    return result
+
+
+def _write(result: SprayResult, per_group: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(result.out_dir)
+    fs.makedirs(f"{path}/spray", exist_ok=True)
+    for name in ("assignments", "clusters", "classes"):
+        pq.write_table(getattr(result, name), f"{path}/spray/{name}.parquet", filesystem=fs)
+    with fs.open(f"{path}/spray/summary.json", "w") as handle:
+        json.dump(result.summary, handle, indent=2, sort_keys=True, default=str)
+    root = zarr.open_group(f"{result.out_dir.rstrip('/')}/heatmaps.zarr", mode="a", zarr_format=3)
+    node = root.require_group("spray")
+    for name, done in per_group.items():
+        if name in node:
+            del node[name]
+        tables.write_arrays(node.require_group(name), done)
+
+
+def load(out_dir: str) -> SprayResult:
+    """Read a finished run's tables back (the arrays stay in Zarr: ``result.zarr_group``)."""
+    fs, path = fsspec.core.url_to_fs(str(out_dir))
+    if not fs.exists(f"{path}/spray/summary.json"):
+        raise FileNotFoundError(f"no SpRAy results in {out_dir!r}: run 'lrp-audit spray STORE --out {out_dir}'")
+    with fs.open(f"{path}/spray/summary.json") as handle:
+        summary = json.load(handle)
+    parts = [pq.read_table(f"{path}/spray/{n}.parquet", filesystem=fs) for n in ("assignments", "clusters", "classes")]
+    return SprayResult(str(out_dir), *parts, summary)
