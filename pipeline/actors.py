@@ -91,7 +91,8 @@ class ExplainActor:
         config = job.config
         self.device, self.decode_threads = claim_cpus(config.cpus_per_actor)
         self.model = build_model(config.model, self.device)  # once per actor (and again after a restart)
-        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=config.tf32, **s.params) for s in config.explanations}
+        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=config.tf32, autocast=config.autocast,
+                                                 **s.params) for s in config.explanations}
         self.preprocess = Preprocess(config.preprocess)
         self.store = open_store(config.store, mode="r+", storage_options=config.storage_options)
         self.options = config.dataset.storage_options
