@@ -78,13 +78,20 @@ class Staged(NamedTuple):
 class ExplainActor:
     """A Ray actor class (wrapped with ``ray.remote`` by the driver); also usable in-process.
 
-    ``concurrency``: shard tasks Ray runs at once in one actor (threads): one explains while the other's shard is
-    written. ``overlap``: stage batches ahead in a thread and write through the writer thread; False is the
-    sequential loop (decode, explain, write one after another), kept for the benchmarks' side-by-side comparison.
+    ``overlap``: stage batches ahead in a thread and write through the writer thread; False is the sequential loop
+    (decode, explain, write one after another). None (the default) chooses per device: overlapped on a GPU, where
+    the CPU stages are what bounds the actor, sequential on a CPU, where every stage competes for the same cores
+    the pool already fills with one single-threaded actor per core (measured in benchmarks/RESULTS.md, "Overlapped
+    actor stages on the CPU"). :meth:`concurrency` follows the same choice.
     """
 
-    concurrency = 2
-    overlap = True
+    overlap: bool | None = None
+
+    @staticmethod
+    def concurrency(gpu: bool) -> int:
+        """Shard tasks Ray runs at once in one actor (threads): on a GPU two, one explaining while the other's shard
+        is written; on a CPU one, as the stages are not overlapped there."""
+        return 2 if gpu else 1
 
     def __init__(self, job: ActorJob):
         self.job = job
@@ -97,6 +104,8 @@ class ExplainActor:
         self.store = open_store(config.store, mode="r+", storage_options=config.storage_options)
         self.options = config.dataset.storage_options
         self.gpu_decode = decode_on_device(config.decode, self.device)
+        if self.overlap is None:
+            self.overlap = self.device.type == "cuda"
         self.engine = threading.Lock()  # one batch on the model at a time, whichever task it belongs to
         self.writer = ShardWriter()
 
@@ -155,9 +164,10 @@ class ExplainActor:
             buffers.fail(reader.failures)  # complete: the staging thread has ended
             report = self.writer.write(buffers.write, self.store, groups, part)
         else:
-            fallbacks = self._explain(staged, buffers, explainers)
-            buffers.fail(reader.failures)
-            report = buffers.write(self.store, groups, part)
+            with self.engine:  # the whole task: one shard at a time, as before the stages overlapped
+                fallbacks = self._explain(staged, buffers, explainers)
+                buffers.fail(reader.failures)
+                report = buffers.write(self.store, groups, part)
         report["notes"] = [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks]
         report["seconds"] = time.perf_counter() - began
         return report

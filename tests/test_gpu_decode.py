@@ -96,6 +96,10 @@ class SequentialActor(ExplainActor):
     overlap = False
 
 
+class OverlappedActor(ExplainActor):  # on a CPU the actor does not overlap by default: forced here
+    overlap = True
+
+
 def _shards(config, actor_class, threads: int = 1):
     """Every shard of the store explained by one in-process actor, from ``threads`` threads at once (as Ray's
     threaded actor runs them); returns the actor's reports."""
@@ -130,7 +134,7 @@ def test_the_overlapped_actor_stores_what_the_sequential_one_does(tmp_path, file
     sequential = config_from_dict(values(tmp_path, dataset, store=str(tmp_path / "seq.zarr")))
     overlapped = config_from_dict(values(tmp_path, dataset, store=str(tmp_path / "ovl.zarr"), decode="auto"))
     _shards(sequential, SequentialActor)
-    reports = _shards(overlapped, ExplainActor, threads=2)
+    reports = _shards(overlapped, OverlappedActor, threads=2)
     assert sum(r["rows"] for r in reports) == 11 and all(r["notes"] == [] for r in reports)  # CPU: no GPU path
     a, b = open_store(sequential.store), open_store(overlapped.store)
     for name in a.group_names:
