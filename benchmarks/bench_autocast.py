@@ -35,7 +35,8 @@ def measure(name: str, composite: str, x: torch.Tensor, dtypes: list[str | None]
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=1000).eval().to(x.device)
     target = torch.randint(0, 1000, (len(x),), device=x.device)
-    explainers = {d: lrp.Explainer(model, composite, autocast=d) for d in dtypes}
+    params = {"low": -3.0, "high": 3.0} if composite.endswith("_box") else {}  # z^B's pixel bounds (as bench_engine)
+    explainers = {d: lrp.Explainer(model, composite, autocast=d, **params) for d in dtypes}
     times = {d: [] for d in dtypes}
     maps = {}
     for round_ in range(repeats + 1):
