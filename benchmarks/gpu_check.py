@@ -117,7 +117,8 @@ def main() -> None:
     step("2. nvJPEG vs CPU decode: relevance difference",
          ["benchmarks/gpu_check.py", "--decode-difference", "64" if args.quick else "512", "375", "500", model, batch],
          60 if not args.quick else limit)
-    step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast], 80 if not args.quick else limit)
+    step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast],
+         80 if not args.quick else limit)
 
 
 if __name__ == "__main__":

@@ -152,10 +152,12 @@ class Explainer:
         if not isinstance(rule, ZBox) or self._first is None:
             return self.composite
         layer_input = self.network.steps[self._first].inputs[0]
-        before = [step.kind for step in self.network.steps[:layer_input + 1] if step.kind not in (Kind.INPUT, *NO_RELEVANCE)]
+        before = [step.kind for step in self.network.steps[:layer_input + 1]
+                  if step.kind not in (Kind.INPUT, *NO_RELEVANCE)]
         if not before or not set(before) <= _ELEMENTWISE_AFFINE:
             return self.composite  # the box is taken as the bounds of what the layer sees, as zennit takes it
-        low, high = (self.network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input] for b in (rule.low, rule.high))
+        low, high = (self.network.forward(bound_image(b, x[:1]), until=layer_input)[layer_input]
+                     for b in (rule.low, rule.high))
         carried = ZBox(torch.minimum(low, high), torch.maximum(low, high), rule.stabilizer, rule.include_bias)
         return dataclasses.replace(self.composite, first=carried)
 
@@ -185,7 +187,8 @@ _ELEMENTWISE_AFFINE = {Kind.SCALE, Kind.SHIFT, Kind.STRUCTURAL, Kind.IDENTITY}
 
 @contextmanager
 def _precision(x: torch.Tensor, tf32: bool):
-    """Full float32 on CUDA for the duration of a call (unless ``tf32``); PyTorch's global settings are restored after."""
+    """Full float32 on CUDA for the duration of a call (unless ``tf32``); PyTorch's global settings are restored
+    after."""
     if not x.is_cuda or tf32:
         yield
         return

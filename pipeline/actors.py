@@ -259,7 +259,8 @@ class ShardBuffers:
     def arrays(self, name: str) -> dict:
         """Everything ``write_block`` takes for group ``name`` (status aside)."""
         meta = self.meta
-        arrays = dict(relevance=self.relevance[name], output=self.output[name], relevance_sum=self.relevance_sum[name],  # noqa: C408
+        arrays = dict(relevance=self.relevance[name], output=self.output[name],  # noqa: C408
+                      relevance_sum=self.relevance_sum[name],
                       target=self.target, label=meta["label"], prediction=self.prediction,
                       sample_id=meta["sample_id"], path=[redact(path) for path in meta["path"]],
                       error=[redact(error) for error in self.errors])

@@ -1,6 +1,6 @@
 """The actor's one store-writer thread: shard writes leave the engine's critical path, one shard at a time.
 
-An explain actor runs two shard tasks at once (:attr:`pipeline.actors.ExplainActor.concurrency`): while one task
+A GPU explain actor runs two shard tasks at once (:meth:`pipeline.actors.ExplainActor.concurrency`): while one task
 explains its shard under the engine lock, the other hands its finished shard to this thread and waits for the
 write. Every write goes through the one thread, so writes never interleave, and each shard is still written by the
 one task that owns it. :meth:`ShardWriter.write` returns only once the write is done and re-raises its error, so a
