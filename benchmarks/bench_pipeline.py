@@ -26,15 +26,18 @@ import torch
 from PIL import Image
 
 
-def make_images(root: Path, count: int, size: int, classes: int, suffix: str = "png") -> None:
+def make_images(root: Path, count: int, size: int, classes: int, suffix: str = "png",
+                width: int | None = None) -> None:
+    """``count`` images ``size`` high and ``width`` (default 1.25 ``size``) wide, in ``classes`` folders."""
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (size // 8, (size + size // 4) // 8, 3), dtype=np.uint8)
+    width = width or size + size // 4
+    base = rng.integers(0, 256, (size // 8, width // 8, 3), dtype=np.uint8)
     for i in range(count):
         folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         # smooth images with some noise: photo-like file sizes for JPEG (pure noise would be incompressible)
-        image = Image.fromarray(np.roll(base, i, axis=1)).resize((size + size // 4, size), Image.BILINEAR)
-        pixels = np.asarray(image, np.int16) + rng.integers(-12, 13, (size, size + size // 4, 3))
+        image = Image.fromarray(np.roll(base, i, axis=1)).resize((width, size), Image.BILINEAR)
+        pixels = np.asarray(image, np.int16) + rng.integers(-12, 13, (size, width, 3))
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.{suffix}", quality=90)
 
 
@@ -52,7 +55,7 @@ def bare_engine(config, batch_size: int, threads: int) -> tuple[float, int]:
     device = best_device()
     model = build_model(config.model, device)
     setting = config.explanations[0]
-    explainer = lrp.Explainer(model, setting.composite, tf32=config.tf32, **setting.params)
+    explainer = lrp.Explainer(model, setting.composite, tf32=config.tf32, autocast=config.autocast, **setting.params)
     if device.type == "cpu":
         torch.set_num_threads(threads)
     explainer(inputs[:batch_size].to(device), labels[:batch_size].to(device))  # warm-up
@@ -64,9 +67,9 @@ def bare_engine(config, batch_size: int, threads: int) -> tuple[float, int]:
     return time.perf_counter() - began, len(inputs)
 
 
-def actor_in_process(config, part: int = 0, parts: int = 1) -> tuple[float, float, int]:
+def actor_in_process(config, part: int = 0, parts: int = 1, overlap: bool = True) -> tuple[float, float, int]:
     """(seconds with start-up, seconds of shard work, rows): the explain actor driven here, without Ray, over every
-    ``parts``-th shard from ``part`` (one writer per shard, as with Ray)."""
+    ``parts``-th shard from ``part`` (one writer per shard, as with Ray); ``overlap=False``: the sequential loop."""
     from pipeline.actors import ExplainActor
     from pipeline.run import create_store, plan_run
 
@@ -74,6 +77,7 @@ def actor_in_process(config, part: int = 0, parts: int = 1) -> tuple[float, floa
     plan = plan_run(config)
     store = create_store(plan)
     actor = ExplainActor(plan.job)
+    actor.overlap = overlap
     work, rows = 0.0, 0
     for shard in range(part, store.n_shards, parts):
         start, stop = store.shard_rows(shard)
@@ -104,7 +108,7 @@ def run_values(args, root: Path, **extra) -> dict:
         "dataset": str(root / "data"),
         "model": {"name": args.model, "kwargs": {"num_classes": 10}},
         "preprocess": {"resize": args.size, "pad_to_square": True},
-        "explanations": [args.composite], "tf32": args.tf32,
+        "explanations": [args.composite], "tf32": args.tf32, "decode": args.decode, "autocast": args.autocast,
         "batch_size": args.batch_size, "rows_per_shard": 4 * args.batch_size, "progress": False, **extra,
     }
 
@@ -121,10 +125,16 @@ def main() -> None:
     parser.add_argument("--engine-threads", type=int, nargs="+", help="torch threads of the bare engine "
                         "(default: 1 and all cores; the best is the baseline)")
     parser.add_argument("--format", choices=["png", "jpg"], default="png", help="image files to generate")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"),
+                        help="generated images W x H, resized to --size (default: --size high, 1.25x wide); "
+                             "500 375 is a Pascal VOC image")
     parser.add_argument("--in-process", action="store_true",
                         help="one explain actor in this process (GPU if any) instead of the Ray job")
     parser.add_argument("--cpus-per-actor", type=int, help="with --in-process: the actor's decoding threads (<= 4)")
     parser.add_argument("--tf32", action="store_true", help="GPU: TF32 convolutions for engine and actor")
+    parser.add_argument("--decode", choices=["cpu", "auto"], default="cpu", help="the actors' decode option "
+                        "(auto: nvJPEG on a GPU actor; the bare engine's inputs are always decoded on the CPU)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="reduced-precision forward, both sides")
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="with --in-process: also K actors in K processes sharing the device, for each K")
     args = parser.parse_args()
@@ -140,7 +150,7 @@ def main() -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_images(root / "data", args.images, args.size, 10, args.format)
+        make_images(root / "data", args.images, _image_size(args)[0], 10, args.format, width=_image_size(args)[1])
         values = run_values(args, root, num_actors=args.actors, cpus_per_actor=max(1, cpus // args.actors))
         engine, job, steady = {threads: [] for threads in args.engine_threads or [1, cpus]}, [], []
         for repeat in range(args.repeats):
@@ -170,6 +180,13 @@ def main() -> None:
 
 
 
+def _image_size(args) -> tuple[int, int]:
+    """(height, width) of the generated images."""
+    if args.image_size:
+        return args.image_size[1], args.image_size[0]
+    return args.size, args.size + args.size // 4
+
+
 def main_in_process(args, cpus: int, config_from_dict) -> None:
     from pipeline.models import best_device
 
@@ -177,9 +194,9 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpus}-core CPU"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_images(root / "data", args.images, args.size, 10, args.format)
+        make_images(root / "data", args.images, _image_size(args)[0], 10, args.format, width=_image_size(args)[1])
         values = run_values(args, root, cpus_per_actor=args.cpus_per_actor or cpus)
-        engine, total, work = [], [], []
+        engine, total, work, sequential = [], [], [], []
         shared = {k: ([], []) for k in args.processes}
         for repeat in range(args.repeats):
             seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
@@ -189,21 +206,27 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
             all_in, shards, rows = actor_in_process(config)
             total.append(rows / all_in)
             work.append(rows / shards)
+            _, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"s{repeat}.zarr")}),
+                                               overlap=False)
+            sequential.append(rows / shards)
             for k, (walls, sums) in shared.items():
                 per_process = {**values, "cpus_per_actor": max(1, values["cpus_per_actor"] // k)}
                 wall, summed = actors_in_processes(config_from_dict({**per_process,
                                                                      "store": str(root / f"p{k}-{repeat}.zarr")}), k)
                 walls.append(wall), sums.append(summed)
     best = max(engine)
-    print(f"device: {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}")
-    print(f"{args.images} {args.format} images {args.size}x{args.size + args.size // 4} -> {args.size}x{args.size}, "
+    print(f"device: {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}, decode {args.decode}, "
+          f"autocast {args.autocast or 'off'}")
+    height, width = _image_size(args)
+    print(f"{args.images} {args.format} images {width}x{height} -> {args.size}x{args.size}, "
           f"{args.model}, {args.composite}, batch {args.batch_size}, decoding threads "
           f"{min(4, max(2, values['cpus_per_actor']))}")
     print(f"| {'what':<52} | {'images/s':>9} | {'vs engine':>9} |")
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|")
     rows = [("bare engine, decoded inputs in memory", best),
             ("actor in-process, plan + model load + shards", max(total)),
-            ("actor in-process, shard work (decode+explain+write)", max(work))]
+            ("actor in-process, shard work, overlapped stages", max(work)),
+            ("actor in-process, shard work, sequential (before)", max(sequential))]
     for k, (walls, sums) in shared.items():
         rows += [(f"{k} actor processes, wall clock with start-up", max(walls)),
                  (f"{k} actor processes, sum of shard-work rates", max(sums))]

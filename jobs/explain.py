@@ -87,6 +87,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None =
                      help="GPU: TF32 convolutions, faster on Ampere and later (benchmarks/RESULTS.md) "
                           "but ~1e-3 relative error "
                           "(default: full float32)")
+    run.add_argument("--autocast", choices=["bfloat16", "float16"],
+                     help="forward pass in reduced precision (relevance still float32; error in benchmarks/RESULTS.md)")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -137,7 +139,7 @@ def config_values(args: argparse.Namespace) -> dict:
         values["preprocess"] = preprocess
     for key in ("explanations", "targets", "classes", "per_channel", "store", "address", "batch_size", "num_actors",
                 "actors_per_gpu", "cpus_per_actor", "rows_per_shard", "max_attempts", "retry_failed", "progress",
-                "tf32"):
+                "tf32", "autocast"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return values

@@ -47,10 +47,14 @@ class Explainer:
     On CUDA, float32 means full float32: PyTorch's default TF32 convolutions (Ampere and later GPUs) keep 10 mantissa
     bits, which moved heatmaps by up to 8% (relative L2, random GoogLeNet on an H100) and spoils conservation checks.
     ``tf32=True`` lets PyTorch's global TF32 settings apply, for speed when a rough map is enough.
+
+    ``autocast="bfloat16"`` (or ``"float16"``) runs the *forward* pass under ``torch.autocast`` on the input's device;
+    the activations are cast back to the model's dtype before the backward walk, so the relevance is computed and
+    returned in float32 from reduced-precision activations (measured error: benchmarks/RESULTS.md). Off by default.
     """
 
     def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_plus", *, tf32: bool = False,
-                 **params):
+                 autocast: str | None = None, **params):
         if isinstance(composite, Composite):
             if params:
                 raise TypeError("parameters are given to make_composite(), not with a Composite instance")
@@ -59,6 +63,9 @@ class Explainer:
             self.composite = make_composite(composite, **params)
         self.model = model
         self.tf32 = tf32
+        if autocast not in AUTOCAST:
+            raise ValueError(f"autocast {autocast!r} unknown: use one of {', '.join(map(str, AUTOCAST))}")
+        self.autocast = AUTOCAST[autocast]
         self.network = Network(model)
         self._first = self.composite.first_layer(self.network)
 
@@ -77,7 +84,7 @@ class Explainer:
         with torch.inference_mode(False), torch.no_grad():
             if x.is_inference():
                 x = x.clone()
-            values = self.network.forward(x)
+            values = self._forward(x)
             logits = values[self.network.output_index]
             target = self._check_target(target, logits)
             rows = torch.arange(logits.shape[0], device=logits.device)
@@ -88,6 +95,14 @@ class Explainer:
         if self.composite.times_input:
             relevance = relevance * x
         return Explanation(relevance=relevance, output=output, target=target, logits=logits)
+
+    def _forward(self, x: torch.Tensor) -> list:
+        """Every step's value; with ``autocast``, computed in reduced precision and cast back to ``x``'s dtype."""
+        if self.autocast is None:
+            return self.network.forward(x)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            values = self.network.forward(x)
+        return [v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
 
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_input(self, x) -> torch.Tensor:
@@ -143,6 +158,7 @@ class Explainer:
         raise AssertionError("the input step was not reached")
 
 
+AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # forward-pass autocast dtypes
 
 @contextmanager
 def _precision(x: torch.Tensor, tf32: bool):

@@ -5,10 +5,16 @@ kills its actor is bisected, a part of one): the actor decodes the shard's image
 model (:class:`pipeline.batches.ShardReader`), explains them batch by batch with every configured setting
 (:func:`explain_batch`, a pure function of the model and the batch), and writes the shard to each group itself
 (:class:`ShardBuffers`): the driver never touches pixels or relevance.
+
+The stages overlap: a thread stages the next batches (:class:`pipeline.prefetch.Ahead`: decode, preprocessing,
+pinned host-to-device copy, or batched nvJPEG decoding with ``decode: auto``, :mod:`pipeline.gpu_decode`) while the
+model explains this one, and the actor runs two shard tasks at once (``concurrency``) so one task's shard is written
+by the actor's writer thread (:class:`pipeline.writer.ShardWriter`) while the other explains under the engine lock.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,11 +27,16 @@ import lrp
 
 from .batches import Batch, Sample, ShardReader
 from .config import RunConfig
-from .datasets import read_image, read_mask
+from .datasets import _read_bytes, read_image, read_mask
+from .gpu_decode import DecodedBatch, Encoded, decode_encoded_batch, decode_on_device
 from .models import best_device, build_model
+from .prefetch import Ahead
 from .preprocess import Preprocess
 from .secrets import redact
 from .store import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, RelevanceStore, open_store
+from .writer import ShardWriter
+
+PREFETCH_BATCHES = 2  # staged batches waiting for the model: enough to hide a slow batch, bounded memory
 
 
 @dataclass
@@ -55,18 +66,48 @@ def claim_cpus(cpus_per_actor: int) -> tuple[torch.device, int]:
     return device, min(4, max(2, cpus))
 
 
+class Staged(NamedTuple):
+    """A batch ready for the model: its rows' inputs on the device (None when no row decoded)."""
+
+    batch: Batch
+    x: torch.Tensor | None
+    failures: dict[int, str]
+    fallbacks: list[tuple[str, str]]
+
+
 class ExplainActor:
-    """A Ray actor class (wrapped with ``ray.remote`` by the driver); also usable in-process."""
+    """A Ray actor class (wrapped with ``ray.remote`` by the driver); also usable in-process.
+
+    ``overlap``: stage batches ahead in a thread and write through the writer thread; False is the sequential loop
+    (decode, explain, write one after another). None (the default) chooses per device: overlapped on a GPU, where
+    the CPU stages are what bounds the actor, sequential on a CPU, where every stage competes for the same cores
+    the pool already fills with one single-threaded actor per core (measured in benchmarks/RESULTS.md, "Overlapped
+    actor stages on the CPU"). :meth:`concurrency` follows the same choice.
+    """
+
+    overlap: bool | None = None
+
+    @staticmethod
+    def concurrency(gpu: bool) -> int:
+        """Shard tasks Ray runs at once in one actor (threads): on a GPU two, one explaining while the other's shard
+        is written; on a CPU one, as the stages are not overlapped there."""
+        return 2 if gpu else 1
 
     def __init__(self, job: ActorJob):
         self.job = job
         config = job.config
         self.device, self.decode_threads = claim_cpus(config.cpus_per_actor)
         self.model = build_model(config.model, self.device)  # once per actor (and again after a restart)
-        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=config.tf32, **s.params) for s in config.explanations}
+        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=config.tf32, autocast=config.autocast,
+                                                 **s.params) for s in config.explanations}
         self.preprocess = Preprocess(config.preprocess)
         self.store = open_store(config.store, mode="r+", storage_options=config.storage_options)
         self.options = config.dataset.storage_options
+        self.gpu_decode = decode_on_device(config.decode, self.device)
+        if self.overlap is None:
+            self.overlap = self.device.type == "cuda"
+        self.engine = threading.Lock()  # one batch on the model at a time, whichever task it belongs to
+        self.writer = ShardWriter()
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
@@ -84,26 +125,65 @@ class ExplainActor:
         except Exception as error:  # corrupt or unreadable: recorded as failed, the run goes on
             return f"{type(error).__name__}: {error}"
 
+    def _read(self, row: dict) -> Encoded | str:
+        """With GPU decoding: the row's file bytes (and mask), decoded later with its whole batch."""
+        try:
+            data = _read_bytes(row["path"], self.options)
+            mask = read_mask(row["mask_path"], self.options) if row["mask_path"] else None
+            return Encoded(data, row["path"], row["boxes"] or None, np.asarray(row["box_classes"], np.int64), mask)
+        except FileNotFoundError as error:
+            return f"missing file: {error}"
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    def _stage(self, batch: Batch) -> Staged:
+        """The batch on the model's device: GPU-decoded when on, else stacked (pinned, copied asynchronously)."""
+        decoded = DecodedBatch(batch, {}, [])
+        if self.gpu_decode:
+            decoded = decode_encoded_batch(batch, self.preprocess, self.device, lambda p: read_image(p, self.options))
+        x = decoded.batch.inputs(self.device) if len(decoded.batch.rows) else None
+        return Staged(decoded.batch, x, decoded.failures, decoded.fallbacks)
+
     # ---- one shard --------------------------------------------------------------------------------------
     def explain_shard(self, start: int, rows: pa.Table, groups: list[str], part: tuple[int, int] | None = None) -> dict:
-        """Explain and write one shard (rows ``start ...``) to every group in ``groups``; returns counts.
+        """Explain and write one shard (rows ``start ...``) to every group in ``groups``; returns counts once the
+        shard is in the store (a write error raises here).
 
         ``part`` ``(lo, hi)``: only the shard's rows ``[lo, hi)`` are explained (a retry bisecting a shard that
         killed its actor); the other rows keep what the store has."""
         began = time.perf_counter()
-        job = self.job
-        reader = ShardReader(rows.to_pylist(), self._load, job.config.batch_size, self.decode_threads, part)
-        buffers = ShardBuffers(start, rows.to_pydict(), groups, self.preprocess.size, job)
+        config = self.job.config
+        reader = ShardReader(rows.to_pylist(), self._read if self.gpu_decode else self._load, config.batch_size,
+                             self.decode_threads, part)
+        buffers = ShardBuffers(start, rows.to_pydict(), groups, self.preprocess.size, self.job)
         explainers = {name: self.explainers[name] for name in groups}
-        for batch in reader:
-            target = buffers.target[batch.rows]
-            explained = explain_batch(self.model, explainers, batch.inputs(self.device), target,
-                                      job.target_mode == "prediction", job.config.per_channel)
-            buffers.add(batch, explained)
-        buffers.fail(reader.failures)
-        report = buffers.write(self.store, groups, part)
+        staged = (self._stage(batch) for batch in reader)
+        if self.overlap:
+            with Ahead(staged, PREFETCH_BATCHES) as ahead, self.engine:  # staging starts before the lock is ours
+                fallbacks = self._explain(ahead, buffers, explainers)
+            buffers.fail(reader.failures)  # complete: the staging thread has ended
+            report = self.writer.write(buffers.write, self.store, groups, part)
+        else:
+            with self.engine:  # the whole task: one shard at a time, as before the stages overlapped
+                fallbacks = self._explain(staged, buffers, explainers)
+                buffers.fail(reader.failures)
+                report = buffers.write(self.store, groups, part)
+        report["notes"] = [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks]
         report["seconds"] = time.perf_counter() - began
         return report
+
+    def _explain(self, batches, buffers: ShardBuffers, explainers: dict) -> list[tuple[str, str]]:
+        """Explain every staged batch into ``buffers``; returns the images the CPU decoded instead of the GPU."""
+        job, fallbacks = self.job, []
+        for staged in batches:
+            buffers.fail(staged.failures)
+            fallbacks += staged.fallbacks
+            if staged.x is None:
+                continue
+            explained = explain_batch(self.model, explainers, staged.x, buffers.target[staged.batch.rows],
+                                      job.target_mode == "prediction", job.config.per_channel)
+            buffers.add(staged.batch, explained)
+        return fallbacks
 
 
 class Explained(NamedTuple):
@@ -179,7 +259,8 @@ class ShardBuffers:
     def arrays(self, name: str) -> dict:
         """Everything ``write_block`` takes for group ``name`` (status aside)."""
         meta = self.meta
-        arrays = dict(relevance=self.relevance[name], output=self.output[name], relevance_sum=self.relevance_sum[name],  # noqa: C408
+        arrays = dict(relevance=self.relevance[name], output=self.output[name],  # noqa: C408
+                      relevance_sum=self.relevance_sum[name],
                       target=self.target, label=meta["label"], prediction=self.prediction,
                       sample_id=meta["sample_id"], path=[redact(path) for path in meta["path"]],
                       error=[redact(error) for error in self.errors])

@@ -5,8 +5,8 @@ once, in a small thread pool a bounded window ahead of the model (:func:`prefetc
 the batch once per row. A row whose image cannot be read becomes a failure with its reason, never a batch row.
 
 :class:`ShardReader` is a plain generator of :class:`Batch` objects, pulled by the model loop; a deeper bounded
-prefetch (decoding the next *batch* in a thread while this one is explained) can wrap the iterator without
-touching either side.
+prefetch (staging the next *batch* in a thread while this one is explained, :class:`pipeline.prefetch.Ahead`)
+wraps the iterator without touching either side.
 """
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ class Batch(NamedTuple):
     samples: list[Sample]
 
     def inputs(self, device: torch.device | str) -> torch.Tensor:
-        return torch.stack([sample.x for sample in self.samples]).to(device, non_blocking=True)
+        """The batch's inputs on ``device``; a host batch bound for CUDA is pinned first so the copy is asynchronous."""
+        x = torch.stack([sample.x for sample in self.samples])
+        if torch.device(device).type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True)
 
 
 def prefetch(jobs, window: int, threads: int):

@@ -26,6 +26,8 @@ from .models import ModelError, ModelSpec
 from .preprocess import PreprocessSpec
 
 TARGET_MODES = ("auto", "label", "prediction", "classes", "labels")
+AUTOCAST_DTYPES = (None, "bfloat16", "float16")  # the forward pass's autocast dtype (lrp.Explainer's ``autocast``)
+DECODE_MODES = ("cpu", "auto")  # auto: batched nvJPEG on GPU actors (pipeline/gpu_decode.py), CPU elsewhere
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,8 @@ class RunConfig:
     classes: list[int | str] = field(default_factory=list)
     per_channel: bool = False
     tf32: bool = False  # CUDA: TF32 convolutions (faster, ~1e-3 relative error); default full float32
+    autocast: str | None = None  # bfloat16 / float16: forward in reduced precision, relevance in float32
+    decode: str = "cpu"  # auto: JPEGs decoded + preprocessed on the GPU (GPU actors only); see docs/pipeline.md
     batch_size: int = 32
     num_actors: int | None = None
     actors_per_gpu: int = 1  # processes sharing a GPU: one process is GIL-bound (benchmarks/RESULTS.md)
@@ -114,6 +118,10 @@ class RunConfig:
     def __post_init__(self):
         if self.targets not in TARGET_MODES:
             raise ConfigError(f"targets {self.targets!r} unknown: use one of {', '.join(TARGET_MODES)}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(f"autocast {self.autocast!r} unknown: use bfloat16, float16 or leave it unset")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"decode {self.decode!r} unknown: use one of {', '.join(DECODE_MODES)}")
         if self.targets == "classes" and not self.classes:
             raise ConfigError("targets: classes needs a 'classes' list (class indices or names)")
         if self.classes and self.targets != "classes":
@@ -145,6 +153,8 @@ class RunConfig:
             "classes": list(self.classes),
             "per_channel": self.per_channel,
             "tf32": self.tf32,
+            **({"decode": self.decode} if self.decode != "cpu" else {}),  # GPU resampling differs slightly
+            **({"autocast": self.autocast} if self.autocast else {}),  # reduced-precision activations: other maps
         }
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from .config import ConfigError, RunConfig
@@ -87,6 +87,7 @@ class DispatchResult:
     computed_rows: int  # rows the actors reported done (ok or not) this run
     retries: int  # shard tasks resubmitted after their actor died or their task raised
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what the actors' reports say besides counts (``notes``)
 
 
 class ShardPool:
@@ -101,6 +102,7 @@ class ShardPool:
 
     def __init__(self, name: str, actor_class: type, job: Any, config: RunConfig, use_gpu: bool | None = None):
         self.name, self.actor_class, self.job, self.config, self.use_gpu = name, actor_class, job, config, use_gpu
+        self.concurrency = 1  # shard tasks one actor runs at once: the actor class's ``concurrency(gpu)``, if any
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def run(self, shards: Iterable[int], task: ShardTask) -> DispatchResult:
@@ -115,7 +117,9 @@ class ShardPool:
         self.waiting: dict[int, deque] = {}  # shard -> its parts that wait for the part now in flight
         self.attempts: dict[Part, int] = {}
         self.in_flight: dict = {}  # task ref -> (actor index, part)
+        self.alone: set[Part] = set()  # parts that were running beside another when their actor ended: run alone
         self.computed = self.retries = self.failed_rows = 0
+        self.notes: list[str] = []
         self.bar = tqdm(total=sum(part.size for part in self.queue), unit="img", desc=self.name,
                         disable=not self.config.progress, file=sys.stderr, smoothing=0.1)
         try:
@@ -130,7 +134,7 @@ class ShardPool:
             for actor in self.actors:
                 if actor is not None:
                     self.ray.kill(actor, no_restart=True)
-        return DispatchResult(self.computed, self.retries, time.perf_counter() - began)
+        return DispatchResult(self.computed, self.retries, time.perf_counter() - began, self.notes)
 
     def _start(self, shards: int) -> None:
         from ray.exceptions import RayActorError
@@ -138,13 +142,15 @@ class ShardPool:
         ray, config = self.ray, self.config
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0) if self.use_gpu is None else (1 if self.use_gpu else 0)
+        self.concurrency = getattr(self.actor_class, "concurrency", lambda gpu: 1)(bool(gpus))
         if gpus:
             count = config.num_actors or max(1, int(resources.get("GPU", 1))) * config.actors_per_gpu
         else:
             count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
         remote = ray.remote(self.actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
                                                       num_cpus=config.cpus_per_actor,
-                                                      max_restarts=-1, max_task_retries=0)
+                                                      max_restarts=-1, max_task_retries=0,
+                                                      max_concurrency=self.concurrency)
         self.actors = [remote.remote(self.job) for _ in range(min(count, shards))]
         # parts whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
         # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
@@ -159,15 +165,21 @@ class ShardPool:
             raise ConfigError(f"the {self.name} actors could not start: {error}") from error
 
     def _fill(self) -> None:
-        """Give every usable actor parts until it has ``IN_FLIGHT`` of them."""
+        """Give every usable actor parts until it has ``IN_FLIGHT`` of them; a part in ``alone`` runs by itself."""
         for i, actor in enumerate(self.actors):
             if actor is None or i in self.recovering.values():
                 continue
             while (self.pinned[i] or self.queue) and self.load[i] < IN_FLIGHT:
-                part = (self.pinned[i] or self.queue).popleft()
+                source = self.pinned[i] or self.queue
+                if self.load[i] and (source[0] in self.alone or self._running_alone(i)):
+                    break
+                part = source.popleft()
                 self.attempts[part] = self.attempts.get(part, 0) + 1
                 self.in_flight[self.task.submit(actor, part)] = (i, part)
                 self.load[i] += 1
+
+    def _running_alone(self, i: int) -> bool:
+        return any(j == i and part in self.alone for j, part in self.in_flight.values())
 
     def _step(self) -> None:
         """Wait for one task or ready-ping and handle it by what happened."""
@@ -185,7 +197,12 @@ class ShardPool:
     def _settle(self, i: int, refs: list) -> None:
         """Handle finished tasks of actor ``i`` in the order they were submitted. When the actor's process ended,
         all its queued tasks fail at once, but only the first of them was running: the others are bystanders,
-        resubmitted as they were (no attempt counted, never bisected)."""
+        resubmitted as they were (no attempt counted, never bisected).
+
+        With ``max_concurrency`` > 1 (the explain actor runs two shard tasks at once) the tasks that ended together
+        may all have been running, and which one ended the process is unknown: none is blamed, all are resubmitted
+        as bystanders and run alone from then on (:attr:`alone`), so the next death is pinned on the right part and
+        a row that kills its actor still fails only itself."""
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
         ended = False
@@ -199,11 +216,15 @@ class ShardPool:
                     self._bystander(i, part)
                     continue
                 ended = True
+                others = self._queued_on(i, refs)
+                blame = not others or self.concurrency == 1
+                if not blame:
+                    self.alone.update([part] + [self.in_flight[ref][1] for ref in others])
                 if isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
-                    self.died(i, part, error)
+                    self.died(i, part, error, blame)
                 else:  # unavailable: the task may still run there
-                    self.unavailable(i, part, error)
-                refs += self._queued_on(i, refs)
+                    self.unavailable(i, part, error, blame)
+                refs += others
             except RayTaskError as error:  # an exception in the task (the actor lives on)
                 self.task_error(part, error)
             else:
@@ -226,6 +247,7 @@ class ShardPool:
     def _done(self, part: Part, report: dict) -> None:
         self.computed += report["rows"]
         self.failed_rows += report["failed"] + report["nonfinite"]
+        self.notes += report.get("notes", [])
         self.bar.set_postfix(failed=self.failed_rows, refresh=False)
         self.bar.update(part.size)
         self._release(part.shard)
@@ -237,18 +259,26 @@ class ShardPool:
             self.queue.appendleft(waiting.popleft())
 
     # ---- one method per failure mode --------------------------------------------------------------------
-    def died(self, i: int, part: Part, error: Exception) -> None:
-        """The actor's process is gone: it restarts; the part is bisected (to find a row that kills it) or retried."""
+    def died(self, i: int, part: Part, error: Exception, blame: bool = True) -> None:
+        """The actor's process is gone: it restarts; the part is bisected (to find a row that kills it) or retried
+        (not ``blame``: another task was running beside it, and the part goes back as a bystander)."""
         self.recover(i)
-        self._bisect_or_retry(part, "died", error, self.queue)
+        if blame:
+            self._bisect_or_retry(part, "died", error, self.queue)
+        else:
+            self._bystander(i, part)
 
-    def unavailable(self, i: int, part: Part, error: Exception) -> None:
+    def unavailable(self, i: int, part: Part, error: Exception, blame: bool = True) -> None:
         """Ray lost touch with the actor, whose task may still run: end that process, the part waits for its next
         incarnation (which Ray starts only once the old process is gone)."""
         if self.actors[i] is not None:
             self.ray.kill(self.actors[i], no_restart=False)
             self.recover(i)
-        self._bisect_or_retry(part, "became unavailable", error, self.queue if self.actors[i] is None else self.pinned[i])
+        if blame:
+            target = self.queue if self.actors[i] is None else self.pinned[i]
+            self._bisect_or_retry(part, "became unavailable", error, target)
+        else:
+            self._bystander(i, part)
 
     def task_error(self, part: Part, error: Exception) -> None:
         """The task raised (a transient storage error, say) and the actor lives on: retried, then recorded failed."""
@@ -266,14 +296,21 @@ class ShardPool:
             self.recovering_since.setdefault(i, time.monotonic())
 
     def recovered(self, ref: Any) -> None:
-        """A ready-ping came back: the actor is usable again, or is pinged again (with a back-off) or dropped."""
-        from ray.exceptions import RayActorError
+        """A ready-ping came back: the actor is usable again, or is pinged again (with a back-off) or dropped.
+
+        "Unavailable" while Ray restarts the actor is not a failed ping: a restart (a fresh process, torch, the
+        model) took over 30 s on a loaded 2-core machine, longer than the back-off of ``RECOVERIES`` pings, and the
+        pool then dropped a healthy actor. That wait is bounded by ``RECOVERY_TIMEOUT`` instead."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         i = self.recovering.pop(ref)
         try:
             self.ray.get(ref)
             self.recovering_since.pop(i, None)
             self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
+        except ActorUnavailableError:
+            time.sleep(1.0)
+            self.recover(i)
         except RayActorError:
             self.recoveries[i] += 1
             if self.recoveries[i] > RECOVERIES:

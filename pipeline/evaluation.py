@@ -174,7 +174,8 @@ class EvaluateActor:
         self.model = build_model(run.model, self.device)
         import lrp
 
-        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=run.tf32, **s.params) for s in run.explanations}
+        self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=run.tf32, autocast=run.autocast,
+                                                 **s.params) for s in run.explanations}
         self.reductions = {s.name: job.config.reduction(s) for s in run.explanations}
         self.preprocess = Preprocess(run.preprocess)
         self.perturb = RegionPerturbation(job.config.perturbation)

@@ -340,4 +340,6 @@ def _explain_pending(plan: RunPlan, store: RelevanceStore, use_gpu: bool | None)
         return summary
     summary = summarize(store)
     summary.computed_rows, summary.seconds, summary.retries = result.computed_rows, result.seconds, result.retries
+    if result.notes:  # images the GPU decoder refused, decoded on the CPU instead (decode: auto)
+        summary.messages += [f"notes ({len(result.notes)}):"] + [f"  {note}" for note in result.notes[:20]]
     return summary

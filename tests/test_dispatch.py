@@ -61,3 +61,60 @@ def test_a_failed_task_is_retried_and_a_hopeless_one_recorded_after_max_attempts
     assert tries == {0: 1, 1: 2, 2: 3, 3: 1}
     assert list(failed) == [2] and "can never be done" in failed[2] and "tried 3 times" in failed[2]
     assert result.computed_rows == 30 and result.retries == 3
+
+
+def two_task_actor_class() -> type:
+    """An actor that runs two parts at once (as a GPU explain actor does); a part holding row 5 (shard 1, offset 1)
+    ends the actor's process while the other part runs beside it."""
+
+    class TwoTaskActor:
+        concurrency = staticmethod(lambda gpu: 2)
+
+        def __init__(self, folder: str):
+            self.folder = Path(folder)
+
+        def ready(self) -> dict:
+            return {}
+
+        def work(self, shard: int, lo: int, hi: int) -> dict:
+            import os
+            import time
+
+            if shard == 1 and lo <= 1 < hi:
+                time.sleep(0.3)  # the other part is running by now
+                os._exit(1)  # as a decoder segfault would
+            time.sleep(1.0)
+            (self.folder / f"{shard}-{lo}-{hi}").write_text("done")
+            return {"rows": hi - lo, "failed": 0, "nonfinite": 0}
+
+    return TwoTaskActor
+
+
+class BisectedTask(RecordingTask):
+    bisect = True
+
+    def submit(self, actor, part):
+        return actor.work.remote(part.shard, part.lo, part.hi)
+
+    def size(self, shard):
+        return 4
+
+    def fail(self, part, reason):
+        self.failed[(part.shard, part.lo, part.hi)] = reason
+
+
+def test_with_two_tasks_per_actor_a_row_that_kills_it_fails_alone(ray_cluster, tmp_path):
+    """The task beside the culprit dies with it each time; it is never blamed (never bisected or failed)."""
+    config = config_from_dict({"dataset": {"source": str(tmp_path)}, "model": {"name": "resnet18"},
+                               "store": str(tmp_path / "unused.zarr"), "num_actors": 1, "max_attempts": 2,
+                               "progress": False})
+    failed = {}
+    pool = ShardPool("test", two_task_actor_class(), str(tmp_path), config, use_gpu=False)
+    result = pool.run([0, 1, 2], BisectedTask(failed))
+    assert pool.concurrency == 2
+    assert list(failed) == [(1, 1, 2)] and "on this row" in failed[(1, 1, 2)] and "tried 2 times" in failed[(1, 1, 2)]
+    done = sorted(path.name for path in tmp_path.iterdir() if path.name[0].isdigit())
+    assert "0-0-4" in done and "2-0-4" in done  # the whole shards beside it: done whole, never bisected
+    rows = {(int(s), r) for s, lo, hi in (name.split("-") for name in done) for r in range(int(lo), int(hi))}
+    assert rows == {(s, r) for s in range(3) for r in range(4)} - {(1, 1)}
+    assert result.computed_rows == 11

@@ -1,0 +1,125 @@
+"""Everything issue 15 could not measure without a GPU, in one run of under 8 minutes on a lent GPU machine.
+
+No Ray needed (a lent machine may lack its wheel): the explain actor is driven in-process, as
+``bench_pipeline.py --in-process`` does. Steps, each a subprocess with its own time limit, output printed as it comes:
+
+1. one actor (overlapped stages, then the sequential loop) against the bare engine: resnet50, 224 px JPEGs,
+   ``decode: cpu`` and ``decode: auto`` (nvJPEG), then VOC-size 500x375 JPEGs with both; 2 and 4 actor processes;
+2. nvJPEG against CPU decoding: the same JPEGs through the actor both ways, relative L2 of the relevance maps and
+   max abs difference of the model inputs (resampling of the decoded image differs: docs/pipeline.md);
+3. bfloat16 / float16 forward against float32: relevance error and speed on vgg16 and resnet50.
+
+    python benchmarks/gpu_check.py            # on the GPU machine, from the repository root
+    python benchmarks/gpu_check.py --quick    # a CPU smoke run of every step, tiny sizes (a minute or two)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+BUDGET = 470.0  # seconds for all steps: under 8 minutes with the machine's start-up left over
+STARTED = time.perf_counter()
+
+
+def step(title: str, args: list[str], limit: float) -> None:
+    """Run one step; it gets ``limit`` seconds, or what is left of :data:`BUDGET` if less."""
+    limit = min(limit, BUDGET - (time.perf_counter() - STARTED))
+    print(f"\n## {title}\n\n    {' '.join(args)}\n", flush=True)
+    if limit < 10:
+        print("(skipped: out of time)")
+        return
+    began = time.perf_counter()
+    try:
+        subprocess.run([sys.executable, *args], cwd=REPO, timeout=limit, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        print(f"(stopped after {limit:.0f} s)")
+    print(f"({time.perf_counter() - began:.0f} s)", flush=True)
+
+
+def decode_difference(images: int, size: int, width: int, model: str, batch: int) -> None:
+    """The same JPEGs explained by the actor with CPU and with GPU decoding: how far apart the maps are."""
+    import torch
+
+    from benchmarks.bench_pipeline import actor_in_process, make_images
+    from pipeline.config import config_from_dict
+    from pipeline.datasets import read_image
+    from pipeline.gpu_decode import decode_batch
+    from pipeline.preprocess import Preprocess
+    from pipeline.store import open_store
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "data", images, size, 10, "jpg", width=width)
+        stores = {}
+        for decode in ("cpu", "auto"):
+            values = {"dataset": str(root / "data"), "model": {"name": model, "kwargs": {"num_classes": 10}},
+                      "preprocess": {"resize": 224, "pad_to_square": True}, "explanations": ["epsilon_plus"],
+                      "batch_size": batch, "rows_per_shard": 4 * batch, "progress": False, "decode": decode,
+                      "store": str(root / f"{decode}.zarr")}
+            config = config_from_dict(values)
+            actor_in_process(config)
+            stores[decode] = open_store(values["store"]).group("epsilon_plus").relevance.compute()
+        a, b = (stores[k].reshape(len(stores[k]), -1).astype(np.float64) for k in ("cpu", "auto"))
+        error = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+        paths = sorted(str(p) for p in (root / "data").rglob("*.jpg"))[:batch]
+        preprocess = Preprocess(config.preprocess)
+        cpu = torch.stack([preprocess(read_image(p))[0] for p in paths])
+        gpu = decode_batch([Path(p).read_bytes() for p in paths], device, lambda i: read_image(paths[i]))
+        on_device = torch.stack([preprocess(d.image)[0].cpu() for d in gpu])
+        print(f"decode on {device}: {images} JPEGs {width}x{size} -> 224, {model}, epsilon_plus")
+        print(f"relevance rel. L2, GPU vs CPU decoding: median {np.median(error):.2e}, max {error.max():.2e}")
+        print(f"model inputs (normalized), max abs difference: {(on_device - cpu).abs().max().item():.3e}, "
+              f"mean {(on_device - cpu).abs().mean().item():.3e}")
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that every step runs (CPU)")
+    parser.add_argument("--decode-difference", nargs=5, metavar=("IMAGES", "H", "W", "MODEL", "BATCH"),
+                        help=argparse.SUPPRESS)  # step 2, run as its own subprocess
+    args = parser.parse_args()
+    if args.decode_difference:
+        images, height, width, model, batch = args.decode_difference
+        return decode_difference(int(images), int(height), int(width), model, int(batch))
+    cpus = str(os.cpu_count() or 1)
+    if args.quick:
+        images, model, batch, size, limit, procs = "32", "resnet18", "8", "64", 300, ["--processes", "2"]
+        autocast = ["--models", "resnet18", "--batch", "2", "--size", "64", "--repeats", "1"]
+    else:
+        images, model, batch, size, limit, procs = "1024", "resnet50", "64", "224", 70, ["--processes", "2", "4"]
+        autocast = ["--device", "cuda", "--batch", "64", "--repeats", "5", "--composites", "epsilon_plus",
+                    "epsilon_gamma_box"]
+    pipeline = ["benchmarks/bench_pipeline.py", "--in-process", "--images", images, "--size", size, "--model", model,
+                "--format", "jpg", "--batch-size", batch, "--cpus-per-actor", cpus]
+    print(f"# GPU check (issue 15), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], check=False)
+    for decode in ("cpu", "auto"):
+        step(f"1. actor vs bare engine, 224 px JPEGs, decode {decode}", [*pipeline, "--decode", decode], limit)
+    for decode in ("cpu", "auto"):
+        step(f"1. actor vs bare engine, 500x375 JPEGs (VOC size), decode {decode}",
+             [*pipeline, "--image-size", "500", "375", "--decode", decode, *procs], 100 if not args.quick else limit)
+    step("2. nvJPEG vs CPU decode: relevance difference",
+         ["benchmarks/gpu_check.py", "--decode-difference", "64" if args.quick else "512", "375", "500", model, batch],
+         60 if not args.quick else limit)
+    step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast],
+         80 if not args.quick else limit)
+
+
+if __name__ == "__main__":
+    main()
