@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 from .config import ConfigError, RunConfig
 
 IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
+RUNNING = 1  # shard tasks an actor runs at once (its max_concurrency): on a death, the first RUNNING are suspects
 RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
 RECOVERY_TIMEOUT = 900.0  # seconds a restarting actor may stay unscheduled (a lost node, no room) before it is dropped
 
@@ -144,7 +145,7 @@ class ShardPool:
             count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
         remote = ray.remote(self.actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
                                                       num_cpus=config.cpus_per_actor,
-                                                      max_restarts=-1, max_task_retries=0)
+                                                      max_concurrency=RUNNING, max_restarts=-1, max_task_retries=0)
         self.actors = [remote.remote(self.job) for _ in range(min(count, shards))]
         # parts whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
         # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
@@ -180,48 +181,70 @@ class ShardPool:
             if ref in self.recovering:
                 self.recovered(ref)
             elif ref in self.in_flight:  # else handled already, with the other tasks of its actor
-                self._settle(self.in_flight[ref][0], [ref])
+                self._settle(self.in_flight[ref][0], ref)
 
-    def _settle(self, i: int, refs: list) -> None:
-        """Handle finished tasks of actor ``i`` in the order they were submitted. When the actor's process ended,
-        all its queued tasks fail at once, but only the first of them was running: the others are bystanders,
-        resubmitted as they were (no attempt counted, never bisected)."""
+    def _settle(self, i: int, ref: Any) -> None:
+        """Handle a finished task of actor ``i`` by what happened to it."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            report = self.ray.get(ref)
+        except RayActorError:
+            self._ended(i, ref)
+            return
+        except RayTaskError as error:  # an exception in the task (the actor lives on)
+            self.task_error(self._pop(ref), error)
+        else:
+            self._done(self._pop(ref), report)
+
+    def _ended(self, i: int, ref: Any) -> None:
+        """Actor ``i``'s process ended (or Ray lost it): all its queued tasks fail at once, and Ray may report any of
+        them first. So they are gathered (a bounded wait) and handled in the order they were submitted: the first
+        ``RUNNING`` that failed were running (suspects: an attempt counted, bisected); the others never ran
+        (bystanders: resubmitted as they were). Blaming whichever failure Ray reported first would bisect an innocent
+        shard and let the culprit through uncounted."""
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-        ended = False
+        order = {r: k for k, r in enumerate(self.in_flight)}  # dict order: submission order
+        refs = sorted([ref, *self._queued_on(i, ref)], key=order.__getitem__)
+        suspects, gone = RUNNING, False
         for ref in refs:
-            _, part = self.in_flight.pop(ref)
-            self.load[i] -= 1
+            part = self._pop(ref)
             try:
                 report = self.ray.get(ref)
             except RayActorError as error:
-                if ended:
-                    self._bystander(i, part)
-                    continue
-                ended = True
-                if isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
+                gone = gone or isinstance(error, ActorDiedError)
+                if not suspects:
+                    self._bystander(i, part, gone)
+                elif isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
                     self.died(i, part, error)
                 else:  # unavailable: the task may still run there
                     self.unavailable(i, part, error)
-                refs += self._queued_on(i, refs)
-            except RayTaskError as error:  # an exception in the task (the actor lives on)
+                suspects = max(0, suspects - 1)
+            except RayTaskError as error:
                 self.task_error(part, error)
-            else:
+            else:  # done before the end, reported late
                 self._done(part, report)
 
-    def _queued_on(self, i: int, seen: list) -> list:
-        """Actor ``i``'s other tasks, in submission order, once they have failed with it (a bounded wait)."""
-        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref not in seen]
+    def _pop(self, ref: Any) -> Part:
+        i, part = self.in_flight.pop(ref)
+        self.load[i] -= 1
+        return part
+
+    def _queued_on(self, i: int, seen: Any) -> list:
+        """Actor ``i``'s other tasks, once they have finished with it (a bounded wait)."""
+        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref != seen]
         if refs:
             self.ray.wait(refs, num_returns=len(refs), timeout=60.0)
         ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         return [ref for ref in refs if ref in ready]
 
-    def _bystander(self, i: int, part: Part) -> None:
-        """A part that was queued behind the one its actor ended on: it never ran, so it goes back unchanged, to
-        the actor's next incarnation (no process can still be running it then)."""
+    def _bystander(self, i: int, part: Part, gone: bool) -> None:
+        """A part that was queued behind the one its actor ended on goes back unchanged (no attempt counted). When
+        the process is ``gone`` (Ray said "died") it never ran and any actor may take it; else (only "unavailable")
+        it waits for the actor's next incarnation, since no process can still be running it then."""
         self.attempts[part] -= 1
-        (self.queue if self.actors[i] is None else self.pinned[i]).appendleft(part)
+        (self.queue if gone or self.actors[i] is None else self.pinned[i]).appendleft(part)
 
     def _done(self, part: Part, report: dict) -> None:
         self.computed += report["rows"]

@@ -84,7 +84,6 @@ class Killer:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="after the merge with the house/zoo branches a neighbour row of the culprit is also failed (issue 14, open)")
 def test_a_row_that_kills_its_actor_is_found_by_bisection_and_only_it_fails(reference, tmp_path):
     source, fifo = fifo_dataset(tmp_path, N_IMAGES, blocked_row=4)  # shard 1 holds rows 3, 4, 5
     writer = os.open(fifo, os.O_RDWR)
