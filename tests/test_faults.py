@@ -21,7 +21,7 @@ import yaml
 from pipeline.config import config_from_dict
 from pipeline.run import run
 from pipeline.store import STATUS_FAILED, STATUS_OK, open_store
-from tests.test_pipeline import REPO, fifo_dataset, holders, manifest, save_image, save_weights, values, wait_for
+from helpers.runs import REPO, fifo_dataset, holders, manifest, save_image, save_weights, values, wait_for
 
 N_IMAGES = 12
 COLUMNS = ("sample_id", "target", "label", "prediction", "output", "relevance_sum", "residual", "status", "error")
