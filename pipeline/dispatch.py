@@ -13,6 +13,7 @@ size and records one that cannot be done. Ray is imported inside the methods, so
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from .config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
 RUNNING = 1  # shard tasks an actor runs at once (its max_concurrency): on a death, the first RUNNING are suspects
@@ -206,7 +209,10 @@ class ShardPool:
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
         order = {r: k for k, r in enumerate(self.in_flight)}  # dict order: submission order
+        waited = time.monotonic()
         refs = sorted([ref, *self._queued_on(i, ref)], key=order.__getitem__)
+        log.warning("%s actor %d ended; %d of its tasks gathered in %.1f s", self.name, i, len(refs),
+                    time.monotonic() - waited)
         suspects, gone = RUNNING, False
         for ref in refs:
             part = self._pop(ref)
@@ -262,16 +268,19 @@ class ShardPool:
     # ---- one method per failure mode --------------------------------------------------------------------
     def died(self, i: int, part: Part, error: Exception) -> None:
         """The actor's process is gone: it restarts; the part is bisected (to find a row that kills it) or retried."""
+        log.warning("%s actor %d died on shard %d rows [%d, %d)", self.name, i, *part[:3])
         self.recover(i)
         self._bisect_or_retry(part, "died", error, self.queue)
 
     def unavailable(self, i: int, part: Part, error: Exception) -> None:
         """Ray lost touch with the actor, whose task may still run: end that process, the part waits for its next
         incarnation (which Ray starts only once the old process is gone)."""
+        log.warning("%s actor %d became unavailable on shard %d rows [%d, %d)", self.name, i, *part[:3])
         if self.actors[i] is not None:
             self.ray.kill(self.actors[i], no_restart=False)
             self.recover(i)
-        self._bisect_or_retry(part, "became unavailable", error, self.queue if self.actors[i] is None else self.pinned[i])
+        target = self.queue if self.actors[i] is None else self.pinned[i]
+        self._bisect_or_retry(part, "became unavailable", error, target)
 
     def task_error(self, part: Part, error: Exception) -> None:
         """The task raised (a transient storage error, say) and the actor lives on: retried, then recorded failed."""
@@ -295,6 +304,7 @@ class ShardPool:
         i = self.recovering.pop(ref)
         try:
             self.ray.get(ref)
+            log.warning("%s actor %d is back after %.1f s", self.name, i, time.monotonic() - self.recovering_since[i])
             self.recovering_since.pop(i, None)
             self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
         except RayActorError:
@@ -307,6 +317,8 @@ class ShardPool:
 
     def drop(self, i: int) -> None:
         """Actor ``i`` leaves the pool; the parts waiting for it go to the others."""
+        log.warning("%s actor %d dropped from the pool (%d parts waiting for it go to the others)", self.name, i,
+                    len(self.pinned[i]))
         self.ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = None
         self.queue.extendleft(reversed(self.pinned[i]))

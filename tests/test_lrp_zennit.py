@@ -11,8 +11,8 @@ Two zennit quirks are worked around here, each where it matters:
    ``x / sqrt(1 + eps)`` instead of the identity (it resets the statistics to mean 0, var 1 and keeps ``eps``). Models
    compared with zennit therefore get ``eps = 0`` on every BatchNorm. Our folding is exact; it is tested on its own
    against a model folded by hand, with a non-zero ``eps`` (``test_batchnorm_folding_*``).
-2. zennit's DeconvNet only hooks ``nn.ReLU`` modules, so it misses GoogLeNet's functional ``F.relu`` and computes a plain
-   gradient there; the DeconvNet comparison skips GoogLeNet only.
+2. zennit's DeconvNet only hooks ``nn.ReLU`` modules, so it misses GoogLeNet's functional ``F.relu`` and computes a
+   plain gradient there; the DeconvNet comparison skips GoogLeNet only.
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def case(request):
 
 
 # Which comparisons run where: every composite on every architecture except the costly resnet50 and the transformed
-# GoogLeNet (a covering subset: the same rules on larger weights), and every composite without biases somewhere. Plain
-# VGG16 is VGG16-BN without the BatchNorms; it is compared at full width below. This keeps the file near 90 s on 2 cores:
-# each float64 comparison costs seconds of weight modification in both engines.
+# GoogLeNet (a covering subset: the same rules on larger weights), and every composite without biases somewhere.
+# Plain VGG16 is VGG16-BN without the BatchNorms; it is compared at full width below. This keeps the file near 90 s
+# on 2 cores: each float64 comparison costs seconds of weight modification in both engines.
 _ALL = LRP_COMPOSITES
 PLAN = {
     # model: (composites with biases, composites with include_bias=False)

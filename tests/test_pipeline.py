@@ -225,7 +225,8 @@ def test_gpu_flags_reach_the_config_and_tf32_is_part_of_the_store_identity(tmp_p
     config = config_from_dict(config_values(args))
     assert config.tf32 and config.actors_per_gpu == 3
     assert config.identity()["tf32"] is True  # a resume with other arithmetic is refused, not mixed into the store
-    default = config_from_dict(config_values(parser().parse_args(["--dataset", "d", "--model", "resnet18", "--store", "s"])))
+    arguments = ["--dataset", "d", "--model", "resnet18", "--store", "s"]
+    default = config_from_dict(config_values(parser().parse_args(arguments)))
     assert not default.tf32 and default.actors_per_gpu == 1 and default.identity()["tf32"] is False
 
 

@@ -68,10 +68,10 @@ class Case:
         self.twin_x = self.x
         self.twin_box = {"low": LOW, "high": HIGH}
         if name == "googlenet_transform_input":
-            # Our documented semantics (lrp/canonizers.py): the input transform is a per-channel SCALE and SHIFT, through
-            # which relevance passes unchanged. So explaining the model with transform_input=True on x must equal
-            # zennit explaining the same network without the transform on the transformed input T(x), with z^B's
-            # box [LOW, HIGH] of x carried to T(x) too (per channel).
+            # Our documented semantics (lrp/canonizers.py): the input transform is a per-channel SCALE and SHIFT,
+            # through which relevance passes unchanged. So explaining the model with transform_input=True on x must
+            # equal zennit explaining the same network without the transform on the transformed input T(x), with
+            # z^B's box [LOW, HIGH] of x carried to T(x) too (per channel).
             self.twin.transform_input = False
             self.twin_x = self.model._transform_input(self.x)
             ends = [self.model._transform_input(torch.full((1, 3, 1, 1), b, dtype=torch.float64)) for b in (LOW, HIGH)]
