@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT = re.compile(r"FAULT (?P<kind>.+?): lost (?P<lost>\d+), duplicated (?P<dup>\d+), recovered in (?P<s>[\d.]+) s")
+SHORT_FAILURE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+)", re.M)
 RESULT = re.compile(r"^(tests/\S+::\S+(?:\[.*?\])?) (PASSED|FAILED|ERROR|XFAIL|XPASS|SKIPPED)", re.M)
 
 
@@ -39,7 +40,7 @@ def fault_table(outputs: list[str]) -> list[str]:
         seconds = [s for _, _, s in values]
         lines.append(f"| {kind} | {len(values)} | {sum(v[0] for v in values)} | {sum(v[1] for v in values)} | "
                      f"{min(seconds):.1f} / {max(seconds):.1f} |")
-    failed = [name for text in outputs for name, outcome in RESULT.findall(text) if outcome in ("FAILED", "ERROR")]
+    failed = [name for text in outputs for name in SHORT_FAILURE.findall(text)]  # pytest -ra's summary lines
     lines.append(f"\nfault tests failed: {len(failed)} {failed if failed else ''}")
     return lines
 
@@ -58,13 +59,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of the fault tests")
     parser.add_argument("-k", default=None, help="pytest -k expression for the fault tests")
     parser.add_argument("--log", nargs="*", help="tally these saved pytest -s outputs instead of running")
+    parser.add_argument("--save", default=None, help="also write each pytest output to SAVE-<n>.txt")
     args = parser.parse_args()
     if args.log:
         outputs = [Path(name).read_text(errors="replace") for name in args.log]
         print("\n".join(fault_table(outputs)))
         return
     selection = ["-k", args.k] if args.k else []
-    outputs = [pytest("tests/test_faults.py", *selection) for _ in range(args.repeat)]
+    outputs = []
+    for n in range(args.repeat):
+        outputs.append(pytest("tests/test_faults.py", *selection))
+        if args.save:
+            Path(f"{args.save}-{n}.txt").write_text(outputs[-1])
     print("\n".join(fault_table(outputs)))
     print("\n".join(hostile_table(pytest("tests/test_hostile_inputs.py"))))
 
