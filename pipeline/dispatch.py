@@ -13,6 +13,7 @@ size and records one that cannot be done. Ray is imported inside the methods, so
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from .config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
 RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
@@ -149,8 +152,8 @@ class ShardPool:
             count = config.num_actors or max(1, int(resources.get("CPU", 1)) // config.cpus_per_actor)
         remote = ray.remote(self.actor_class).options(num_gpus=1 / config.actors_per_gpu if gpus else 0,
                                                       num_cpus=config.cpus_per_actor,
-                                                      max_restarts=-1, max_task_retries=0,
-                                                      max_concurrency=self.concurrency)
+                                                      max_concurrency=self.concurrency, max_restarts=-1,
+                                                      max_task_retries=0)
         self.actors = [remote.remote(self.job) for _ in range(min(count, shards))]
         # parts whose actor may still be running them (Ray said "unavailable", not "died"): they wait for that
         # actor's next incarnation, which Ray starts only once the old process is gone, so no two writers overlap
@@ -192,57 +195,85 @@ class ShardPool:
             if ref in self.recovering:
                 self.recovered(ref)
             elif ref in self.in_flight:  # else handled already, with the other tasks of its actor
-                self._settle(self.in_flight[ref][0], [ref])
+                self._settle(self.in_flight[ref][0], ref)
 
-    def _settle(self, i: int, refs: list) -> None:
-        """Handle finished tasks of actor ``i`` in the order they were submitted. When the actor's process ended,
-        all its queued tasks fail at once, but only the first of them was running: the others are bystanders,
-        resubmitted as they were (no attempt counted, never bisected).
+    def _settle(self, i: int, ref: Any) -> None:
+        """Handle a finished task of actor ``i`` by what happened to it."""
+        from ray.exceptions import RayActorError, RayTaskError
 
-        With ``max_concurrency`` > 1 (the explain actor runs two shard tasks at once) the tasks that ended together
-        may all have been running, and which one ended the process is unknown: none is blamed, all are resubmitted
-        as bystanders and run alone from then on (:attr:`alone`), so the next death is pinned on the right part and
-        a row that kills its actor still fails only itself."""
+        try:
+            report = self.ray.get(ref)
+        except RayActorError:
+            self._ended(i, ref)
+            return
+        except RayTaskError as error:  # an exception in the task (the actor lives on)
+            self.task_error(self._pop(ref), error)
+        else:
+            self._done(self._pop(ref), report)
+
+    def _ended(self, i: int, ref: Any) -> None:
+        """Actor ``i``'s process ended (or Ray lost it): all its queued tasks fail at once, and Ray may report any of
+        them first. So they are gathered (a bounded wait) and handled in the order they were submitted: the first
+        ``concurrency`` that failed may have been running, the others never ran (bystanders: resubmitted as they
+        were, no attempt counted). Blaming whichever failure Ray reported first would bisect an innocent shard and
+        let the culprit through uncounted.
+
+        With one task running at a time the first is the suspect (an attempt counted, bisected). With two running
+        (GPU explain actors) which one ended the process is unknown: neither is blamed, both go back as bystanders
+        and run alone from then on (:attr:`alone`), so the next death is pinned on the right part and a row that
+        kills its actor still fails only itself."""
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-        ended = False
+        order = {r: k for k, r in enumerate(self.in_flight)}  # dict order: submission order
+        waited = time.monotonic()
+        refs = sorted([ref, *self._queued_on(i, ref)], key=order.__getitem__)
+        log.warning("%s actor %d ended; %d of its tasks gathered in %.1f s", self.name, i, len(refs),
+                    time.monotonic() - waited)
+        failed = []
         for ref in refs:
-            _, part = self.in_flight.pop(ref)
-            self.load[i] -= 1
+            part = self._pop(ref)
             try:
                 report = self.ray.get(ref)
             except RayActorError as error:
-                if ended:
-                    self._bystander(i, part)
-                    continue
-                ended = True
-                others = self._queued_on(i, refs)
-                blame = not others or self.concurrency == 1
-                if not blame:
-                    self.alone.update([part] + [self.in_flight[ref][1] for ref in others])
-                if isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
-                    self.died(i, part, error, blame)
-                else:  # unavailable: the task may still run there
-                    self.unavailable(i, part, error, blame)
-                refs += others
-            except RayTaskError as error:  # an exception in the task (the actor lives on)
+                failed.append((part, error))
+            except RayTaskError as error:
                 self.task_error(part, error)
-            else:
+            else:  # done before the end, reported late
                 self._done(part, report)
+        if not failed:
+            return
+        running = failed[:self.concurrency]
+        blame = len(running) == 1
+        if not blame:
+            self.alone.update(part for part, _ in running)
+        gone = any(isinstance(error, ActorDiedError) for _, error in failed)
+        (part, error), rest = failed[0], failed[1:]
+        if isinstance(error, ActorDiedError):  # the process is gone (OOM, segfault, node lost)
+            self.died(i, part, error, blame)
+        else:  # unavailable: the task may still run there
+            self.unavailable(i, part, error, blame)
+        for part, _ in rest:
+            self._bystander(i, part, gone)
 
-    def _queued_on(self, i: int, seen: list) -> list:
-        """Actor ``i``'s other tasks, in submission order, once they have failed with it (a bounded wait)."""
-        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref not in seen]
+    def _pop(self, ref: Any) -> Part:
+        i, part = self.in_flight.pop(ref)
+        self.load[i] -= 1
+        return part
+
+    def _queued_on(self, i: int, seen: Any) -> list:
+        """Actor ``i``'s other tasks, once they have finished with it (a bounded wait)."""
+        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref != seen]
         if refs:
             self.ray.wait(refs, num_returns=len(refs), timeout=60.0)
         ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         return [ref for ref in refs if ref in ready]
 
-    def _bystander(self, i: int, part: Part) -> None:
-        """A part that was queued behind the one its actor ended on: it never ran, so it goes back unchanged, to
-        the actor's next incarnation (no process can still be running it then)."""
+    def _bystander(self, i: int, part: Part, gone: bool) -> None:
+        """A part that was queued behind the one its actor ended on goes back unchanged (no attempt counted). When
+        the process is ``gone`` (Ray said "died") it never ran and any actor may take it; else (only "unavailable")
+        it waits for the actor's next incarnation, since no process can still be running it then."""
         self.attempts[part] -= 1
-        (self.queue if self.actors[i] is None else self.pinned[i]).appendleft(part)
+        (self.queue if gone or self.actors[i] is None else self.pinned[i]).appendleft(part)
 
     def _done(self, part: Part, report: dict) -> None:
         self.computed += report["rows"]
@@ -262,15 +293,17 @@ class ShardPool:
     def died(self, i: int, part: Part, error: Exception, blame: bool = True) -> None:
         """The actor's process is gone: it restarts; the part is bisected (to find a row that kills it) or retried
         (not ``blame``: another task was running beside it, and the part goes back as a bystander)."""
+        log.warning("%s actor %d died on shard %d rows [%d, %d)", self.name, i, *part[:3])
         self.recover(i)
         if blame:
             self._bisect_or_retry(part, "died", error, self.queue)
         else:
-            self._bystander(i, part)
+            self._bystander(i, part, True)
 
     def unavailable(self, i: int, part: Part, error: Exception, blame: bool = True) -> None:
         """Ray lost touch with the actor, whose task may still run: end that process, the part waits for its next
         incarnation (which Ray starts only once the old process is gone)."""
+        log.warning("%s actor %d became unavailable on shard %d rows [%d, %d)", self.name, i, *part[:3])
         if self.actors[i] is not None:
             self.ray.kill(self.actors[i], no_restart=False)
             self.recover(i)
@@ -278,7 +311,7 @@ class ShardPool:
             target = self.queue if self.actors[i] is None else self.pinned[i]
             self._bisect_or_retry(part, "became unavailable", error, target)
         else:
-            self._bystander(i, part)
+            self._bystander(i, part, False)
 
     def task_error(self, part: Part, error: Exception) -> None:
         """The task raised (a transient storage error, say) and the actor lives on: retried, then recorded failed."""
@@ -306,6 +339,7 @@ class ShardPool:
         i = self.recovering.pop(ref)
         try:
             self.ray.get(ref)
+            log.warning("%s actor %d is back after %.1f s", self.name, i, time.monotonic() - self.recovering_since[i])
             self.recovering_since.pop(i, None)
             self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
         except ActorUnavailableError:
@@ -321,6 +355,8 @@ class ShardPool:
 
     def drop(self, i: int) -> None:
         """Actor ``i`` leaves the pool; the parts waiting for it go to the others."""
+        log.warning("%s actor %d dropped from the pool (%d parts waiting for it go to the others)", self.name, i,
+                    len(self.pinned[i]))
         self.ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = None
         self.queue.extendleft(reversed(self.pinned[i]))

@@ -21,7 +21,7 @@ COMPOSITES = ["epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1", 
 @pytest.fixture(scope="module", params=["resnet18", "vgg16_bn", "googlenet"])
 def case(request):
     """A float64 test case of the zennit comparison (random weights, batch of 2), moved to the GPU."""
-    from test_lrp_zennit import Case
+    from helpers.zennit_cases import Case
 
     case = Case(request.param)
     for module in [*case.model.modules(), *case.twin.modules()]:
@@ -95,7 +95,7 @@ def test_repeated_cuda_calls_leave_model_and_memory_as_they_were(case):
 
 def test_explain_actor_runs_on_the_gpu_in_process(tmp_path):
     """The actor class the Ray pool pins to a GPU, driven in this process: same rows as the CPU engine."""
-    from test_pipeline import engine_relevance, manifest, values
+    from helpers.runs import engine_relevance, manifest, values
 
     from pipeline.actors import ExplainActor
     from pipeline.config import config_from_dict

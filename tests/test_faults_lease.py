@@ -16,8 +16,8 @@ from pipeline import lease as lease_module
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.lease import LEASE, STALE_AFTER, LeaseHeld, StoreLease, active_lease, read_lease
 from pipeline.run import run
-from tests.helpers.stores import make_store
-from tests.test_pipeline import manifest, values
+from helpers.stores import make_store
+from helpers.runs import manifest, values
 
 
 def forge(url: str, **fields) -> None:

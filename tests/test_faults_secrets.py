@@ -6,7 +6,7 @@ from pathlib import Path
 from pipeline.config import config_from_dict
 from pipeline.run import run
 from pipeline.secrets import redact
-from tests.test_pipeline import manifest, values
+from helpers.runs import manifest, values
 
 SECRETS = ("AKIAEXAMPLEKEY42", "hunter2-secret-value", "s3cr3t-pw", "SIGNATURE0123")
 

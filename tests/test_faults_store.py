@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.stores import example_store, shard_block
 from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, open_store
-from tests.test_store import make_store, shard_block
 
 
 def tear(path: Path) -> None:
@@ -20,7 +20,7 @@ def test_a_torn_relevance_shard_is_rewritten_whole(tmp_path):
     """The sharding codec reads an existing shard object on a write; a torn one fails its checksum (plain chunks of
     the metadata arrays are overwritten without a read, so only the sharded arrays can get stuck)."""
     url = str(tmp_path / "s.zarr")
-    store = make_store(url)
+    store = example_store(url)
     group = store.group("eps")
     for shard in range(store.n_shards):
         group.write_block(*shard_block(store, shard)[:1], **shard_block(store, shard)[1])
@@ -38,7 +38,7 @@ def test_a_torn_relevance_shard_is_rewritten_whole(tmp_path):
 
 def test_write_failed_on_a_torn_shard_fails_its_rows(tmp_path):
     url = str(tmp_path / "s.zarr")
-    store = make_store(url)
+    store = example_store(url)
     group = store.group("eps")
     start, block = shard_block(store, 1)
     group.write_block(start, **block)
@@ -49,7 +49,7 @@ def test_write_failed_on_a_torn_shard_fails_its_rows(tmp_path):
 
 def test_a_part_write_keeps_the_other_rows_of_the_shard(tmp_path):
     url = str(tmp_path / "s.zarr")
-    store = make_store(url)
+    store = example_store(url)
     group = store.group("eps")
     start, first = shard_block(store, 1)
     group.write_rows(start, 4, np.array([True, True, False, False]), status=np.full(4, STATUS_OK), **first)

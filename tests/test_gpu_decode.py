@@ -18,7 +18,7 @@ from pipeline.gpu_decode import Encoded, decode_batch, decode_encoded_batch, dec
 from pipeline.preprocess import Preprocess, PreprocessSpec
 from pipeline.run import create_store, plan_run
 from pipeline.store import STATUS_FAILED, STATUS_OK, open_store
-from tests.test_pipeline import values
+from tests.helpers.runs import values
 
 # torchvision 0.29 deprecates decode_jpeg for TorchCodec; pytest resets the module's own filter per test
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

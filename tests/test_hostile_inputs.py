@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, config_from_dict
 from pipeline.datasets import read_image
 from pipeline.run import create_store, plan_run
 from pipeline.store import STATUS_FAILED, STATUS_OK, open_store
-from tests.test_pipeline import FACTORY, manifest, save_weights, values
+from helpers.runs import FACTORY, manifest, save_weights, values
 
 RGB = np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)
 

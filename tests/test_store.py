@@ -9,36 +9,15 @@ import pytest
 import xarray as xr
 import zarr
 
+from helpers.stores import STORE_CONFIG, example_store, shard_block
 from pipeline.store import (
     FORMAT_VERSION, STATUS_FAILED, STATUS_NONFINITE, STATUS_OK,
-    RelevanceStore, StoreConfigMismatch, StoreError, open_store,
+    StoreConfigMismatch, StoreError, open_store,
 )
-
-CONFIG = {"model": {"name": "tiny"}, "settings": [{"composite": "epsilon", "epsilon": 0.01}]}
-
-
-def make_store(url, **overrides):
-    kwargs = dict(config=CONFIG, class_names=["cat", "dog", "car"], groups={"eps": {"composite": "epsilon"}},
-                  n_rows=10, height=4, width=5, rows_per_shard=4, max_boxes=2, with_mask=True, num_labels=3)
-    kwargs.update(overrides)
-    return RelevanceStore.create(url, **kwargs)
-
-
-def shard_block(store, shard, seed=0):
-    start, stop = store.shard_rows(shard)
-    n = stop - start
-    rng = np.random.default_rng(seed + shard)
-    return start, dict(
-        relevance=rng.normal(size=(n, store.height, store.width)).astype(np.float32),
-        output=rng.normal(size=n), target=np.arange(start, stop) % 3, label=np.arange(start, stop) % 3,
-        prediction=np.zeros(n, int), sample_id=np.arange(start, stop),
-        path=[f"img/{i}.png" for i in range(start, stop)], error=[""] * n,
-    )
-
 
 def test_roundtrip_through_api_xarray_and_plain_zarr(tmp_path):
     url = str(tmp_path / "s.zarr")
-    store = make_store(url)
+    store = example_store(url)
     group = store.group("eps")
     blocks = [shard_block(store, shard) for shard in range(store.n_shards)]
     for start, block in blocks:
@@ -46,7 +25,7 @@ def test_roundtrip_through_api_xarray_and_plain_zarr(tmp_path):
 
     store = open_store(url)
     assert store.format_version == FORMAT_VERSION
-    assert store.config == CONFIG and store.class_names == ["cat", "dog", "car"]
+    assert store.config == STORE_CONFIG and store.class_names == ["cat", "dog", "car"]
     assert store.group_names == ["eps"] and store.n_shards == 3 and store.shard_rows(2) == (8, 10)
     group = store.group("eps")
     expected = np.concatenate([block["relevance"] for _, block in blocks])
@@ -71,7 +50,7 @@ def test_roundtrip_through_api_xarray_and_plain_zarr(tmp_path):
 
 
 def test_nonfinite_rows_are_flagged_and_explicit_status_kept(tmp_path):
-    store = make_store(str(tmp_path / "s.zarr"), n_rows=4)
+    store = example_store(str(tmp_path / "s.zarr"), n_rows=4)
     start, block = shard_block(store, 0)
     block["relevance"][1, 0, 0] = np.nan
     block["output"][2] = np.inf
@@ -81,7 +60,7 @@ def test_nonfinite_rows_are_flagged_and_explicit_status_kept(tmp_path):
 
 
 def test_writes_must_cover_whole_shards(tmp_path):
-    store = make_store(str(tmp_path / "s.zarr"))
+    store = example_store(str(tmp_path / "s.zarr"))
     _, block = shard_block(store, 1)
     with pytest.raises(StoreError, match="whole shards"):
         store.group("eps").write_block(2, **block)
@@ -89,24 +68,24 @@ def test_writes_must_cover_whole_shards(tmp_path):
 
 def test_different_config_is_refused_same_config_reopens(tmp_path):
     url = str(tmp_path / "s.zarr")
-    store = make_store(url)
+    store = example_store(url)
     start, block = shard_block(store, 0)
     store.group("eps").write_block(start, **block)
 
-    other = {**CONFIG, "model": {"name": "resnet50"}}
+    other = {**STORE_CONFIG, "model": {"name": "resnet50"}}
     with pytest.raises(StoreConfigMismatch, match=r"model\.name: 'tiny' in the store, 'resnet50' now"):
-        make_store(url, config=other)
+        example_store(url, config=other)
     with pytest.raises(StoreConfigMismatch, match="layout.height"):
-        make_store(url, height=8)
+        example_store(url, height=8)
 
-    reopened = make_store(url)  # same config: resume, the written shard is still there
+    reopened = example_store(url)  # same config: resume, the written shard is still there
     assert reopened.group("eps").pending_shards() == [1, 2]
     np.testing.assert_array_equal(reopened.group("eps").relevance[:4].compute(), block["relevance"])
 
 
 def test_pending_shards_and_a_truncated_status_chunk(tmp_path):
     url = str(tmp_path / "s.zarr")
-    store = make_store(url)
+    store = example_store(url)
     group = store.group("eps")
     for shard in range(3):
         start, block = shard_block(store, shard)
@@ -122,7 +101,7 @@ def test_pending_shards_and_a_truncated_status_chunk(tmp_path):
 
 
 def test_parallel_writers_on_separate_shards_lose_nothing(tmp_path):
-    store = make_store(str(tmp_path / "s.zarr"), n_rows=40, rows_per_shard=4, with_mask=False, max_boxes=0)
+    store = example_store(str(tmp_path / "s.zarr"), n_rows=40, rows_per_shard=4, with_mask=False, max_boxes=0)
     blocks = [shard_block(store, shard) for shard in range(store.n_shards)]
 
     def write(item):
@@ -138,7 +117,7 @@ def test_parallel_writers_on_separate_shards_lose_nothing(tmp_path):
 
 def test_fsspec_url_store():
     url = f"memory://lrp-audit-test-{os.getpid()}/s.zarr"
-    store = make_store(url, n_rows=4)
+    store = example_store(url, n_rows=4)
     start, block = shard_block(store, 0)
     store.group("eps").write_block(start, **block)
     assert open_store(url).group("eps").rows()["path"].to_pylist() == [f"img/{i}.png" for i in range(4)]
@@ -152,8 +131,8 @@ def test_open_errors_say_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="not an lrp-audit"):
         open_store(str(tmp_path / "plain.zarr"))
     with pytest.raises(StoreError, match="not an lrp-audit store"):
-        make_store(str(tmp_path / "plain.zarr"))
-    store = make_store(str(tmp_path / "s.zarr"))
+        example_store(str(tmp_path / "plain.zarr"))
+    store = example_store(str(tmp_path / "s.zarr"))
     zarr.open_group(store.url, mode="r+").attrs["lrp_audit_format"] = FORMAT_VERSION + 1  # a newer writer
     with pytest.raises(StoreError, match="upgrade lrp-audit"):
         open_store(store.url)
@@ -164,20 +143,20 @@ def test_a_path_holding_other_files_is_never_cleared(tmp_path):
     folder.mkdir()
     (folder / "important.txt").write_text("keep me")
     with pytest.raises(StoreError, match="holds other files"):
-        make_store(str(folder))
+        example_store(str(folder))
     with pytest.raises(StoreError, match="is a file"):
-        make_store(str(folder / "important.txt"))
+        example_store(str(folder / "important.txt"))
     legacy = zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2)
     legacy.create_array("x", shape=(2,), dtype="int8")
     with pytest.raises(StoreError, match="holds other files"):
-        make_store(str(tmp_path / "v2.zarr"))
+        example_store(str(tmp_path / "v2.zarr"))
     assert (folder / "important.txt").read_text() == "keep me"
     assert zarr.open_group(str(tmp_path / "v2.zarr"), mode="r")["x"].shape == (2,)
 
 
 def test_a_creation_cut_short_is_redone_not_resumed(tmp_path):
     url = str(tmp_path / "s.zarr")
-    make_store(url)
+    example_store(url)
     root = zarr.open_group(url, mode="r+")
     # what a kill during creation leaves: the marker set, the format attribute not yet, an array missing
     root.attrs.update({"lrp_audit_creating": True})
@@ -185,23 +164,23 @@ def test_a_creation_cut_short_is_redone_not_resumed(tmp_path):
     del root["explanations/eps/status"]
     with pytest.raises(StoreError, match="not an lrp-audit"):
         open_store(url)
-    store = make_store(url)
+    store = example_store(url)
     assert store.group("eps").pending_shards() == [0, 1, 2]
     assert "lrp_audit_creating" not in zarr.open_group(url, mode="r").attrs
 
 
 def test_file_url_store(tmp_path):
     url = f"file://{tmp_path}/nested/s.zarr"
-    store = make_store(url, n_rows=4)
+    store = example_store(url, n_rows=4)
     start, block = shard_block(store, 0)
     store.group("eps").write_block(start, **block)
-    assert make_store(url, n_rows=4).group("eps").pending_shards() == []
+    assert example_store(url, n_rows=4).group("eps").pending_shards() == []
     np.testing.assert_array_equal(open_store(str(tmp_path / "nested" / "s.zarr")).group("eps").relevance.compute(),
                                   block["relevance"])
 
 
 def test_write_failed_keeps_rows_that_are_ok(tmp_path):
-    store = make_store(str(tmp_path / "s.zarr"))
+    store = example_store(str(tmp_path / "s.zarr"))
     group = store.group("eps")
     start, block = shard_block(store, 1)
     block["status"] = [STATUS_OK, STATUS_FAILED, STATUS_OK, STATUS_NONFINITE]

@@ -52,3 +52,28 @@ def assert_tables_equal(a, b):
                                               err_msg=name)
             else:
                 assert x == y, (name, x, y)
+
+
+#: the run config the layout tests' stores are made with
+STORE_CONFIG = {"model": {"name": "tiny"}, "settings": [{"composite": "epsilon", "epsilon": 0.01}]}
+
+
+def example_store(url, **overrides):
+    """An empty store of 10 rows in shards of 4 with every optional array (boxes, mask, labels): the layout tests'."""
+    kwargs = dict(config=STORE_CONFIG, class_names=["cat", "dog", "car"], groups={"eps": {"composite": "epsilon"}},
+                  n_rows=10, height=4, width=5, rows_per_shard=4, max_boxes=2, with_mask=True, num_labels=3)
+    kwargs.update(overrides)
+    return RelevanceStore.create(url, **kwargs)
+
+
+def shard_block(store, shard, seed=0):
+    """(start, arrays) of one whole shard of random rows for ``write_block``, different per shard and seed."""
+    start, stop = store.shard_rows(shard)
+    n = stop - start
+    rng = np.random.default_rng(seed + shard)
+    return start, dict(
+        relevance=rng.normal(size=(n, store.height, store.width)).astype(np.float32),
+        output=rng.normal(size=n), target=np.arange(start, stop) % 3, label=np.arange(start, stop) % 3,
+        prediction=np.zeros(n, int), sample_id=np.arange(start, stop),
+        path=[f"img/{i}.png" for i in range(start, stop)], error=[""] * n,
+    )
