@@ -9,7 +9,8 @@ give the same map (the twins of ``tests/helpers/zoo_twins.py``: residual sums as
 scales, checked equal to ours in tests/test_lrp_zoo_zennit.py), and on ViT ours against lxt with the same relevance
 (tests/test_lrp_vit_lxt.py: the ``z`` composite with the position embedding as a bias, CP-LRP or AttnLRP attention).
 Times are medians of ``--repeats`` interleaved rounds after a warm-up (``bench_engine.Timer``). Memory is the peak
-resident set size above the resident size before one call (Linux ``/proc/self/clear_refs``; glibc's mmap threshold fixed at 64 KiB so that
+resident set size above the resident size before one call (Linux ``/proc/self/clear_refs``;
+glibc's mmap threshold fixed at 64 KiB so that
 freed tensors leave the resident set); on CUDA the
 peak allocated memory of one call.
 """

@@ -13,7 +13,8 @@ step input with the gradient modified the way lxt implements AttnLRP (Achtibat e
 * ``F.normalize`` (v2's cosine attention) divides by a constant norm, as the LayerNorm rule takes the std constant;
 * relative position biases, shift masks (-100), the logit scale and the projections' biases are constants.
 
-The input relevance is then :math:`R_x = x \odot \tilde J^T (R / z)` with :math:`z` the step output (epsilon-stabilized):
+The input relevance is then :math:`R_x = x \odot \tilde J^T (R / z)` with :math:`z` the step output
+(epsilon-stabilized):
 the epsilon rule on the step as a whole, and inside it LRP-0 with every bias kept (``include_bias`` does not reach
 inside; relevance of biases, masks and position biases is absorbed). ``cp=True`` (CP-LRP, Ali et al. 2022) takes the
 attention weights as constants instead: the first product (the scores) gets no gradient and ``A v`` passes all of

@@ -144,7 +144,8 @@ class RunConfig:
 
         weights = redact(self.model.weights) if self.model.weights else self.model.weights
         return {
-            "dataset": {"source": redact(str(self.dataset.source)), "kind": self.dataset.kind, "split": self.dataset.split},
+            "dataset": {"source": redact(str(self.dataset.source)), "kind": self.dataset.kind,
+                        "split": self.dataset.split},
             "model": {"name": self.model.name, "factory": self.model.factory, "weights": weights,
                       "kwargs": self.model.kwargs, "seed": self.model.seed},
             "explanations": {s.name: s.to_dict() for s in self.explanations},

@@ -8,7 +8,8 @@ Three sources, all on any fsspec filesystem (local path or URL):
 * a Pascal VOC folder (``JPEGImages`` + ``Annotations`` XML: multi-label classes and object boxes).
 
 The index is a compact Arrow table (metadata only) so the driver can plan a million-image run
-without holding any image; images are decoded later, inside the actors, by :func:`read_image` (Pillow, as torchvision's ImageFolder).
+without holding any image; images are decoded later, inside the actors, by :func:`read_image`
+(Pillow, as torchvision's ImageFolder).
 """
 from __future__ import annotations
 

@@ -209,16 +209,23 @@ class EvaluateActor:
             for m in methods:
                 errors[m][i] = reason
 
-        records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=redact(meta["path"][i]), target=target[i],
+        records = [dict(row=meta["row"][i], sample_id=meta["sample_id"][i], path=redact(meta["path"][i]),
+                        target=target[i],
                         label=meta["label"][i], prediction=prediction[i], method=m, status=status[m][i],
                         error=redact(errors[m][i]), curve=curves[m][i]) for i in range(n) for m in methods]
         _write_atomically(pa.Table.from_pylist(records, schema=CURVE_SCHEMA), shard_path(self.job.config.out, shard),
                           run.storage_options)
         counts = {s: sum(st.count(s) for st in status.values()) for s in ("ok", "failed", "nonfinite")}
-        failures = sorted({(redact(meta["path"][i]), redact(errors[methods[0]][i])) for i in range(n) if status[methods[0]][i] == "failed"})
+        failures = sorted({(redact(meta["path"][i]), redact(errors[methods[0]][i]))
+                           for i in range(n) if status[methods[0]][i] == "failed"})
         return {"shard": shard, "rows": n, **counts, "failures": failures, "seconds": time.perf_counter() - began}
 
     def _evaluate(self, batch, meta, target, prediction, status, errors, curves):
+        """Perturbation curves of one batch, written into the shard's buffers.
+
+        Many parameters because: the batch and the six per-shard buffers it fills (one each, as the store lays them
+        out).
+        """
         index = list(batch.rows)
         x = batch.inputs(self.device)
         with torch.no_grad():
@@ -297,7 +304,8 @@ def _prepare_output(plan: EvaluationPlan) -> None:
         differences = config_differences(old, identity)
         if differences:
             raise ConfigError(f"the evaluation at {config.out!r} was made with a different configuration:\n  "
-                              + "\n  ".join(differences) + "\nWrite to a new --out, or delete the old one to start over.")
+                              + "\n  ".join(differences)
+                              + "\nWrite to a new --out, or delete the old one to start over.")
         return
     fs.makedirs(root, exist_ok=True)
     with fs.open(local, "wt") as handle:

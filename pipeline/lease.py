@@ -59,7 +59,8 @@ class LeaseInfo:
                 or (self.host == socket.gethostname() and not _alive(self.pid)))
 
     def describe(self) -> str:
-        return (f"{self.owner} (pid {self.pid} on {self.host}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started))}, "
+        return (f"{self.owner} (pid {self.pid} on {self.host}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.started))}, "
                 f"last heartbeat {self.age():.0f}s ago)")
 
 

@@ -169,9 +169,11 @@ class RelevanceStore:
         ``groups`` names the explanation settings (a dict maps each name to its setting, kept in the
         group's attrs). ``channels`` adds per-channel relevance (N,C,H,W); ``max_boxes`` K > 0 adds
         boxes (N,K,4); ``num_labels`` adds multi-label targets (N,L); ``with_mask`` adds masks (N,H,W).
-        A store made with a different config is refused, never overwritten. The keywords are the layout,
-        one each; validating, comparing with an existing store and laying out a new one stay together here
-        so that the order of those writes (docs/store-format.md) is in one place: hence its length.
+        A store made with a different config is refused, never overwritten.
+
+        Many parameters because: the keywords are the layout, one each.
+        Long because: validating, comparing with an existing store and laying out a new one stay together here so
+        that the order of those writes (docs/store-format.md) is in one place.
         """
         settings = dict(groups) if isinstance(groups, Mapping) else {name: {} for name in groups}
         if not settings:
@@ -473,7 +475,8 @@ class ExplanationGroup:
         return status
 
     def _read_block(self, start: int, n: int) -> dict[str, np.ndarray]:
-        """Every array's rows ``[start, start+n)``; an unreadable shard (torn by a kill) reads as fill values, pending."""
+        """Every array's rows ``[start, start+n)``; an unreadable shard (torn by a kill) reads as fill values,
+        pending."""
         try:
             return {name: np.array(self._group[name][start:start + n]) for name in self._group.array_keys()}
         except Exception:  # a torn object: nothing in it can be kept, and its rows are recomputed
@@ -490,7 +493,8 @@ class ExplanationGroup:
         if "relevance_sum" not in arrays:
             arrays["relevance_sum"] = np.asarray(arrays["relevance"], np.float64).sum(axis=(1, 2))
         if "output" in arrays and "residual" not in arrays:
-            arrays["residual"] = np.asarray(arrays["relevance_sum"], np.float64) - np.asarray(arrays["output"], np.float64)
+            arrays["residual"] = (np.asarray(arrays["relevance_sum"], np.float64)
+                                  - np.asarray(arrays["output"], np.float64))
         for name, values in {**arrays, "status": status}.items():
             if current[name].dtype.kind in "TUO":
                 current[name] = current[name].astype(object)

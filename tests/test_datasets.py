@@ -92,7 +92,8 @@ def test_csv_manifest_text_cells(tmp_path):
 
 VOC_XML = """<annotation><filename>{name}.jpg</filename><size><width>8</width><height>6</height></size>
 {objects}</annotation>"""
-VOC_OBJECT = "<object><name>{cls}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+VOC_OBJECT = ("<object><name>{cls}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
+              "</bndbox></object>")
 
 
 def make_voc(root):

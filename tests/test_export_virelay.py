@@ -42,7 +42,8 @@ def exported(tmp_path_factory):
                    options=RunOptions(progress=False))
     out = root / "project"
     assert cli.main(["export-virelay", store, str(out), "--spray", str(root / "agg")]) == 0
-    return {"store": store, "out": out, "spray": result, "spray_dir": str(root / "agg"), "stamped": stamped, "status": status, "n": n}
+    return {"store": store, "out": out, "spray": result, "spray_dir": str(root / "agg"), "stamped": stamped,
+            "status": status, "n": n}
 
 
 def test_hdf5_layout(exported):

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 def save(path: Path, seed: int, fmt: str, size=(20, 28)) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     smooth = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    Image.fromarray(smooth).resize(size[::-1], Image.BILINEAR).save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(smooth).resize(size[::-1], Image.BILINEAR).save(path, fmt, **options)
     return str(path)
 
 

@@ -1,6 +1,7 @@
 """lxt agreement on torchvision's vit_b_16 (AttnLRP and CP-LRP), and captum's gradient baselines on the new families.
 
-lxt computes LRP as Gradient x Input through a forward pass with modified gradients (``tests/helpers/lxt_reference.py``).
+lxt computes LRP as Gradient x Input through a forward pass with modified gradients
+(``tests/helpers/lxt_reference.py``).
 That equals LRP-0 with every bias in the denominators (each rule ``R_in = in * J^T (R_out / out)``), so ours is run as
 the ``z`` composite with exact division (``stabilizer=0``), with one rule changed: the position embedding, a constant
 added to the tokens (a ``shift`` step), gets the z rule with the constant as a bias (``Norm``), where our composites
@@ -45,7 +46,8 @@ def vit():
 
 def _ours(model, x, target, cp: bool) -> torch.Tensor:
     z = lrp.make_composite("z", stabilizer=0.0)
-    composite = dataclasses.replace(z, by_kind={**z.by_kind, Kind.SHIFT: Norm(0.0), Kind.ATTENTION: Attention(0.0, cp=cp)})
+    by_kind = {**z.by_kind, Kind.SHIFT: Norm(0.0), Kind.ATTENTION: Attention(0.0, cp=cp)}
+    composite = dataclasses.replace(z, by_kind=by_kind)
     return lrp.Explainer(model, composite)(x, target).relevance
 
 

@@ -1,4 +1,5 @@
-"""The actor's stage overlap: the bounded prefetch thread (pipeline.prefetch) and the writer thread (pipeline.writer)."""
+"""The actor's stage overlap: the bounded prefetch thread (pipeline.prefetch) and the writer thread
+(pipeline.writer)."""
 from __future__ import annotations
 
 import threading

@@ -65,7 +65,7 @@ def render_report(store_url: str, out: str | None = None, *, compare: str | None
     """Write the report of ``store_url`` (optionally beside a second store ``compare``); returns its path.
 
     ``evaluation``: a folder written by ``lrp-audit evaluate`` (default: beside the store, when there is one).
-    The keyword options are those of ``lrp-audit report``, passed through one to one: hence their number.
+    Many parameters because: the keyword options are those of ``lrp-audit report``, passed through one to one.
     """
     run = open_run(store_url, aggregates_dir, scheduler=scheduler)
     other = open_run(compare, compare_aggregates_dir, scheduler=scheduler) if compare else None

@@ -23,7 +23,11 @@ def create_scratch(path: str, n_rows: int, cells: int, rows_per_shard: int) -> N
 
 def pool_shard(store_url: str, group: str, start: int, stop: int, boxes: np.ndarray | None, size: int,
                scratch: str, storage_options: dict | None = None) -> np.ndarray:
-    """Pool rows [start, stop) into the scratch array; return their (n, 3) row stats (preprocess.row_stats)."""
+    """Pool rows [start, stop) into the scratch array; return their (n, 3) row stats (preprocess.row_stats).
+
+    Many parameters because: a Dask task on any scheduler gets plain values, so the store's address (URL, group,
+    storage options), the shard's rows, its boxes and the scratch array are spelled out one by one.
+    """
     block = open_store(store_url, storage_options=storage_options).group(group).read("relevance", start, stop)
     block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)  # rows not ok are never used, only kept finite
     pooled = preprocess.sum_pool(block, size)
@@ -33,7 +37,10 @@ def pool_shard(store_url: str, group: str, start: int, stop: int, boxes: np.ndar
 
 def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | None, size: int, scratch: str,
                   storage_options: dict | None = None) -> list:
-    """Lazy (start, stats) per shard that holds a wanted row; shards without one are not read."""
+    """Lazy (start, stats) per shard that holds a wanted row; shards without one are not read.
+
+    Many parameters because: it forwards :func:`pool_shard`'s plain-value arguments, which every task needs.
+    """
     tasks = []
     for shard in range(store.n_shards):
         start, stop = store.shard_rows(shard)

@@ -129,6 +129,11 @@ def _class_task(scratch: str, rows: np.ndarray, columns: dict, stats: np.ndarray
 
 def _spray_group(store, name: str, classes: Sequence[int] | None, settings: SpraySettings, options: RunOptions,
                  compute_options: dict, scratch: str) -> dict:
+    """SpRAy on one explanation group: pool its shards once, then cluster each class.
+
+    Many parameters because: the group's store, name and class subset, the two settings objects, Dask's compute
+    options and the scratch folder are distinct inputs of one run, none derivable from the others.
+    """
     group = store.group(name)
     table = group.rows()
     meta = {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
