@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
 RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
+UNAVAILABLE_TIMEOUT = 120.0  # seconds a restarting actor may answer "unavailable" before it is dropped (a lost node)
 RECOVERY_TIMEOUT = 900.0  # seconds a restarting actor may stay unscheduled (a lost node, no room) before it is dropped
 
 
@@ -333,7 +334,8 @@ class ShardPool:
 
         "Unavailable" while Ray restarts the actor is not a failed ping: a restart (a fresh process, torch, the
         model) took over 30 s on a loaded 2-core machine, longer than the back-off of ``RECOVERIES`` pings, and the
-        pool then dropped a healthy actor. That wait is bounded by ``RECOVERY_TIMEOUT`` instead."""
+        pool then dropped a healthy actor. That wait is bounded by ``UNAVAILABLE_TIMEOUT`` instead: an actor whose node
+        is gone answers "unavailable" for ever, and its parts must go to the other actors."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         i = self.recovering.pop(ref)
@@ -343,8 +345,11 @@ class ShardPool:
             self.recovering_since.pop(i, None)
             self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
         except ActorUnavailableError:
-            time.sleep(1.0)
-            self.recover(i)
+            if time.monotonic() - self.recovering_since[i] > UNAVAILABLE_TIMEOUT:
+                self.drop(i)
+            else:
+                time.sleep(1.0)
+                self.recover(i)
         except RayActorError:
             self.recoveries[i] += 1
             if self.recoveries[i] > RECOVERIES:
