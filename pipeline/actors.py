@@ -8,9 +8,9 @@ model (:class:`pipeline.batches.ShardReader`), explains them batch by batch with
 
 The stages overlap: a thread stages the next batches (:class:`pipeline.prefetch.Ahead`: decode, preprocessing,
 pinned host-to-device copy, or batched nvJPEG decoding with ``decode: auto``, :mod:`pipeline.gpu_decode`) while the
-model explains this one; shard writes go through the actor's writer thread (:class:`pipeline.writer.ShardWriter`),
-built so that two shard tasks at once (``concurrency``, one for now) can overlap one's write with the other's
-explanation under the engine lock.
+model explains this one, and on a GPU the actor runs two shard tasks at once (``concurrency``) so one task's shard is
+written by the actor's writer thread (:class:`pipeline.writer.ShardWriter`) while the other explains under the engine
+lock.
 """
 from __future__ import annotations
 
@@ -90,14 +90,13 @@ class ExplainActor:
 
     @staticmethod
     def concurrency(gpu: bool) -> int:
-        """Shard tasks Ray runs at once in one actor (threads): one, on either device, for now.
+        """Shard tasks Ray runs at once in one actor (threads): on a GPU two, one explaining under the engine lock
+        while the other's shard is written; on a CPU one, as the stages are not overlapped there (see the class).
 
-        A GPU actor is built for two (one explaining under the engine lock while the other's shard is written), and
-        the pool handles two (:attr:`pipeline.dispatch.ShardPool.alone`), but with two running the blame of a row
-        that kills the process picked an innocent neighbour in two full-suite runs
-        (``tests/test_dispatch.py::test_with_two_tasks_per_actor_a_row_that_kills_it_fails_alone``, issue 15). Until
-        that is understood and the gain measured on a GPU, one task at a time keeps "only the culprit row fails"."""
-        return 1
+        With two, the pool cannot tell which task ended the process when a row kills it: it blames neither and runs
+        both alone from then on (:attr:`pipeline.dispatch.ShardPool.alone`), so only the culprit row fails
+        (``tests/test_dispatch.py``)."""
+        return 2 if gpu else 1
 
     def __init__(self, job: ActorJob):
         self.job = job

@@ -14,6 +14,7 @@ size and records one that cannot be done. Ray is imported inside the methods, so
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -29,6 +30,14 @@ IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
 RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
 UNAVAILABLE_TIMEOUT = 120.0  # seconds a restarting actor may answer "unavailable" before it is dropped (a lost node)
 RECOVERY_TIMEOUT = 900.0  # seconds a restarting actor may stay unscheduled (a lost node, no room) before it is dropped
+
+
+def identity(actor: Any) -> tuple[str, int]:
+    """Run in an actor (``actor.__ray_call__``): the node and process that answer for it now. Its recovery
+    pings use it to tell a new incarnation from the process whose task ended."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), os.getpid()
 
 
 def connect(address: str | None = None):
@@ -120,7 +129,7 @@ class ShardPool:
         self.queue = deque(Part(shard, 0, task.size(shard)) for shard in shards)
         self.waiting: dict[int, deque] = {}  # shard -> its parts that wait for the part now in flight
         self.attempts: dict[Part, int] = {}
-        self.in_flight: dict = {}  # task ref -> (actor index, part)
+        self.in_flight: dict = {}  # task ref -> (actor index, part, the process it was submitted to)
         self.alone: set[Part] = set()  # parts that were running beside another when their actor ended: run alone
         self.computed = self.retries = self.failed_rows = 0
         self.notes: list[str] = []
@@ -129,7 +138,7 @@ class ShardPool:
         try:
             while self.queue or self.in_flight or any(self.pinned):
                 self._fill()
-                if not self.in_flight and not self.recovering:  # every actor is gone for good
+                if not self.in_flight and not self.recovering and not self.later:  # every actor gone for good
                     self._abandon()
                     break
                 self._step()
@@ -161,17 +170,20 @@ class ShardPool:
         self.pinned: list[deque] = [deque() for _ in self.actors]
         self.load = [0] * len(self.actors)
         self.recovering: dict = {}  # ready-ping ref -> actor index, for actors Ray is restarting
+        self.later: dict = {}  # actor index -> when to ping it again (a recovering actor between two pings)
         self.recovering_since: dict = {}  # actor index -> when its current recovery began
         self.recoveries = [0] * len(self.actors)
+        self.ended: dict = {}  # actor index -> the process (node, pid) whose end its recovery waits out
+        self.killed: set = set()  # processes the pool has asked Ray to end (never asked twice: see recovered)
         try:
-            ray.get([actor.ready.remote() for actor in self.actors])
+            self.process = ray.get([actor.__ray_call__.remote(identity) for actor in self.actors])
         except RayActorError as error:
             raise ConfigError(f"the {self.name} actors could not start: {error}") from error
 
     def _fill(self) -> None:
         """Give every usable actor parts until it has ``IN_FLIGHT`` of them; a part in ``alone`` runs by itself."""
         for i, actor in enumerate(self.actors):
-            if actor is None or i in self.recovering.values():
+            if actor is None or self._recovering(i):
                 continue
             while (self.pinned[i] or self.queue) and self.load[i] < IN_FLIGHT:
                 source = self.pinned[i] or self.queue
@@ -179,15 +191,29 @@ class ShardPool:
                     break
                 part = source.popleft()
                 self.attempts[part] = self.attempts.get(part, 0) + 1
-                self.in_flight[self.task.submit(actor, part)] = (i, part)
+                self.in_flight[self.task.submit(actor, part)] = (i, part, self.process[i])
                 self.load[i] += 1
 
     def _running_alone(self, i: int) -> bool:
-        return any(j == i and part in self.alone for j, part in self.in_flight.values())
+        return any(j == i and part in self.alone for j, part, _ in self.in_flight.values())
+
+    def _recovering(self, i: int) -> bool:
+        return i in self.later or i in self.recovering.values()
 
     def _step(self) -> None:
-        """Wait for one task or ready-ping and handle it by what happened."""
-        done, _ = self.ray.wait(list(self.in_flight) + list(self.recovering), num_returns=1, timeout=30.0)
+        """Wait for one task or ready-ping (or the time of a ping to send) and handle it by what happened."""
+        now = time.monotonic()
+        timeout = max(0.0, min([30.0, *(when - now for when in self.later.values())]))
+        refs = list(self.in_flight) + list(self.recovering)
+        if refs:
+            done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        else:
+            time.sleep(timeout)
+            done = []
+        for i, when in list(self.later.items()):
+            if when <= time.monotonic():
+                del self.later[i]
+                self._ping(i)
         for ref, i in list(self.recovering.items()):
             if ref not in done and time.monotonic() - self.recovering_since[i] > RECOVERY_TIMEOUT:
                 del self.recovering[ref]  # never rescheduled: do not wait for it forever
@@ -225,6 +251,10 @@ class ShardPool:
         kills its actor still fails only itself."""
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
+        process = self.in_flight[ref][2]
+        if self.ended.get(i) == process or self.process[i] != process:
+            self._late(i, ref)
+            return
         order = {r: k for k, r in enumerate(self.in_flight)}  # dict order: submission order
         waited = time.monotonic()
         refs = sorted([ref, *self._queued_on(i, ref)], key=order.__getitem__)
@@ -256,14 +286,31 @@ class ShardPool:
         for part, _ in rest:
             self._bystander(i, part, gone)
 
+    def _late(self, i: int, ref: Any) -> None:
+        """A task of a process whose end was handled already, reported after the bounded wait of :meth:`_ended`: it
+        was not counted then, so it is not blamed now (a bystander; with two tasks per actor it may have been
+        running, so it runs alone from now on)."""
+        from ray.exceptions import ActorDiedError
+
+        part = self._pop(ref)
+        log.warning("%s actor %d: shard %d rows [%d, %d) reported its end late; not blamed", self.name, i, *part[:3])
+        if self.concurrency > 1:
+            self.alone.add(part)
+        try:
+            self.ray.get(ref)
+        except ActorDiedError:
+            self._bystander(i, part, True)
+        except Exception:  # unavailable: it waits for the next incarnation, as the others of that process do
+            self._bystander(i, part, False)
+
     def _pop(self, ref: Any) -> Part:
-        i, part = self.in_flight.pop(ref)
+        i, part, _ = self.in_flight.pop(ref)
         self.load[i] -= 1
         return part
 
     def _queued_on(self, i: int, seen: Any) -> list:
         """Actor ``i``'s other tasks, once they have finished with it (a bounded wait)."""
-        refs = [ref for ref, (j, _) in self.in_flight.items() if j == i and ref != seen]
+        refs = [ref for ref, (j, _, _) in self.in_flight.items() if j == i and ref != seen]
         if refs:
             self.ray.wait(refs, num_returns=len(refs), timeout=60.0)
         ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
@@ -302,12 +349,17 @@ class ShardPool:
             self._bystander(i, part, True)
 
     def unavailable(self, i: int, part: Part, error: Exception, blame: bool = True) -> None:
-        """Ray lost touch with the actor, whose task may still run: end that process, the part waits for its next
-        incarnation (which Ray starts only once the old process is gone)."""
+        """Ray lost touch with the actor, whose task may still run: the part waits for the actor's next incarnation,
+        which the recovery pings tell from the process that ran it (:meth:`recovered`), or for Ray to say that the
+        node of that process is dead.
+
+        No ``ray.kill`` here: by the time Ray reports a process that exited (a segfault) as "unavailable", it has
+        usually restarted the actor already (measured with Ray 2.60: restart count 1 and a new pid before the error
+        reached the driver), so a kill now ends the *new* incarnation, and when the next ping is answered before the
+        kill lands, it ends the process under the next part, an innocent one, which was then blamed: this was the
+        neighbour row failed "twice" in full-suite runs (issue 15)."""
         log.warning("%s actor %d became unavailable on shard %d rows [%d, %d)", self.name, i, *part[:3])
-        if self.actors[i] is not None:
-            self.ray.kill(self.actors[i], no_restart=False)
-            self.recover(i)
+        self.recover(i)
         if blame:
             target = self.queue if self.actors[i] is None else self.pinned[i]
             self._bisect_or_retry(part, "became unavailable", error, target)
@@ -324,39 +376,73 @@ class ShardPool:
         self._retry(part, str(cause if cause is not None else error).strip().splitlines()[-1], self.queue)
 
     def recover(self, i: int) -> None:
-        """Ping actor ``i`` until Ray has restarted it; it gets no work meanwhile."""
-        if i not in self.recovering.values() and self.actors[i] is not None:
-            self.recovering[self.actors[i].ready.remote()] = i
+        """Ping actor ``i`` until a process other than the one whose task ended answers for it; no work meanwhile."""
+        if not self._recovering(i) and self.actors[i] is not None:
+            self.ended.setdefault(i, self.process[i])
             self.recovering_since.setdefault(i, time.monotonic())
+            self._ping(i)
+
+    def _ping(self, i: int, delay: float = 0.0) -> None:
+        if delay:
+            self.later[i] = time.monotonic() + delay
+        elif self.actors[i] is not None:
+            self.recovering[self.actors[i].__ray_call__.remote(identity)] = i
 
     def recovered(self, ref: Any) -> None:
-        """A ready-ping came back: the actor is usable again, or is pinged again (with a back-off) or dropped.
+        """A ping came back: the actor is usable again, or is pinged again (after a pause) or dropped.
 
-        "Unavailable" while Ray restarts the actor is not a failed ping: a restart (a fresh process, torch, the
-        model) took over 30 s on a loaded 2-core machine, longer than the back-off of ``RECOVERIES`` pings, and the
-        pool then dropped a healthy actor. That wait is bounded by ``UNAVAILABLE_TIMEOUT`` instead: an actor whose node
-        is gone answers "unavailable" for ever, and its parts must go to the other actors."""
+        Answered by the process whose task ended: Ray lost touch with it but it lives, and may still be running the
+        task, so it is ended (once: a second kill could land on the next incarnation) and pinged again. "Unavailable"
+        while Ray restarts the actor is not a failed ping (a restart took over 30 s on a loaded 2-core machine);
+        that wait is bounded by ``UNAVAILABLE_TIMEOUT``, and when Ray says the node of the ended process is dead
+        (:meth:`_unreachable`) the parts that waited for the actor go to the others at once."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         i = self.recovering.pop(ref)
         try:
-            self.ray.get(ref)
-            log.warning("%s actor %d is back after %.1f s", self.name, i, time.monotonic() - self.recovering_since[i])
-            self.recovering_since.pop(i, None)
-            self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
+            answer = tuple(self.ray.get(ref))
         except ActorUnavailableError:
-            if time.monotonic() - self.recovering_since[i] > UNAVAILABLE_TIMEOUT:
-                self.drop(i)
-            else:
-                time.sleep(1.0)
-                self.recover(i)
+            self._unreachable(i)
+            return
         except RayActorError:
             self.recoveries[i] += 1
             if self.recoveries[i] > RECOVERIES:
                 self.drop(i)
             else:
-                time.sleep(min(2.0, 0.1 * 2 ** self.recoveries[i]))
-                self.recover(i)
+                self._ping(i, min(2.0, 0.1 * 2 ** self.recoveries[i]))
+            return
+        ended = self.ended.get(i)
+        if answer == ended:
+            if ended not in self.killed:
+                log.warning("%s actor %d: its process %s lives on; ending it", self.name, i, ended[1])
+                self.killed.add(ended)
+                self.ray.kill(self.actors[i], no_restart=False)
+            self._ping(i, 0.5)
+            return
+        log.warning("%s actor %d is back after %.1f s", self.name, i, time.monotonic() - self.recovering_since[i])
+        self.process[i] = answer
+        self.ended.pop(i, None)
+        self.recovering_since.pop(i, None)
+        self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
+
+    def _unreachable(self, i: int) -> None:
+        """Actor ``i`` answered "unavailable": its parts go to the others once Ray says the node of its ended process
+        is dead (that process cannot write any more), and the actor leaves the pool after ``UNAVAILABLE_TIMEOUT``."""
+        node = self.ended.get(i, self.process[i])[0]
+        if self.pinned[i] and not self._node_alive(node):
+            log.warning("%s actor %d: its node %s is dead; %d parts waiting for it go to the others", self.name, i,
+                        node[:12], len(self.pinned[i]))
+            self.queue.extendleft(reversed(self.pinned[i]))
+            self.pinned[i].clear()
+        if time.monotonic() - self.recovering_since[i] > UNAVAILABLE_TIMEOUT:
+            self.drop(i)
+        else:
+            self._ping(i, 1.0)
+
+    def _node_alive(self, node: str) -> bool:
+        """Whether Ray's control store lists ``node`` as alive (``ray.nodes()``, read from the GCS; the state API,
+        ``ray.util.state``, needs the dashboard, which the pool's own cluster runs without)."""
+        return any(entry["NodeID"] == node and entry["Alive"] for entry in self.ray.nodes())
 
     def drop(self, i: int) -> None:
         """Actor ``i`` leaves the pool; the parts waiting for it go to the others."""
@@ -367,6 +453,8 @@ class ShardPool:
         self.queue.extendleft(reversed(self.pinned[i]))
         self.pinned[i].clear()
         self.recovering_since.pop(i, None)
+        self.ended.pop(i, None)
+        self.later.pop(i, None)
 
     # ---- retry or give up -------------------------------------------------------------------------------
     def _bisect_or_retry(self, part: Part, what: str, error: Exception, target: deque) -> None:
