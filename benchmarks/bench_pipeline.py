@@ -11,14 +11,26 @@ there is one: it shows whether the actor's decoding and store writes keep a GPU 
 
     python benchmarks/bench_pipeline.py --in-process --images 4096 --size 224 --model resnet50 --format jpg \
         --batch-size 64 --cpus-per-actor 8
+
+``--scaling`` starts a Ray cluster of one raylet per core on loopback (``ray start --head`` and ``ray start
+--address``, one CPU each, their own ``--temp-dir``) and runs the job with 1, 2, ... actors, one CPU each: images/s
+against the number of actors, beside the bare engine on one thread times the actors (perfect scaling). It shows
+whether the driver (one process planning and dispatching for all actors) or the store bounds the job.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --scaling --images 768 --size 64 --repeats 2
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +149,8 @@ def main() -> None:
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="reduced-precision forward, both sides")
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="with --in-process: also K actors in K processes sharing the device, for each K")
+    parser.add_argument("--scaling", action="store_true", help="images/s against 1..--actors actors (default: the "
+                        "cores), on a cluster of one single-CPU raylet per actor on loopback")
     args = parser.parse_args()
 
     from pipeline.config import config_from_dict
@@ -145,6 +159,8 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     if args.in_process:
         return main_in_process(args, cpus, config_from_dict)
+    if args.scaling:
+        return main_scaling(args, config_from_dict, run)
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -178,6 +194,76 @@ def main() -> None:
     print(f"| {'explain job, end to end (plan+actors+store)':<44} | {best_job:9.1f} | {best_job / best_engine:9.0%} |")
     print(f"| {'explain job, after actors are up':<44} | {best_steady:9.1f} | {best_steady / best_engine:9.0%} |")
 
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def loopback_cluster(raylets: int, temp: Path):
+    """A Ray cluster of ``raylets`` nodes of one CPU each on this machine; yields its address. Each ``ray start``
+    runs with ``--block`` and is stopped by SIGTERM (``ray stop`` would stop every Ray process of the machine)."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    address = f"127.0.0.1:{_free_port()}"
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--block"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    nodes = []
+    try:
+        for k in range(raylets):
+            where = ["--head", "--port", address.rsplit(":", 1)[1], "--include-dashboard", "false"] if k == 0 else \
+                ["--address", address]
+            folder = temp / f"n{k}"  # short: Ray's socket paths live under it
+            nodes.append(subprocess.Popen([ray_cli, "start", *where, *common, "--temp-dir", str(folder),
+                                           "--dashboard-agent-listen-port", str(_free_port())], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(3.0 if k == 0 else 0.5)
+        yield address
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)
+        for node in reversed(nodes):
+            node.wait(timeout=60)
+
+
+def main_scaling(args, config_from_dict, run) -> None:
+    """The job with 1..``args.actors`` single-CPU actors, one raylet each, against the one-thread engine times k."""
+    import ray
+
+    counts = list(range(1, args.actors + 1))
+    temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    with tempfile.TemporaryDirectory() as tmp, loopback_cluster(args.actors, temp) as address:
+        root = Path(tmp)
+        make_images(root / "data", args.images, _image_size(args)[0], 10, args.format, width=_image_size(args)[1])
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        began = time.monotonic()
+        while ray.cluster_resources().get("CPU", 0) < args.actors and time.monotonic() - began < 120:
+            time.sleep(0.5)
+        raylets = sum(1 for node in ray.nodes() if node["Alive"])
+        values = run_values(args, root, address=address, cpus_per_actor=1)
+        engine, job = [], {k: [] for k in counts}
+        for repeat in range(args.repeats):  # alternated, the best of each kept
+            seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
+                                         args.batch_size, 1)
+            engine.append(count / seconds)
+            for k in counts:
+                summary = run(config_from_dict({**values, "num_actors": k, "store": str(root / f"r{k}-{repeat}.zarr")}))
+                assert summary.exit_code == 0, summary.format()
+                job[k].append(summary.computed_rows / summary.seconds)
+        ray.shutdown()
+    best, rates = max(engine), {k: max(r) for k, r in job.items()}
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{raylets} raylets of 1 CPU on loopback")
+    print(f"{args.images} images -> {args.size}x{args.size}, {args.model}, {args.composite}, batch {args.batch_size}, "
+          f"shards of {4 * args.batch_size} rows; rates after the actors are up")
+    print("| actors | images/s | per actor | vs 1 actor x k | vs 1-thread engine x k |")
+    print("|---|---|---|---|---|")
+    for k, rate in rates.items():
+        print(f"| {k} | {rate:.1f} | {rate / k:.1f} | {rate / (k * rates[1]):.0%} | {rate / (k * best):.0%} |")
+    print(f"| bare engine, 1 thread, decoded inputs | {best:.1f} | | | |")
 
 
 def _image_size(args) -> tuple[int, int]:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # shard tasks queued per actor: one running, one ready to start
 RECOVERIES = 20  # failed ready-pings of a restarting actor before it is dropped from the pool
 UNAVAILABLE_TIMEOUT = 120.0  # seconds a restarting actor may answer "unavailable" before it is dropped (a lost node)
+NODE_CHECK = 2.0  # seconds between looks at whether the node of an actor whose parts wait for it is dead
 RECOVERY_TIMEOUT = 900.0  # seconds a restarting actor may stay unscheduled (a lost node, no room) before it is dropped
 
 
@@ -204,12 +205,17 @@ class ShardPool:
         """Wait for one task or ready-ping (or the time of a ping to send) and handle it by what happened."""
         now = time.monotonic()
         timeout = max(0.0, min([30.0, *(when - now for when in self.later.values())]))
+        held = [i for i in set(self.recovering.values()) | set(self.later) if self.pinned[i]]
+        if held:  # parts wait for a recovering actor: look at its node now and then, whatever its pings do
+            timeout = min(timeout, NODE_CHECK)
         refs = list(self.in_flight) + list(self.recovering)
         if refs:
             done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
         else:
             time.sleep(timeout)
             done = []
+        for i in held:
+            self._release_if_lost(i)
         for i, when in list(self.later.items()):
             if when <= time.monotonic():
                 del self.later[i]
@@ -417,7 +423,10 @@ class ShardPool:
                 log.warning("%s actor %d: its process %s lives on; ending it", self.name, i, ended[1])
                 self.killed.add(ended)
                 self.ray.kill(self.actors[i], no_restart=False)
-            self._ping(i, 0.5)
+            if time.monotonic() - self.recovering_since[i] > UNAVAILABLE_TIMEOUT:
+                self.drop(i)  # it does not end: its parts go to the others
+            else:
+                self._ping(i, 0.5)
             return
         log.warning("%s actor %d is back after %.1f s", self.name, i, time.monotonic() - self.recovering_since[i])
         self.process[i] = answer
@@ -426,18 +435,25 @@ class ShardPool:
         self.recoveries[i] = 0  # the count is of failed pings in a row, within one recovery
 
     def _unreachable(self, i: int) -> None:
-        """Actor ``i`` answered "unavailable": its parts go to the others once Ray says the node of its ended process
-        is dead (that process cannot write any more), and the actor leaves the pool after ``UNAVAILABLE_TIMEOUT``."""
-        node = self.ended.get(i, self.process[i])[0]
-        if self.pinned[i] and not self._node_alive(node):
-            log.warning("%s actor %d: its node %s is dead; %d parts waiting for it go to the others", self.name, i,
-                        node[:12], len(self.pinned[i]))
-            self.queue.extendleft(reversed(self.pinned[i]))
-            self.pinned[i].clear()
+        """Actor ``i`` answered "unavailable": its parts go to the others once its node is dead, and the actor leaves
+        the pool after ``UNAVAILABLE_TIMEOUT`` (the fallback when Ray does not say so)."""
+        self._release_if_lost(i)
         if time.monotonic() - self.recovering_since[i] > UNAVAILABLE_TIMEOUT:
             self.drop(i)
         else:
             self._ping(i, 1.0)
+
+    def _release_if_lost(self, i: int) -> None:
+        """When Ray says the node of actor ``i``'s ended process is dead, that process cannot write any more: the
+        parts that wait for the actor's next incarnation go to the others at once (Ray may still restart the actor
+        elsewhere, and it rejoins the pool then)."""
+        node = self.ended.get(i, self.process[i])[0]
+        if self.pinned[i] and not self._node_alive(node):
+            log.warning("%s actor %d: its node %s is dead; %d parts waiting for it go to the others, %.1f s after its "
+                        "end", self.name, i, node[:12], len(self.pinned[i]),
+                        time.monotonic() - self.recovering_since[i])
+            self.queue.extendleft(reversed(self.pinned[i]))
+            self.pinned[i].clear()
 
     def _node_alive(self, node: str) -> bool:
         """Whether Ray's control store lists ``node`` as alive (``ray.nodes()``, read from the GCS; the state API,
