@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,13 +203,30 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _wait_for_port(address: str, head: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    """Until the head's GCS accepts connections (a loaded machine takes its time)."""
+    host, port = address.rsplit(":", 1)
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head ended: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the head did not listen on {address} within {timeout:.0f} s")
+
+
 @contextmanager
 def loopback_cluster(raylets: int, temp: Path):
     """A Ray cluster of ``raylets`` nodes of one CPU each on this machine; yields its address. Each ``ray start``
     runs with ``--block`` and is stopped by SIGTERM (``ray stop`` would stop every Ray process of the machine)."""
     ray_cli = str(Path(sys.executable).with_name("ray"))
     address = f"127.0.0.1:{_free_port()}"
-    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--block"]
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+              "--block"]
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback benchmark cluster: no token for the driver to find
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     nodes = []
@@ -217,16 +235,19 @@ def loopback_cluster(raylets: int, temp: Path):
             where = ["--head", "--port", address.rsplit(":", 1)[1], "--include-dashboard", "false"] if k == 0 else \
                 ["--address", address]
             folder = temp / f"n{k}"  # short: Ray's socket paths live under it
-            nodes.append(subprocess.Popen([ray_cli, "start", *where, *common, "--temp-dir", str(folder),
-                                           "--dashboard-agent-listen-port", str(_free_port())], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            time.sleep(3.0 if k == 0 else 0.5)
+            with open(temp / f"n{k}.log", "w") as log:
+                nodes.append(subprocess.Popen([ray_cli, "start", *where, *common, "--temp-dir", str(folder),
+                                               "--dashboard-agent-listen-port", str(_free_port())], env=env,
+                                              stdout=log, stderr=subprocess.STDOUT))
+            if k == 0:
+                _wait_for_port(address, nodes[0], temp / "n0.log")
         yield address
     finally:
         for node in reversed(nodes):
             node.send_signal(signal.SIGTERM)
         for node in reversed(nodes):
             node.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main_scaling(args, config_from_dict, run) -> None:
