@@ -453,7 +453,7 @@ class Attention(Rule):
 
     def __call__(self, ctx, relevance):
         return [attention.relevance(ctx.step.target, ctx.inputs[0], relevance, self.epsilon, self.include_bias,
-                                    self.cp)]
+                                    self.cp, output=ctx.output)]
 
 
 def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, float]:
