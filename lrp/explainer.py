@@ -210,6 +210,9 @@ class _Vjp:
             direct = structural.vjp(self.step, self.values, message, Ref)
             if direct is not None:
                 return direct
+        if self.step.kind == Kind.SUM and len(self.step.inputs) == 2 and all(
+                self.values[j].shape == message.shape for j in self.step.inputs):
+            return message, message  # a + b of two distinct tensors of one shape (no broadcast): both get the message
         leaves = {j: self.values[j].detach().requires_grad_(True) for j in self.step.inputs}
         with torch.enable_grad():
             out = self.step.call(lambda j: leaves.get(j, self.values[j]))
