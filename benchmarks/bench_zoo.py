@@ -8,11 +8,12 @@ Per model (random init, 1000 classes, eval mode, float32, one batch of ``--batch
 give the same map (the twins of ``tests/helpers/zoo_twins.py``: residual sums as zennit ``Sum``, gates as constant
 scales, checked equal to ours in tests/test_lrp_zoo_zennit.py), and on ViT ours against lxt with the same relevance
 (tests/test_lrp_vit_lxt.py: the ``z`` composite with the position embedding as a bias, CP-LRP or AttnLRP attention).
-Times are medians of ``--repeats`` interleaved rounds after a warm-up (``bench_engine.Timer``). Memory is the peak
-resident set size above the resident size before one call (Linux ``/proc/self/clear_refs``;
-glibc's mmap threshold fixed at 64 KiB so that
-freed tensors leave the resident set); on CUDA the
-peak allocated memory of one call.
+Times are medians of ``--repeats`` interleaved rounds after a warm-up (``bench_engine.Timer``), in this process with
+the allocator as every user has it. Memory is the peak resident set size above the resident size before one call
+(Linux ``/proc/self/clear_refs``), measured in a child process (``--memory-only``) whose glibc mmap threshold is fixed
+at 64 KiB so that freed tensors leave the resident set; that setting turns every large allocation into an mmap and
+its page faults (it made every method 2-3x slower, allocation-heavy ones most), so no time is taken under it. On
+CUDA the peak allocated memory of one call, in this process.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import dataclasses
 import functools
 import gc
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -117,20 +120,43 @@ def bench(name: str, args, device: torch.device) -> list[tuple]:
                 parameter.normal_(0, 0.01)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 1000, (args.batch,), device=device)
-    timer = Timer(device)
     found = methods(name, model, x, target, device)
+    if args.memory_only:
+        for fn, context in found.values():  # warm, as after the timed rounds (cached weights, lazy imports)
+            _measure(fn, context, None)
+        return [(method, None, _measure(fn, context, device)) for method, (fn, context) in found.items()]
+    timer = Timer(device)
     for method, (fn, context) in found.items():
         timer.add(method, fn, context)
     timer.run(args.repeats)
-    rows = []
-    for method, (fn, context) in found.items():
-        if context is None:
-            memory = peak_memory(fn, device)
-        else:
-            with context() as modified:
-                memory = peak_memory(functools.partial(fn, modified), device)
-        rows.append((method, timer.median(method), memory))
-    return rows
+    if device.type == "cuda":
+        memory = {method: _measure(fn, context, device) for method, (fn, context) in found.items()}
+    else:
+        memory = _child_memory(name, args)
+    return [(method, timer.median(method), memory.get(method)) for method in found]
+
+
+def _measure(fn, context, device: torch.device | None):
+    """Peak memory of one call of ``fn`` (inside ``context()``, zennit's composite, when there is one); with no device,
+    just the call."""
+    def call(*modified):
+        return fn(*modified) if device is None else peak_memory(functools.partial(fn, *modified), device)
+
+    if context is None:
+        return call()
+    with context() as modified:
+        return call(modified)
+
+
+def _child_memory(name: str, args) -> dict:
+    """Peak MiB per method, measured in a child process with glibc's mmap threshold fixed (see the docstring)."""
+    if args.no_memory or not sys.platform.startswith("linux"):
+        return {}
+    command = [sys.executable, __file__, "--memory-only", "--models", name, "--batch", str(args.batch),
+               "--size", str(args.size), "--device", args.device]
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def print_table(name: str, rows, batch: int):
@@ -145,29 +171,28 @@ def print_table(name: str, rows, batch: int):
         if "(lxt's map)" in method or method.startswith("lxt"):
             reference = next(s for m, s, _ in rows if m == f"ours {method.split()[1]} (lxt's map)")
         ratio = f"{seconds / reference:.2f}x" if method.startswith(("zennit", "lxt")) else ""
+        mib = "" if memory is None else f"{memory:.0f}"
         print(f"| {method:<46} | {seconds:>10.3f} | {batch / seconds:>8.1f} | {seconds / base:>9.2f}x "
-              f"| {ratio:>8} | {memory:>8.0f} |")
+              f"| {ratio:>8} | {mib:>8} |")
     sys.stdout.flush()
 
 
-def _fixed_mmap_threshold() -> None:
-    """Re-run with glibc's mmap threshold fixed, so freed large tensors leave the resident set (by default glibc raises
-    the threshold after frees and keeps them in its heap, and the peak resident size no longer shows a call's peak)."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-
-
 def main(argv: list[str] | None = None) -> int:
-    _fixed_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=FAMILIES)
     parser.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 32 on CUDA")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="times only (no child process for peak memory)")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of _child_memory
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch = args.batch or (32 if device.type == "cuda" else 4)
+    if args.memory_only:
+        (name,) = args.models
+        print(json.dumps({method: memory for method, _, memory in bench(name, args, device)}))
+        return 0
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"{args.size}x{args.size}, float32, median of {args.repeats} after 1 warm-up; 'vs ours': their time / ours")
     for name in args.models:

@@ -58,16 +58,21 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
-def intermediates(module: nn.MultiheadAttention, x: torch.Tensor) -> dict:
-    """Every value of the forward pass, batch first: x, z (in-projection), q, k, v, S, A, O, out."""
+def intermediates(module: nn.MultiheadAttention, x: torch.Tensor, out: torch.Tensor | None = None) -> dict:
+    """Every value of the forward pass, batch first: x, z (in-projection), q, k, v, S, A, O, out.
+
+    ``out``: the step's output when it is known (the rule has it from the forward pass), so that the out-projection
+    is not computed again."""
     if not module.batch_first:
         x = x.transpose(0, 1)
+        out = None if out is None else out.transpose(0, 1)
     z = F.linear(x, module.in_proj_weight, module.in_proj_bias)
     q, k, v = (_heads(t, module.num_heads) for t in z.chunk(3, dim=-1))
     scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
     weights = scores.softmax(-1)
     heads_out = weights @ v
-    out = F.linear(_merge(heads_out), module.out_proj.weight, module.out_proj.bias)
+    if out is None:
+        out = F.linear(_merge(heads_out), module.out_proj.weight, module.out_proj.bias)
     return {"x": x, "z": z, "q": q, "k": k, "v": v, "S": scores, "A": weights, "O": heads_out, "out": out}
 
 
@@ -85,11 +90,14 @@ def _linear_epsilon(relevance, x, z, projection: tuple, epsilon, include_bias):
 
 
 def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tensor, epsilon: float,
-              include_bias: bool, cp: bool) -> torch.Tensor:
-    """The input relevance of one self-attention step (AttnLRP, or CP-LRP when ``cp``), see the module docstring."""
+              include_bias: bool, cp: bool, output: torch.Tensor | None = None) -> torch.Tensor:
+    """The input relevance of one self-attention step (AttnLRP, or CP-LRP when ``cp``), see the module docstring.
+
+    Seven parameters: the rule's three settings, and ``output`` (the step's value from the forward pass, which saves
+    recomputing the out-projection) beside the module, its input and the relevance."""
     if not module.batch_first:
         r_out = r_out.transpose(0, 1)
-    t = intermediates(module, x)
+    t = intermediates(module, x, output)
     merged = _merge(t["O"])
     out_proj = module.out_proj.weight, module.out_proj.bias
     r_heads = _linear_epsilon(r_out, merged, t["out"], out_proj, epsilon, include_bias)

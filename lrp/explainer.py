@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .composites import Composite, make_composite
-from .graph import Network, refuse_hooks
+from . import structural
+from .graph import Network, Ref, refuse_hooks
 from .kinds import NO_RELEVANCE, Kind
 from .rules import StepContext
 
@@ -205,6 +206,13 @@ class _Vjp:
         self.step, self.values = step, values
 
     def __call__(self, message: torch.Tensor) -> tuple:
+        if self.step.kind == Kind.STRUCTURAL:
+            direct = structural.vjp(self.step, self.values, message, Ref)
+            if direct is not None:
+                return direct
+        if self.step.kind == Kind.SUM and len(self.step.inputs) == 2 and all(
+                self.values[j].shape == message.shape for j in self.step.inputs):
+            return message, message  # a + b of two distinct tensors of one shape (no broadcast): both get the message
         leaves = {j: self.values[j].detach().requires_grad_(True) for j in self.step.inputs}
         with torch.enable_grad():
             out = self.step.call(lambda j: leaves.get(j, self.values[j]))

@@ -116,6 +116,8 @@ def build(spec) -> tuple[nn.Module, torch.Tensor]:
             layers.append(nn.ReLU(inplace=inplace))
             channels = out
         elif block[0] == "pool":
+            if spatial < 2 and block[1] in ("max2", "avg2"):
+                continue  # a 2x2 pool of a 1x1 map has no output (three avg2 on a 4x4 input)
             pool = POOLS[block[1]]()
             layers.append(pool)
             spatial = pool(torch.zeros(1, 1, spatial, spatial)).shape[-1]
