@@ -2,7 +2,8 @@
 
 Builds a relevance store of at least ``--gb`` GB (224x224 float32 maps, 10 classes interleaved, one
 object box per row, a planted tag in one class so the selective second read runs too) in a temp dir,
-then measures, each in a fresh subprocess so peak RSS is its own:
+then measures, each in a fresh subprocess so peak RSS and CPU seconds (user + system, all threads, interpreter start
+included; less sensitive to the machine's load than wall time) are its own:
 
 * zarr read: every chunk of the relevance array read and decompressed with plain zarr (a thread pool of
   ``--workers`` threads, one shard per task, the data dropped right away), with zarr's default config and with
@@ -166,7 +167,8 @@ def child(kind: str, store_path: str, out: str, workers: int, budget_gb: float =
             "groups": f"measure_groups({store_path!r}, {out!r}, {workers}, {budget_gb!r})"}[kind]
     code = (f"import sys, json, resource; sys.path.insert(0, {str(REPO)!r}); "
             f"from benchmarks.bench_aggregate import *; r = {call}; "
-            f"r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))")
+            f"u = resource.getrusage(resource.RUSAGE_SELF); r['peak_rss_mb'] = u.ru_maxrss / 1024; "
+            f"r['cpu_s'] = u.ru_utime + u.ru_stime; print(json.dumps(r))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise RuntimeError(done.stderr)
@@ -222,11 +224,12 @@ def run_size(args, gb: float) -> None:
         gb_read = best["read"]["bytes"] / 1e9
         print(f"\nstore: {n_rows} rows x {SIZE}x{SIZE} float32 = {gb_read:.2f} GB of relevance, {disk / 1e9:.2f} GB on "
               f"disk (zstd), shards of {ROWS_PER_SHARD} rows; {args.workers} worker threads; best of {args.repeat}")
-        print(f"{'measurement':<30}{'GB/s':>8}{'seconds':>10}{'vs zarr read':>14}{'peak RSS MB':>13}")
+        print(f"{'measurement':<30}{'GB/s':>8}{'seconds':>10}{'vs zarr read':>14}{'peak RSS MB':>13}{'CPU s':>8}")
         for kind, name in NAMES.items():
             seconds = best[kind]["seconds"]
             rss = max(r["peak_rss_mb"] for r in runs[kind])
-            print(f"{name:<30}{gb_read / seconds:>8.3f}{seconds:>10.2f}{baseline / seconds:>14.0%}{rss:>13.0f}")
+            print(f"{name:<30}{gb_read / seconds:>8.3f}{seconds:>10.2f}{baseline / seconds:>14.0%}{rss:>13.0f}"
+                  f"{best[kind]['cpu_s']:>8.1f}")
         floor = best["shard_read"]["seconds"]
         print(f"aggregate against the ShardReader read alone: {floor / best['aggregate']['seconds']:.0%} "
               f"(one pass only: {floor / best['single']['seconds']:.0%})")
