@@ -150,8 +150,9 @@ def _aggregate_group(group: ExplanationGroup, job: GroupJob) -> GroupAggregate:
 
 def _scan_passes(group: ExplanationGroup, meta: tables.GroupMeta, job: GroupJob) -> tuple:
     """The scan, one pass per block of target classes (aggregations/views.py): row stats, view tables, spots."""
-    on_ray = getattr(job.compute_options["scheduler"], "__module__", "").startswith("ray.")
-    relevance, mask, boxes = group.lazy("relevance", ray=on_ray), group.lazy("mask", ray=on_ray), group.boxes
+    # whole shards, one store request each (pipeline/store.py ShardReader): zarr's task per one-row inner chunk
+    # cost several times the decompression; the reader is a plain object, so this works on Ray's scheduler too
+    relevance, mask, boxes = group.lazy_shards("relevance"), group.lazy_shards("mask"), group.boxes
     shape = tuple(relevance.shape[1:])
     blocks = views.plan_passes(meta, int(np.prod(shape)) * 8, job.memory_budget)
     writer = views.ViewWriter(job.node, meta, shape)
@@ -185,8 +186,8 @@ def _spot_check(group: ExplanationGroup, meta: tables.GroupMeta, stats: scan.Row
     if not checked.size:
         return 0.0
     boxes = group.boxes
-    read_mask = group.row_reader("mask").rows if group.has("mask") else None
-    lazy = bias.spot_sums(group.row_reader("relevance").rows, checked, row_boxes[checked],
+    read_mask = group.shard_reader("mask").rows if group.has("mask") else None  # batched: one request per shard
+    lazy = bias.spot_sums(group.shard_reader("relevance").rows, checked, row_boxes[checked],
                           None if boxes is None else boxes[checked], read_mask)
     clock = time.perf_counter()
     (spot_sum,) = dask.compute(lazy, **compute_options)

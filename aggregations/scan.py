@@ -101,6 +101,7 @@ def scan_chunk(block: np.ndarray, boxes: np.ndarray | None, mask: np.ndarray | N
     positive = np.empty((step, height, width), np.float32)
     masked = np.empty_like(positive)
     zero = np.float32(0)
+    windows = context.box_windows(boxes, height, width) if boxes is not None and mask is None else None
     for start in range(0, n, step):
         stop = min(start + step, n)
         x, p, rows = block[start:stop], positive[: stop - start], slice(start, stop)
@@ -117,7 +118,7 @@ def scan_chunk(block: np.ndarray, boxes: np.ndarray | None, mask: np.ndarray | N
             row = start + j
             window = None
             if boxes is not None and mask is None:
-                window = context.box_window(boxes[row], height, width)
+                window = windows[row]
                 if window is None:
                     stats[row, OBJECT] = 0.0
                 else:

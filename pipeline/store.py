@@ -310,6 +310,108 @@ class RowReader:
         return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
+class ShardReader:
+    """Whole shards (and scattered rows) of a sharded array, one store request per shard, decoded here.
+
+    zarr-python decodes a shard's inner chunks one asyncio task each; for the store's one-row chunks that overhead
+    is several times the zstd decompression itself (benchmarks/bench_aggregate.py). This reader fetches the
+    shard object (or, for a few rows, its index and those rows' byte ranges) through the array's own zarr store
+    and decompresses the inner chunks into one preallocated block with numcodecs. It takes the fast path only for
+    the layout this module writes (docs/store-format.md, "Reading fast"); any other array reads through zarr.
+    The index checksum is verified as zarr does, so a torn shard fails the same way. A plain object, like
+    :class:`RowReader`, so that Dask on Ray can ship it.
+    """
+
+    whole_share = 0.5  # fetch the whole shard object when more than this share of its rows is wanted
+
+    def __init__(self, array: zarr.Array):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, np.dtype(array.dtype), array.ndim
+        self.rows_per_shard = array.shards[0] if array.shards else array.chunks[0]
+        self._zstd = _fast_layout(array)
+
+    def __getitem__(self, key):
+        """``reader[start:stop]`` for whole shards (what ``dask.array.from_array`` asks with shard chunks)."""
+        rows = key[0] if isinstance(key, tuple) else key
+        rest = key[1:] if isinstance(key, tuple) else ()
+        full = all(isinstance(k, slice) and k == slice(None) or k == slice(0, n)
+                   for k, n in zip(rest, self.shape[1:]))
+        if not (isinstance(rows, slice) and rows.step in (None, 1) and full):
+            return self.array[key]
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.rows(np.arange(start, stop))
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` (sorted), equal to :meth:`RowReader.rows`: per shard one request for the whole object
+        when most of its rows are wanted, else one for its index and one batched request for the rows' bytes."""
+        indices = np.asarray(indices, np.int64)
+        if self._zstd is None:
+            return RowReader(self.array).rows(indices)
+        out = np.empty((len(indices), *self.shape[1:]), self.dtype)
+        shard_of = indices // self.rows_per_shard
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for part in np.split(np.arange(len(indices)), bounds) if len(indices) else []:
+            shard = int(shard_of[part[0]])
+            local = indices[part] - shard * self.rows_per_shard
+            self._read_shard(shard, local, out[part[0]:part[-1] + 1])
+        return out
+
+    def _read_shard(self, shard: int, local: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``local`` (within the shard, sorted) of one shard into ``out``; a missing object or chunk is fill."""
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        store, prototype = self.array.store, default_buffer_prototype()
+        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *(0,) * (self.ndim - 1)))}"
+        index_bytes = 16 * self.rows_per_shard + 4
+        whole = len(local) > self.whole_share * self.rows_per_shard
+        data = sync(store.get(key, prototype, None if whole else SuffixByteRequest(index_bytes)))
+        if data is None:
+            out[...] = self.array.fill_value
+            return
+        data = data.as_numpy_array()
+        index = _shard_index(data[len(data) - index_bytes:], key)[local]
+        present = index[:, 0] != np.uint64(2**64 - 1)
+        if whole:
+            pieces = [data[int(o):int(o + n)] for o, n in index[present]]
+        else:
+            ranges = [(key, RangeByteRequest(int(o), int(o + n))) for o, n in index[present]]
+            pieces = [piece.as_numpy_array() for piece in sync(store.get_partial_values(prototype, ranges))]
+        out[~present] = self.array.fill_value
+        for row, piece in zip(np.flatnonzero(present), pieces):
+            self._zstd.decode(piece, out=out[row])
+
+
+def _fast_layout(array: zarr.Array):
+    """The numcodecs Zstd that decodes this array's inner chunks when it has the store's own layout (shards of
+    one-row chunks, bytes little-endian + zstd inside, a bytes + crc32c index at the end), else None."""
+    from numcodecs import Zstd
+
+    codecs = array.metadata.to_dict().get("codecs", []) if array.metadata.zarr_format == 3 else []
+    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+        return None
+    config = codecs[0]["configuration"]
+    inner, index = config["codecs"], config["index_codecs"]
+    little = np.dtype(array.dtype).itemsize == 1 or inner[0].get("configuration", {}).get("endian") == "little"
+    if (tuple(config["chunk_shape"]) != (1, *array.shape[1:]) or config.get("index_location", "end") != "end"
+            or [c["name"] for c in inner] != ["bytes", "zstd"] or not little
+            or [c["name"] for c in index] != ["bytes", "crc32c"]
+            or index[0].get("configuration", {}).get("endian", "little") != "little"):
+        return None
+    zstd = inner[1]["configuration"]
+    return Zstd(level=zstd.get("level", 0), checksum=zstd.get("checksum", False))
+
+
+def _shard_index(raw: np.ndarray, key: str) -> np.ndarray:
+    """(S, 2) uint64 offsets and lengths of a shard's inner chunks, after the crc32c check zarr makes."""
+    import google_crc32c
+
+    body = raw[:-4]
+    if np.uint32(google_crc32c.value(body.tobytes())).tobytes() != bytes(raw[-4:]):
+        raise ValueError(f"shard {key!r}: stored and computed checksum of its index do not match (a torn write?)")
+    return body.view("<u8").reshape(-1, 2)
+
+
 def _clear_shards(array: zarr.Array, shards: range) -> None:
     """Delete the objects of whole shards about to be rewritten. A shard object torn by a writer killed on a
     non-atomic filesystem (``file://``, plain local paths) would otherwise be read back by the sharding codec and
@@ -353,6 +455,19 @@ class ExplanationGroup:
     def row_reader(self, name: str) -> RowReader:
         """A picklable reader of the array ``name``: ``reader.rows(indices)`` reads just those rows."""
         return RowReader(self._group[name])
+
+    def shard_reader(self, name: str) -> ShardReader:
+        """A picklable reader of whole shards of ``name`` (``reader.rows(indices)`` batched per shard)."""
+        return ShardReader(self._group[name])
+
+    def lazy_shards(self, name: str) -> da.Array | None:
+        """Like :meth:`lazy`, one chunk per shard, each read by a :class:`ShardReader`: one store request per shard
+        and no zarr task per inner chunk (the aggregation's read path). Works on Dask's and on Ray's schedulers."""
+        if name not in self._group:
+            return None
+        reader = self.shard_reader(name)
+        chunks = (max(min(self.rows_per_shard, self.n_rows), 1), *reader.shape[1:])
+        return da.from_array(reader, chunks=chunks, lock=False, meta=np.empty((0,) * reader.ndim, reader.dtype))
 
     def read_rows(self, name: str, indices: np.ndarray) -> np.ndarray:
         """Rows ``indices`` (sorted) of the array ``name``, one read per run of consecutive rows."""

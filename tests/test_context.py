@@ -91,3 +91,29 @@ def test_rows_without_boxes_have_no_context_measure(tmp_path):
     url = make_store(tmp_path / "s.zarr", maps, target=[0, 0], boxes=boxes, rows_per_shard=2)
     regions = run.aggregate(url, tmp_path / "out").regions.to_pydict()
     assert regions["context_usage"][0] == 0.25 and np.isnan(regions["context_usage"][1])
+
+
+def test_box_windows_equal_box_window_row_by_row():
+    """The scan's vectorized windows against the per-row function: edges, clipping, NaN padding, several boxes."""
+    from aggregations.context import box_window, box_windows
+
+    rng = np.random.default_rng(5)
+    boxes = rng.uniform(-20, 60, (400, 3, 4))
+    boxes[:, :, 2:] = boxes[:, :, :2] + rng.uniform(-5, 30, (400, 3, 2))  # some empty (x1 <= x0), some off the map
+    boxes[rng.random((400, 3)) < 0.5] = np.nan  # rows with 0, 1, 2 or 3 boxes
+    boxes[:20] = np.round(boxes[:20])  # on pixel edges
+    boxes[20:40] = np.floor(boxes[20:40]) + 0.5  # on pixel centres
+    got, counts = box_windows(boxes, 40, 50), set()
+    for row, window in zip(boxes, got):
+        expected = box_window(row, 40, 50)
+        counts.add(int(np.isfinite(row).all(axis=1).sum()))
+        if expected is None:
+            assert window is None
+            continue
+        assert window[:2] == expected[:2]
+        assert (window[2] is None) == (expected[2] is None)
+        if expected[2] is not None:
+            np.testing.assert_array_equal(window[2], expected[2])
+    assert counts == {0, 1, 2, 3} and any(w is None for w in got)
+    assert any(w is not None and w[2] is not None for w in got)  # a union of boxes that is not its whole window
+    assert box_windows(np.zeros((0, 1, 4)), 40, 50) == []
