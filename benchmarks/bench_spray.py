@@ -7,7 +7,8 @@ Every class has an object blob at its own place; two classes in three also carry
 its own, per class size (``--classes`` of that size only) and for the whole store:
 
 * ours: ``aggregations.spray.spray`` (the whole ``lrp-audit spray``: the store pass, per-class SpRAy on
-  ``--workers`` threads, the outputs written), ``--embedding none``;
+  ``--workers`` threads, the outputs written), with ``--embedding`` (default here: none; lrp-audit's own
+  default is tsne, and ``--embedding tsne`` adds CoRelAy's TSNEEmbedding to its side);
 * corelay: per class, its rows read through ``pipeline.store``, pooled and normalised with the same
   functions (the same preprocessed maps), then CoRelAy 1.0's ``SpectralClustering`` pipeline (SciPyPDist ->
   SparseKNN(10, symmetric) -> SymmetricNormalLaplacian -> EigenDecomposition(32, 'LA') -> KMeans on the K
@@ -18,7 +19,7 @@ Printed: seconds, rows per second, the ratio, peak RSS, and the agreement of the
 Rand index between our clusters and CoRelAy's over the classes; the share of classes with ARI 1).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_spray.py [--rows 100000] [--sizes 250 1000 4000]
-        [--workers 2] [--keep DIR]
+        [--workers 2] [--keep DIR] [--embedding none|tsne] [--only-all]
 """
 from __future__ import annotations
 
@@ -81,11 +82,11 @@ def build(path: Path, target: np.ndarray) -> None:
                                        path=np.array([f"{i}.png" for i in range(start, start + len(t))]))
 
 
-def run_ours(store: str, classes: list[int], workers: int, out: str) -> dict:
+def run_ours(store: str, classes: list[int], workers: int, out: str, embedding: str) -> dict:
     from aggregations.spray import RunOptions, SpraySettings, spray
 
     clock = time.perf_counter()
-    result = spray(store, out, classes=classes, settings=SpraySettings(embedding="none"),
+    result = spray(store, out, classes=classes, settings=SpraySettings(embedding=embedding),
                    options=RunOptions(num_workers=workers, progress=False))
     seconds = time.perf_counter() - clock
     table = result.assignments
@@ -95,11 +96,13 @@ def run_ours(store: str, classes: list[int], workers: int, out: str) -> dict:
             "phases": {k: round(v, 2) for k, v in result.seconds["lrp"].items()}}
 
 
-def run_corelay(store_url: str, classes: list[int], ks: dict) -> dict:
-    """CoRelAy's SpRAy, class by class, as its examples run it (one machine, one class after the other)."""
+def run_corelay(store_url: str, classes: list[int], ks: dict, embedding: str) -> dict:
+    """CoRelAy's SpRAy, class by class, as its examples run it (one machine, one class after the other); with
+    ``embedding`` tsne also CoRelAy's ``TSNEEmbedding`` of the same maps (scikit-learn's t-SNE, as in its
+    examples), the 2-D picture ours computes by default."""
     from corelay.pipeline.spectral import SpectralClustering
     from corelay.processor.clustering import KMeans
-    from corelay.processor.embedding import EigenDecomposition
+    from corelay.processor.embedding import EigenDecomposition, TSNEEmbedding
 
     from aggregations.spray import preprocess
     from pipeline.store import STATUS_OK, open_store
@@ -125,6 +128,8 @@ def run_corelay(store_url: str, classes: list[int], ks: dict) -> dict:
                                       select_eigenvector=smallest(k),
                                       clustering=KMeans(n_clusters=k, kwargs={"n_init": 10, "random_state": 0}))
         labels[c] = np.asarray(pipeline(features)).tolist()  # the pipeline returns the labels
+        if embedding == "tsne":
+            TSNEEmbedding(n_components=2, kwargs={"random_state": 0})(features)
     return {"seconds": time.perf_counter() - clock, "read_seconds": reading, "labels": labels,
             "rows": sum(len(v) for v in labels.values())}
 
@@ -134,16 +139,20 @@ def child(args) -> None:
 
     classes = json.loads(args.child_classes)
     if args.child == "ours":
-        result = run_ours(args.store, classes, args.workers, args.out)
+        result = run_ours(args.store, classes, args.workers, args.out, args.embedding)
     else:
-        result = run_corelay(args.store, classes, {int(k): v for k, v in json.loads(args.child_k).items()})
+        ks = {int(k): v for k, v in json.loads(args.child_k).items()}
+        result = run_corelay(args.store, classes, ks, args.embedding)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(result))
 
 
-def spawn(kind: str, store: str, classes: list[int], workers: int, out: str, ks: dict | None = None) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--store", store, "--out", out, "--workers", str(workers),
-               "--child-classes", json.dumps(classes), "--child-k", json.dumps(ks or {})]
+def spawn(kind: str, store: str, classes: list[int], args, ks: dict | None = None) -> dict:
+    """Many locals, few parameters: ``args`` carries the run's options (workers, out, embedding)."""
+    workers = args.workers if kind == "ours" else 1
+    command = [sys.executable, __file__, "--child", kind, "--store", store, "--out", args.out or "", "--workers",
+               str(workers), "--embedding", args.embedding, "--child-classes", json.dumps(classes),
+               "--child-k", json.dumps(ks or {})]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -165,12 +174,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", help="build the store here and keep it (default: a temp dir, removed)")
+    parser.add_argument("--embedding", default="none", choices=["none", "tsne"],
+                        help="ours: the 2-D embedding (lrp-audit's default is tsne); with tsne CoRelAy's side also "
+                             "runs its TSNEEmbedding")
+    parser.add_argument("--only-all", action="store_true", help="just the all-classes run, not one per size")
     parser.add_argument("--child"), parser.add_argument("--store"), parser.add_argument("--out")
     parser.add_argument("--child-classes"), parser.add_argument("--child-k")
     args = parser.parse_args()
     if args.child:
         return child(args)
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench-spray-"))
+    args.out = str(root / "out")
     store = root / "spray.zarr"
     target = plan(args.rows, args.sizes)
     if not store.exists():
@@ -179,14 +193,15 @@ def main() -> None:
         print(f"built {len(target)} rows of {SIZE}x{SIZE} ({int(target.max()) + 1} classes) in "
               f"{time.perf_counter() - clock:.0f} s at {store}", flush=True)
     sizes = np.bincount(target)
-    runs = [(f"{s} rows/class", [int(c) for c in np.flatnonzero(sizes == s)]) for s in args.sizes]
+    runs = [] if args.only_all else [(f"{s} rows/class", [int(c) for c in np.flatnonzero(sizes == s)])
+                                     for s in args.sizes]
     runs.append(("all classes", [int(c) for c in range(len(sizes))]))
     print("| classes | rows | ours s | ours rows/s | ours peak RSS GB | CoRelAy s (of which read) "
           "| CoRelAy rows/s | CoRelAy peak RSS GB | speed-up | mean ARI | classes with ARI 1 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, classes in runs:
-        ours = spawn("ours", str(store), classes, args.workers, str(root / "out"))
-        theirs = spawn("corelay", str(store), classes, 1, str(root / "out"), ours["k"])
+        ours = spawn("ours", str(store), classes, args)
+        theirs = spawn("corelay", str(store), classes, args, ours["k"])
         ari, exact = agreement(ours, theirs)
         print(f"| {name} ({len(classes)}) | {ours['rows']} | {ours['seconds']:.1f} | "
               f"{ours['rows'] / ours['seconds']:.0f} | {ours['peak_rss_gb']:.2f} | {theirs['seconds']:.1f} "

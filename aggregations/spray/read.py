@@ -1,8 +1,9 @@
 """The one read of the store: every shard once, its ok rows of the chosen classes sum-pooled to the grid.
 
 Dask runs one task per shard; each opens the store by URL (so any scheduler works: threads, processes,
-distributed, Ray) and writes its pooled rows into a local scratch Zarr array, chunked like the
-store's shards, so no two tasks touch one chunk. The class tasks then read just their rows from the
+distributed, Ray), reads the shard whole in one request (``ExplanationGroup.read_shard``, about 10x faster
+than zarr's per-row sharding codec) and writes its pooled rows into a local scratch Zarr array, chunked
+like the store's shards, so no two tasks touch one chunk. The class tasks then read just their rows from the
 scratch array (4 KB a row at 32x32), never the store's full maps again. Memory: a few shards of the
 store in flight; the scratch array is on disk (5 GB for ImageNet at 32x32).
 """
@@ -21,18 +22,29 @@ def create_scratch(path: str, n_rows: int, cells: int, rows_per_shard: int) -> N
                       dtype="float32", fill_value=0.0, compressors=None, zarr_format=3, overwrite=True)
 
 
-def pool_shard(store_url: str, group: str, start: int, stop: int, boxes: np.ndarray | None, size: int,
+def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes: np.ndarray | None, size: int,
                scratch: str, storage_options: dict | None = None) -> np.ndarray:
-    """Pool rows [start, stop) into the scratch array; return their (n, 3) row stats (preprocess.row_stats).
+    """Pool one shard's ``wanted`` rows into the scratch array; return the shard's (n, 3) row stats
+    (preprocess.row_stats; NaN for the other rows, which no class reads).
+
+    The shard is read whole, in one store request (``ExplanationGroup.read_shard``), not row by row; only the
+    wanted rows (ok rows of clustered classes, finite by the store's status rules) are pooled.
 
     Many parameters because: a Dask task on any scheduler gets plain values, so the store's address (URL, group,
-    storage options), the shard's rows, its boxes and the scratch array are spelled out one by one.
+    storage options), the shard, its wanted rows, its boxes and the scratch array are spelled out one by one.
     """
-    block = open_store(store_url, storage_options=storage_options).group(group).read("relevance", start, stop)
-    block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)  # rows not ok are never used, only kept finite
-    pooled = preprocess.sum_pool(block, size)
-    zarr.open_array(scratch, mode="r+")[start:stop] = pooled.reshape(len(block), -1).astype(np.float32)
-    return preprocess.row_stats(block, boxes)
+    explanations = open_store(store_url, storage_options=storage_options).group(group)
+    block = explanations.read_shard("relevance", shard)
+    start, keep = shard * explanations.rows_per_shard, np.flatnonzero(wanted)
+    block = block[keep]
+    if not np.isfinite(block).all():  # never for ok rows; kept as a guard so that NaN cannot spread
+        block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+    pooled = np.zeros((len(wanted), int(np.prod(preprocess.grid_shape(*block.shape[1:], size)))), np.float32)
+    pooled[keep] = preprocess.sum_pool(block, size).reshape(len(keep), -1)
+    zarr.open_array(scratch, mode="r+")[start:start + len(wanted)] = pooled
+    stats = np.full((len(wanted), 3), np.nan)
+    stats[keep] = preprocess.row_stats(block, None if boxes is None else boxes[keep])
+    return stats
 
 
 def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | None, size: int, scratch: str,
@@ -46,8 +58,8 @@ def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | Non
         start, stop = store.shard_rows(shard)
         if wanted[start:stop].any():
             task = dask.delayed(pool_shard, pure=True)(
-                store.url, group, start, stop, None if boxes is None else boxes[start:stop], size, scratch,
-                storage_options, dask_key_name=f"spray-pool-{group}-{shard}")
+                store.url, group, shard, wanted[start:stop], None if boxes is None else boxes[start:stop], size,
+                scratch, storage_options, dask_key_name=f"spray-pool-{group}-{shard}")
             tasks.append((start, task))
     return tasks
 

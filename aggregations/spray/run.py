@@ -1,8 +1,8 @@
 """``spray(store)``: SpRAy for every (explanation group, target class) of a store, written as Parquet and Zarr.
 
-Two Dask passes: one task per shard pools the maps (aggregations/spray/read.py), then one task per
-class clusters them (aggregations/spray/analysis.py). Classes are independent and run in parallel,
-each holding only its own rows. Outputs (docs/spray.md)::
+One Dask graph: one task per shard pools the maps (aggregations/spray/read.py), one task per class
+clusters them (aggregations/spray/analysis.py) as soon as the shards holding its rows are pooled. Classes
+are independent and run in parallel, each holding only its own rows. Outputs (docs/spray.md)::
 
     <out>/spray/assignments.parquet   one row per clustered explanation row
     <out>/spray/clusters.parquet      one row per (group, target, cluster)
@@ -15,6 +15,7 @@ Everything lives under ``<out>/spray/``, which ``lrp-audit aggregate`` never tou
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -113,15 +114,29 @@ class _Progress(Callback):
         self.bar.close()
 
 
-def _compute(tasks, prefix: str, description: str, options: RunOptions, compute_options: dict):
+def _compute(tasks, progress: list[tuple[str, int, str]], options: RunOptions, compute_options: dict):
+    """``dask.compute`` with one progress bar per ``(key prefix, total, description)``, one BLAS thread per task."""
     limit = 1 if compute_options.get("num_workers", 1) != 1 else None  # one BLAS thread per parallel task
-    with _Progress(prefix, len(tasks), description, options.progress), threadpool_limits(limits=limit):
+    bars = [_Progress(prefix, total, description, options.progress) for prefix, total, description in progress]
+    with contextlib.ExitStack() as stack, threadpool_limits(limits=limit):
+        for bar in bars:
+            stack.enter_context(bar)
         return dask.compute(*tasks, **compute_options)
 
 
-def _class_task(scratch: str, rows: np.ndarray, columns: dict, stats: np.ndarray, geometry: Geometry,
+def _class_task(scratch: str, rows: np.ndarray, columns: dict, shard_stats: list, geometry: Geometry,
                 settings: SpraySettings) -> dict:
-    """One class: its pooled rows from the scratch array, then SpRAy; ``columns`` holds its rows' metadata."""
+    """One class: its pooled rows from the scratch array, then SpRAy; ``columns`` holds its rows' metadata.
+
+    ``shard_stats`` are the results of the pool tasks of the shards holding its rows, ``(start, (n, 3) stats)``
+    each: depending on them lets the scheduler start a class as soon as its own shards are pooled, while other
+    shards are still being read.
+
+    Many parameters because: a Dask task gets plain values (the scratch path, the rows and their metadata, the pool
+    results it waits for, the geometry and the settings).
+    """
+    stats = np.concatenate([block[rows[(rows >= start) & (rows < start + len(block))] - start]
+                            for start, block in shard_stats])
     pooled = read.read_pooled(scratch, rows)
     meta = dict(columns, positive_total=stats[:, 1], inside_positive=stats[:, 2])
     return analyse(pooled, meta, geometry, settings)
@@ -129,7 +144,7 @@ def _class_task(scratch: str, rows: np.ndarray, columns: dict, stats: np.ndarray
 
 def _spray_group(store, name: str, classes: Sequence[int] | None, settings: SpraySettings, options: RunOptions,
                  compute_options: dict, scratch: str) -> dict:
-    """SpRAy on one explanation group: pool its shards once, then cluster each class.
+    """SpRAy on one explanation group: pool its shards once and cluster each class, in one Dask graph.
 
     Many parameters because: the group's store, name and class subset, the two settings objects, Dask's compute
     options and the scratch folder are distinct inputs of one run, none derivable from the others.
@@ -144,24 +159,21 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
     wanted = ok & np.isin(meta["target"], clustered)
     geometry = Geometry(store.height, store.width, *preprocess.grid_shape(store.height, store.width, settings.size))
     read.create_scratch(scratch, store.n_rows, geometry.gy * geometry.gx, store.rows_per_shard)
-    stats = np.full((store.n_rows, 3), np.nan)
     boxes = group.boxes
-    pooling = read.pooling_tasks(store, name, wanted, boxes, settings.size, scratch, options.storage_options)
-    clock = time.perf_counter()
-    for (start, _), block_stats in zip(pooling, _compute([t for _, t in pooling], "spray-pool", f"{name}: pool",
-                                                         options, compute_options)):
-        stats[start:start + len(block_stats)] = block_stats
-    seconds = {"pool": time.perf_counter() - clock}
+    pooling = dict(read.pooling_tasks(store, name, wanted, boxes, settings.size, scratch, options.storage_options))
     jobs = []
     for c in clustered:
         rows = np.flatnonzero(wanted & (meta["target"] == c))
         columns = {k: meta[k][rows] for k in ("row", "sample_id", "path", "label", "prediction", "output")}
         columns["boxes"] = None if boxes is None else boxes[rows]
-        jobs.append(dask.delayed(_class_task, pure=True)(scratch, rows, columns, stats[rows], geometry, settings,
+        starts = np.unique(rows // store.rows_per_shard) * store.rows_per_shard
+        shard_stats = [(int(start), pooling[int(start)]) for start in starts]
+        jobs.append(dask.delayed(_class_task, pure=True)(scratch, rows, columns, shard_stats, geometry, settings,
                                                          dask_key_name=f"spray-class-{name}-{c}"))
     clock = time.perf_counter()
-    results = dict(zip(clustered, _compute(jobs, "spray-class", f"{name}: cluster", options, compute_options)))
-    seconds["cluster"] = time.perf_counter() - clock
+    progress = [("spray-pool", len(pooling), f"{name}: pool"), ("spray-class", len(jobs), f"{name}: cluster")]
+    results = dict(zip(clustered, _compute(jobs, progress, options, compute_options)))
+    seconds = {"pool_and_cluster": time.perf_counter() - clock}
     return {"meta": meta, "universe": universe, "results": results, "geometry": geometry, "seconds": seconds}
 
 
