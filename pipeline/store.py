@@ -408,7 +408,7 @@ def _shard_index(raw: np.ndarray, key: str) -> np.ndarray:
 
     body = raw[:-4]
     if np.uint32(google_crc32c.value(body.tobytes())).tobytes() != bytes(raw[-4:]):
-        raise ValueError(f"shard {key!r}: stored and computed checksum of its index do not match (a torn write?)")
+        raise StoreError(f"shard {key!r}: stored and computed checksum of its index do not match (a torn write?)")
     return body.view("<u8").reshape(-1, 2)
 
 
@@ -421,57 +421,6 @@ def _clear_shards(array: zarr.Array, shards: range) -> None:
     tail = (0,) * (array.ndim - 1)
     for shard in shards:
         sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key((shard, *tail))}"))
-
-
-def _fast_shard_layout(array: zarr.Array) -> bool:
-    """Whether ``array`` is laid out the way this module writes relevance: one shard per row block, single-row
-    inner chunks of little-endian bytes + zstd, the index (bytes + crc32c) at the end. Then
-    :func:`_decode_shard` reads a shard in one request; anything else goes through zarr's slicing."""
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-
-    codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return False
-    shard = codecs[0]
-    inner, index = shard.codecs, shard.index_codecs
-    return (shard.chunk_shape == (1, *array.shape[1:]) and shard.index_location.value == "end"
-            and len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], ZstdCodec)
-            and str(getattr(inner[0].endian, "value", inner[0].endian)) == "little"
-            and len(index) == 2 and isinstance(index[0], BytesCodec) and isinstance(index[1], Crc32cCodec)
-            and np.dtype(array.dtype).kind in "fiu")
-
-
-def _decode_shard(array: zarr.Array, shard: int, n: int) -> np.ndarray:
-    """The ``n`` rows of one shard object of ``array`` (a :func:`_fast_shard_layout` array): one store request for
-    the whole object, its index checked (crc32c) and each row's zstd frame decoded with numcodecs, which releases
-    the GIL. zarr 3's sharding codec decodes the same frames but spends ~10x longer per row on its per-chunk
-    async machinery. Missing rows (and a missing shard) read as the fill value, as with zarr."""
-    import google_crc32c
-    from numcodecs import Zstd
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    dtype = np.dtype(array.dtype).newbyteorder("<")
-    out = np.full((n, *array.shape[1:]), array.fill_value, dtype=dtype)
-    key = f"{array.path}/{array.metadata.encode_chunk_key((shard, *(0,) * (array.ndim - 1)))}".lstrip("/")
-    buffer = sync(array.store.get(key, prototype=default_buffer_prototype()))
-    if buffer is None:
-        return out
-    data = buffer.to_bytes()
-    inner = int(np.prod(array.shape[1:]))
-    slots = array.metadata.chunk_grid.chunk_shape[0]  # index entries per shard (the last may hold fewer rows)
-    size = 16 * slots
-    if len(data) < size + 4:
-        raise StoreError(f"shard {shard} of {array.path!r} is truncated ({len(data)} bytes)")
-    raw_index = data[-(size + 4):-4]
-    if google_crc32c.value(raw_index) != int.from_bytes(data[-4:], "little"):
-        raise StoreError(f"shard {shard} of {array.path!r}: its index fails its checksum (a torn write)")
-    index = np.frombuffer(raw_index, "<u8").reshape(slots, 2)
-    flat, zstd, missing = out.reshape(n, inner), Zstd(), np.iinfo(np.uint64).max
-    for row, (offset, length) in enumerate(index[:n].tolist()):
-        if offset != missing:
-            flat[row] = np.frombuffer(zstd.decode(data[offset:offset + length]), dtype)
-    return out.astype(np.dtype(array.dtype), copy=False)
 
 
 class ExplanationGroup:
@@ -530,13 +479,9 @@ class ExplanationGroup:
 
     def read_shard(self, name: str, shard: int) -> np.ndarray:
         """All rows of one shard of the array ``name``, in one store request when the array has the layout this
-        module writes (the fast path of SpRAy's store pass); else the same values through zarr's slicing."""
-        array = self._group[name]
+        module writes (:class:`ShardReader`; SpRAy's store pass); else the same values through zarr's slicing."""
         start = shard * self.rows_per_shard
-        stop = min(start + self.rows_per_shard, self.n_rows)
-        if _fast_shard_layout(array) and array.metadata.chunk_grid.chunk_shape[0] == self.rows_per_shard:
-            return _decode_shard(array, shard, stop - start)
-        return array[start:stop]
+        return self.shard_reader(name)[start:min(start + self.rows_per_shard, self.n_rows)]
 
     def label_bits(self, columns: np.ndarray) -> np.ndarray:
         """Per row, the multi-label bit of class ``columns[row]`` (False where it is -1 or out of range).
