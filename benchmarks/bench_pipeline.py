@@ -265,26 +265,29 @@ def main_scaling(args, config_from_dict, run) -> None:
             time.sleep(0.5)
         raylets = sum(1 for node in ray.nodes() if node["Alive"])
         values = run_values(args, root, address=address, cpus_per_actor=1)
-        engine, job = [], {k: [] for k in counts}
+        engine, job, driver = [], {k: [] for k in counts}, {k: [] for k in counts}
         for repeat in range(args.repeats):  # alternated, the best of each kept
             seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
                                          args.batch_size, 1)
             engine.append(count / seconds)
             for k in counts:
+                cpu, wall = time.process_time(), time.perf_counter()
                 summary = run(config_from_dict({**values, "num_actors": k, "store": str(root / f"r{k}-{repeat}.zarr")}))
                 assert summary.exit_code == 0, summary.format()
                 job[k].append(summary.computed_rows / summary.seconds)
+                driver[k].append((time.process_time() - cpu) / (time.perf_counter() - wall))
         ray.shutdown()
     best, rates = max(engine), {k: max(r) for k, r in job.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{raylets} raylets of 1 CPU on loopback")
     print(f"{args.images} images -> {args.size}x{args.size}, {args.model}, {args.composite}, batch {args.batch_size}, "
           f"shards of {4 * args.batch_size} rows; rates after the actors are up")
-    print("| actors | images/s | per actor | vs 1 actor x k | vs 1-thread engine x k |")
-    print("|---|---|---|---|---|")
+    print("| actors | images/s | per actor | vs 1 actor x k | vs 1-thread engine x k | driver CPU / wall |")
+    print("|---|---|---|---|---|---|")
     for k, rate in rates.items():
-        print(f"| {k} | {rate:.1f} | {rate / k:.1f} | {rate / (k * rates[1]):.0%} | {rate / (k * best):.0%} |")
-    print(f"| bare engine, 1 thread, decoded inputs | {best:.1f} | | | |")
+        print(f"| {k} | {rate:.1f} | {rate / k:.1f} | {rate / (k * rates[1]):.0%} | {rate / (k * best):.0%} | "
+              f"{min(driver[k]):.0%} |")
+    print(f"| bare engine, 1 thread, decoded inputs | {best:.1f} | | | | |")
 
 
 def _image_size(args) -> tuple[int, int]:
