@@ -93,8 +93,8 @@ def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tenso
               include_bias: bool, cp: bool, output: torch.Tensor | None = None) -> torch.Tensor:
     """The input relevance of one self-attention step (AttnLRP, or CP-LRP when ``cp``), see the module docstring.
 
-    Many parameters because: the rule's three settings, and ``output`` (the step's value from the forward pass, which saves
-    recomputing the out-projection) beside the module, its input and the relevance."""
+    Many parameters because: the rule's three settings, and ``output`` (the step's value from the forward pass,
+    which saves recomputing the out-projection) beside the module, its input and the relevance."""
     if not module.batch_first:
         r_out = r_out.transpose(0, 1)
     t = intermediates(module, x, output)
