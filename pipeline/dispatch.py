@@ -258,8 +258,8 @@ class ShardPool:
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
         process = self.in_flight[ref][2]
-        if self.ended.get(i) == process or self.process[i] != process:
-            self._late(i, ref)
+        if self.actors[i] is None or self.ended.get(i) == process or self.process[i] != process:
+            self._late(i, ref)  # a dropped actor's, or an already-handled process's task: never blamed
             return
         order = {r: k for k, r in enumerate(self.in_flight)}  # dict order: submission order
         waited = time.monotonic()
@@ -458,7 +458,12 @@ class ShardPool:
     def _node_alive(self, node: str) -> bool:
         """Whether Ray's control store lists ``node`` as alive (``ray.nodes()``, read from the GCS; the state API,
         ``ray.util.state``, needs the dashboard, which the pool's own cluster runs without)."""
-        return any(entry["NodeID"] == node and entry["Alive"] for entry in self.ray.nodes())
+        try:
+            nodes = self.ray.nodes()
+        except Exception as error:  # the GCS is slow or restarting (likely while a node fails): ask again later
+            log.warning("%s pool: ray.nodes() failed (%s); node %s taken as alive for now", self.name, error, node[:12])
+            return True
+        return any(entry["NodeID"] == node and entry["Alive"] for entry in nodes)
 
     def drop(self, i: int) -> None:
         """Actor ``i`` leaves the pool; the parts waiting for it go to the others."""

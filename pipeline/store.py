@@ -333,8 +333,8 @@ class ShardReader:
         """``reader[start:stop]`` for whole shards (what ``dask.array.from_array`` asks with shard chunks)."""
         rows = key[0] if isinstance(key, tuple) else key
         rest = key[1:] if isinstance(key, tuple) else ()
-        full = all(isinstance(k, slice) and k == slice(None) or k == slice(0, n)
-                   for k, n in zip(rest, self.shape[1:]))
+        full = len(rest) < self.ndim and all(isinstance(k, slice) and (k == slice(None) or k == slice(0, n))
+                                             for k, n in zip(rest, self.shape[1:]))
         if not (isinstance(rows, slice) and rows.step in (None, 1) and full):
             return self.array[key]
         start, stop, _ = rows.indices(self.shape[0])
@@ -376,7 +376,10 @@ class ShardReader:
             pieces = [data[int(o):int(o + n)] for o, n in index[present]]
         else:
             ranges = [(key, RangeByteRequest(int(o), int(o + n))) for o, n in index[present]]
-            pieces = [piece.as_numpy_array() for piece in sync(store.get_partial_values(prototype, ranges))]
+            got = sync(store.get_partial_values(prototype, ranges))
+            if any(piece is None for piece in got):  # the object went away between the index read and this one
+                raise StoreError(f"shard {key!r} changed while it was read (rewritten by a writer?)")
+            pieces = [piece.as_numpy_array() for piece in got]
         out[~present] = self.array.fill_value
         for row, piece in zip(np.flatnonzero(present), pieces):
             self._zstd.decode(piece, out=out[row])
@@ -392,8 +395,11 @@ def _fast_layout(array: zarr.Array):
         return None
     config = codecs[0]["configuration"]
     inner, index = config["codecs"], config["index_codecs"]
-    little = np.dtype(array.dtype).itemsize == 1 or inner[0].get("configuration", {}).get("endian") == "little"
-    if (tuple(config["chunk_shape"]) != (1, *array.shape[1:]) or config.get("index_location", "end") != "end"
+    dtype = np.dtype(array.dtype)  # stored little-endian and held little-endian in memory: decoded bytes fit as-is
+    little = dtype.itemsize == 1 or (inner[0].get("configuration", {}).get("endian") == "little"
+                                     and dtype.str[0] == "<")
+    if (tuple(config["chunk_shape"]) != (1, *array.shape[1:]) or tuple(array.shards or ())[1:] != array.shape[1:]
+            or config.get("index_location", "end") != "end"
             or [c["name"] for c in inner] != ["bytes", "zstd"] or not little
             or [c["name"] for c in index] != ["bytes", "crc32c"]
             or index[0].get("configuration", {}).get("endian", "little") != "little"):
@@ -407,7 +413,7 @@ def _shard_index(raw: np.ndarray, key: str) -> np.ndarray:
     import google_crc32c
 
     body = raw[:-4]
-    if np.uint32(google_crc32c.value(body.tobytes())).tobytes() != bytes(raw[-4:]):
+    if google_crc32c.value(body.tobytes()).to_bytes(4, "little") != bytes(raw[-4:]):
         raise StoreError(f"shard {key!r}: stored and computed checksum of its index do not match (a torn write?)")
     return body.view("<u8").reshape(-1, 2)
 

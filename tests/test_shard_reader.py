@@ -79,3 +79,28 @@ def test_reader_is_a_plain_object_that_pickles(tmp_path):
     reader = open_store(str(tmp_path / "s.zarr")).group("g").shard_reader("relevance")
     assert not hasattr(ShardReader, "__dataclass_fields__")
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(reader))[0:4], reader[0:4])
+
+
+@pytest.mark.parametrize("dtype, shards", [(">f4", (3, 3)), ("<f4", (2, 6))])
+def test_arrays_the_fast_path_cannot_read_fall_back_to_zarr(dtype, shards):
+    """A big-endian dtype (stored little-endian by zarr's bytes codec) and shards wider than the array in the trailing
+    dimensions are not the store's layout: the reader must give zarr's values, not decode them itself."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    array = zarr.create_array(MemoryStore(), shape=(6, 3), chunks=(1, 3), shards=shards, dtype=dtype)
+    array[:] = np.arange(18, dtype=np.float32).reshape(6, 3)
+    reader = ShardReader(array)
+    assert reader._zstd is None
+    np.testing.assert_array_equal(reader[0:6], np.arange(18).reshape(6, 3))
+    np.testing.assert_array_equal(reader.rows(np.array([1, 4])), np.arange(18).reshape(6, 3)[[1, 4]])
+
+
+def test_keys_other_than_whole_rows_go_to_zarr_with_their_full_meaning(tmp_path):
+    _store(str(tmp_path / "s.zarr"))
+    group = open_store(str(tmp_path / "s.zarr")).group("g")
+    reader, whole = group.shard_reader("relevance"), group.read("relevance")
+    np.testing.assert_array_equal(reader[0:4, 0:H, 0:W], whole[0:4])
+    np.testing.assert_array_equal(reader[0:4, 1:3], whole[0:4, 1:3])
+    np.testing.assert_array_equal(reader[::2], whole[::2])
+    np.testing.assert_array_equal(reader[5], whole[5])
