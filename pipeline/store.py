@@ -444,19 +444,14 @@ class ExplanationGroup:
         """Whether this group has the array ``name`` (``labels``, ``boxes``, ``mask``, ``relevance_channels``)."""
         return name in self._group
 
-    def lazy(self, name: str, ray: bool = False) -> da.Array | None:
-        """The array ``name`` as a dask array, one chunk per shard; None when the group has no such array.
-
-        ``ray``: built on a :class:`RowReader`, so that Dask on Ray can ship the tasks (see there).
+    def lazy(self, name: str) -> da.Array | None:
+        """The array ``name`` as a dask array read by zarr itself, one chunk per shard; None when the group has no
+        such array. The aggregation reads through :meth:`lazy_shards` instead (faster, and shippable by Dask on Ray).
         """
         if name not in self._group:
             return None
         array = self._group[name]
-        chunks = (max(min(self.rows_per_shard, self.n_rows), 1), *array.shape[1:])
-        if not ray:
-            return da.from_zarr(array, chunks=chunks)
-        reader = RowReader(array)
-        return da.from_array(reader, chunks=chunks, lock=False, meta=np.empty((0,) * reader.ndim, reader.dtype))
+        return da.from_zarr(array, chunks=(max(min(self.rows_per_shard, self.n_rows), 1), *array.shape[1:]))
 
     def row_reader(self, name: str) -> RowReader:
         """A picklable reader of the array ``name``: ``reader.rows(indices)`` reads just those rows."""

@@ -1,7 +1,7 @@
 """The one read of the store: every shard once, its ok rows of the chosen classes sum-pooled to the grid.
 
 Dask runs one task per shard; each opens the store by URL (so any scheduler works: threads, processes,
-distributed, Ray), reads the shard whole in one request (``ExplanationGroup.read_shard``, about 10x faster
+distributed, Ray), reads the shard's wanted rows in one or two requests (a ``ShardReader``, about 10x faster
 than zarr's per-row sharding codec) and writes its pooled rows into a local scratch Zarr array, chunked
 like the store's shards, so no two tasks touch one chunk. The class tasks then read just their rows from the
 scratch array (4 KB a row at 32x32), never the store's full maps again. Memory: a few shards of the
@@ -27,16 +27,16 @@ def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes
     """Pool one shard's ``wanted`` rows into the scratch array; return the shard's (n, 3) row stats
     (preprocess.row_stats; NaN for the other rows, which no class reads).
 
-    The shard is read whole, in one store request (``ExplanationGroup.read_shard``), not row by row; only the
-    wanted rows (ok rows of clustered classes, finite by the store's status rules) are pooled.
+    Only the wanted rows (ok rows of clustered classes, finite by the store's status rules) are read and pooled,
+    batched per shard by the store's ``ShardReader`` (the whole object when most rows are wanted, else the index
+    and those rows' byte ranges), not row by row.
 
     Many parameters because: a Dask task on any scheduler gets plain values, so the store's address (URL, group,
     storage options), the shard, its wanted rows, its boxes and the scratch array are spelled out one by one.
     """
     explanations = open_store(store_url, storage_options=storage_options).group(group)
-    block = explanations.read_shard("relevance", shard)
     start, keep = shard * explanations.rows_per_shard, np.flatnonzero(wanted)
-    block = block[keep]
+    block = explanations.shard_reader("relevance").rows(start + keep)
     if not np.isfinite(block).all():  # never for ok rows; kept as a guard so that NaN cannot spread
         block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
     pooled = np.zeros((len(wanted), int(np.prod(preprocess.grid_shape(*block.shape[1:], size)))), np.float32)
