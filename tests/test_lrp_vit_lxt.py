@@ -17,6 +17,7 @@ LayerNorm or attention and hooks modules, so residual sums would get a gradient.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -59,6 +60,19 @@ def test_vit_b_16_matches_lxt(vit, cp):
     model, x, target = vit
     reference = lxt_relevance(model, x, target, cp=cp)
     assert relative_error(_ours(model, x, target, cp), reference) < TOLERANCE
+
+
+@pytest.mark.parametrize("cp", [False, True], ids=["attnlrp", "cp_lrp"])
+def test_vit_b_16_matches_lxts_recipe_without_lxt(vit, cp):
+    # the same rules rebuilt in tests/helpers/lxt_recipe.py: runs where lxt is not installed
+    from helpers.lxt_recipe import recipe_relevance
+
+    model, x, target = vit
+    reference = recipe_relevance(model, x, target, cp=cp)
+    assert relative_error(_ours(model, x, target, cp), reference) < TOLERANCE
+    if importlib.util.find_spec("lxt") is not None:
+        from helpers.lxt_reference import lxt_relevance
+        assert relative_error(reference, lxt_relevance(model, x, target, cp=cp)) < 1e-12
 
 
 def test_attnlrp_and_cp_lrp_differ_on_vit(vit):
