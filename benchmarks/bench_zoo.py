@@ -7,7 +7,9 @@ Per model (random init, 1000 classes, eval mode, float32, one batch of ``--batch
 (no_grad), forward + input gradient (frozen parameters), ours with epsilon_plus, zennit's EpsilonPlus where zennit can
 give the same map (the twins of ``tests/helpers/zoo_twins.py``: residual sums as zennit ``Sum``, gates as constant
 scales, checked equal to ours in tests/test_lrp_zoo_zennit.py), and on ViT ours against lxt with the same relevance
-(tests/test_lrp_vit_lxt.py: the ``z`` composite with the position embedding as a bias, CP-LRP or AttnLRP attention).
+(tests/test_lrp_vit_lxt.py: the ``z`` composite with the position embedding as a bias, CP-LRP or AttnLRP attention);
+where lxt is not installed, against its rules rebuilt in tests/helpers/lxt_recipe.py ("lxt-recipe": the same patched
+torch model, so the same arithmetic; checked equal to ours in that test).
 Times are medians of ``--repeats`` interleaved rounds after a warm-up (``bench_engine.Timer``), in this process with
 the allocator as every user has it. Memory is the peak resident set size above the resident size before one call
 (Linux ``/proc/self/clear_refs``), measured in a child process (``--memory-only``) whose glibc mmap threshold is fixed
@@ -92,14 +94,18 @@ def methods(name: str, model, x, target, device) -> dict:
         composite = with_twin_rules(twin, zennit_composite("epsilon_plus"))
         found["zennit epsilon_plus (twin)"] = (lambda modified: zennit_attribution(modified, x, target),
                                                lambda: composite.context(twin))
-    if name.startswith("vit") and importlib.util.find_spec("lxt") is not None:  # lxt is optional
-        from helpers.lxt_reference import lxt_model
-
+    if name.startswith("vit"):
+        if importlib.util.find_spec("lxt") is not None:  # lxt is optional
+            from helpers.lxt_reference import lxt_model as patch
+            baseline = "lxt"
+        else:  # its rules rebuilt (tests/helpers/lxt_recipe.py), the same arithmetic
+            from helpers.lxt_recipe import recipe_model as patch
+            baseline = "lxt-recipe"
         for cp, label in ((True, "CP-LRP"), (False, "AttnLRP")):
             explainer = lrp.Explainer(model, lxt_equivalent(cp))
-            patched = lxt_model(model, cp)
+            patched = patch(model, cp)
             found[f"ours {label} (lxt's map)"] = (lambda e=explainer: e(x, target), None)
-            found[f"lxt {label}"] = (lambda p=patched: _gradient_x_input(p, x, target), None)
+            found[f"{baseline} {label}"] = (lambda p=patched: _gradient_x_input(p, x, target), None)
     return found
 
 

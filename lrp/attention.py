@@ -14,16 +14,28 @@ AttnLRP (Achtibat et al. 2024) rules, read backwards:
   not conserving: the bias term absorbs relevance).
 
 CP-LRP (Ali et al. 2022, ``mode="cp"``) takes the attention weights :math:`A` as constants: all of :math:`R_O` goes
-to :math:`v` and the query/key path gets nothing. Both equal lxt's Gradient*Input implementation when the
-stabilizer is 0 (lxt's ``cp_multi_head_attention_forward`` for CP-LRP).
+to :math:`v` and the query/key path gets nothing, so only the value third of the in-projection is transposed.
+Both equal lxt's Gradient*Input implementation when the stabilizer is 0 (lxt's ``cp_multi_head_attention_forward``
+for CP-LRP).
+
+The forward pass keeps its products for the rule (:class:`Saved`, on the step's output tensor): the in-projection
+``z`` (q, k and v are views of it), the scores ``S`` and the heads' merged output (the out-projection's input), so the
+rule computes no product of the forward again; the weights :math:`A = \mathrm{softmax}(S)` are recomputed from ``S``
+(one elementwise pass, the same values, half the kept memory). Under autograd (the baselines' vector-Jacobian
+product) nothing is kept; where the kept products do not belong to the rule's input (a value cast after an autocast
+forward) the rule computes them again from its input.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .stabilize import safe_divide
+
+_SAVED = "_lrp_attention"  # the attribute of the step's output that holds its Saved products
 
 
 class AttentionError(TypeError):
@@ -58,35 +70,50 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
-def intermediates(module: nn.MultiheadAttention, x: torch.Tensor, out: torch.Tensor | None = None) -> dict:
-    """Every value of the forward pass, batch first: x, z (in-projection), q, k, v, S, A, O, out.
+@dataclass(frozen=True, eq=False)
+class Saved:
+    """The forward's products, batch first: the step input ``x`` (as given, to recognise it), the in-projection ``z``
+    (B, T, 3E), the scores ``S`` (B, H, T, T) and the heads' merged output ``merged`` (B, T, E)."""
 
-    ``out``: the step's output when it is known (the rule has it from the forward pass), so that the out-projection
-    is not computed again."""
-    if not module.batch_first:
-        x = x.transpose(0, 1)
-        out = None if out is None else out.transpose(0, 1)
+    x: torch.Tensor
+    z: torch.Tensor
+    scores: torch.Tensor
+    merged: torch.Tensor
+
+
+def _products(module: nn.MultiheadAttention, x: torch.Tensor) -> tuple:
+    """(z, S, merged) of a batch-first input."""
     z = F.linear(x, module.in_proj_weight, module.in_proj_bias)
     q, k, v = (_heads(t, module.num_heads) for t in z.chunk(3, dim=-1))
-    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
-    weights = scores.softmax(-1)
-    heads_out = weights @ v
-    if out is None:
-        out = F.linear(_merge(heads_out), module.out_proj.weight, module.out_proj.bias)
-    return {"x": x, "z": z, "q": q, "k": k, "v": v, "S": scores, "A": weights, "O": heads_out, "out": out}
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+    return z, scores, _merge(scores.softmax(-1) @ v)
 
 
 def forward(module: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """The attention output (the first element of ``module(x, x, x)``) at inference."""
-    out = intermediates(module, x)["out"]
-    return out if module.batch_first else out.transpose(0, 1)
+    """The attention output (the first element of ``module(x, x, x)``) at inference, its products kept for the rule
+    when no autograd graph is being built."""
+    given = x
+    if not module.batch_first:
+        x = x.transpose(0, 1)
+    z, scores, merged = _products(module, x)
+    out = F.linear(merged, module.out_proj.weight, module.out_proj.bias)
+    if not module.batch_first:
+        out = out.transpose(0, 1)
+    if not torch.is_grad_enabled():
+        setattr(out, _SAVED, Saved(given, z, scores, merged))
+    return out
 
 
-def _linear_epsilon(relevance, x, z, projection: tuple, epsilon, include_bias):
-    weight, bias = projection
-    if not include_bias and bias is not None:
-        z = z - bias
-    return x * (safe_divide(relevance, z, epsilon) @ weight)
+def _saved(output: torch.Tensor | None, x: torch.Tensor) -> Saved | None:
+    """The products the forward kept on ``output``, if they were computed from this very ``x``."""
+    saved = getattr(output, _SAVED, None)
+    if saved is None or saved.x is not x or saved.z.dtype != x.dtype:
+        return None
+    return saved
+
+
+def _without_bias(z: torch.Tensor, bias: torch.Tensor | None, include_bias: bool) -> torch.Tensor:
+    return z if include_bias or bias is None else z - bias
 
 
 def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tensor, epsilon: float,
@@ -94,26 +121,60 @@ def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tenso
     """The input relevance of one self-attention step (AttnLRP, or CP-LRP when ``cp``), see the module docstring.
 
     Many parameters because: the rule's three settings, and ``output`` (the step's value from the forward pass,
-    which saves recomputing the out-projection) beside the module, its input and the relevance."""
+    which holds the forward's products) beside the module, its input and the relevance."""
+    saved = _saved(output, x)
     if not module.batch_first:
         r_out = r_out.transpose(0, 1)
-    t = intermediates(module, x, output)
-    merged = _merge(t["O"])
-    out_proj = module.out_proj.weight, module.out_proj.bias
-    r_heads = _linear_epsilon(r_out, merged, t["out"], out_proj, epsilon, include_bias)
-    r_heads = _heads(r_heads, module.num_heads)
-    if cp:
-        r_q = r_k = torch.zeros_like(t["q"])
-        r_v = t["v"] * (t["A"].transpose(-2, -1) @ safe_divide(r_heads, t["O"], epsilon))
+        x = x.transpose(0, 1)
+        output = None if output is None else output.transpose(0, 1)
+    if saved is not None:
+        z, scores, merged = saved.z, saved.scores, saved.merged
     else:
-        m = safe_divide(r_heads, 2 * t["O"], epsilon)
-        r_v = t["v"] * (t["A"].transpose(-2, -1) @ m)
-        r_a = t["A"] * (m @ t["v"].transpose(-2, -1))
-        r_s = t["S"] * (r_a - t["A"] * r_a.sum(-1, keepdim=True))
-        m_s = safe_divide(r_s, 2 * t["S"], epsilon) * (t["q"].shape[-1] ** -0.5)
-        r_q = t["q"] * (m_s @ t["k"])
-        r_k = t["k"] * (m_s.transpose(-2, -1) @ t["q"])
-    r_z = torch.cat([_merge(r) for r in (r_q, r_k, r_v)], dim=-1)
-    in_proj = module.in_proj_weight, module.in_proj_bias
-    r_x = _linear_epsilon(r_z, t["x"], t["z"], in_proj, epsilon, include_bias)
+        z, scores, merged = _products(module, x)
+    if output is None:
+        output = F.linear(merged, module.out_proj.weight, module.out_proj.bias)
+    heads, width = module.num_heads, module.embed_dim
+    q, k, v = (_heads(t, heads) for t in z.chunk(3, dim=-1))
+    weights = scores.softmax(-1)
+    heads_out = _heads(merged, heads)
+    # out-projection, epsilon rule
+    out_weight, out_bias = module.out_proj.weight, module.out_proj.bias
+    message = safe_divide(r_out, _without_bias(output, out_bias, include_bias), epsilon)
+    r_heads = _heads((message @ out_weight).mul_(merged), heads)
+    in_weight, in_bias = module.in_proj_weight, module.in_proj_bias
+    batch, tokens = x.shape[:2]
+    if cp:
+        r_v = torch.empty_like(merged)  # (B, T, E), written through its heads view
+        m = _divide_(r_heads, heads_out, epsilon)
+        torch.mul(v, weights.transpose(-2, -1) @ m, out=_heads(r_v, heads))
+        # q and k get no relevance: only the value third of the in-projection carries any
+        z_v = _without_bias(z[..., 2 * width:], None if in_bias is None else in_bias[2 * width:], include_bias)
+        return _batch_order(module, (_divide_(r_v, z_v, epsilon) @ in_weight[2 * width:]).mul_(x))
+    r_z = z.new_empty(z.shape)  # (B, T, 3E); its (3, B, H, T, d) view holds r_q, r_k, r_v
+    r_qkv = r_z.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    # m = r_O / (2 O) as (r_O / O) / 2, and below m_s = r_s / (2 S) as (r_s / S) / 2: the factor 2 taken out of the
+    # stabilized denominator is exact (2 S + eps sign(S) = 2 (S + eps/2 sign(S)) in binary floating point), and the
+    # division goes into a tensor the rule owns instead of a new one (fresh tensors are what this step's time went to)
+    m = _divide_(r_heads, heads_out, epsilon / 2).mul_(0.5)
+    torch.mul(v, weights.transpose(-2, -1) @ m, out=r_qkv[2])
+    # the (B, H, T, T) part in two buffers, r_s = S (r_A - A sum r_A) then m_s, in place
+    r_s = (m @ v.transpose(-2, -1)).mul_(weights)
+    r_s.sub_(weights.mul_(r_s.sum(-1, keepdim=True))).mul_(scores)
+    m_s = _divide_(r_s, scores, epsilon / 2, buffer=weights).mul_(q.shape[-1] ** -0.5 / 2)
+    torch.mul(q, m_s @ k, out=r_qkv[0])
+    torch.mul(k, m_s.transpose(-2, -1) @ q, out=r_qkv[1])
+    return _batch_order(module, (_divide_(r_z, _without_bias(z, in_bias, include_bias), epsilon) @ in_weight).mul_(x))
+
+
+def _divide_(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: float,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`lrp.stabilize.safe_divide` (the same values, its conventions) into ``numerator``, which the caller owns;
+    ``buffer`` (a spare tensor of the denominator's shape) holds the stabilized denominator instead of a new one."""
+    if epsilon > 0:
+        stabilized = torch.copysign(denominator.new_full((), epsilon), denominator, out=buffer)
+        return numerator.div_(stabilized.add_(denominator))
+    return numerator.div_(denominator).masked_fill_(denominator == 0, 0)
+
+
+def _batch_order(module: nn.MultiheadAttention, r_x: torch.Tensor) -> torch.Tensor:
     return r_x if module.batch_first else r_x.transpose(0, 1)

@@ -426,11 +426,11 @@ class LayerNorm(Rule):
         centered = x - x.mean(dims, keepdim=True)
         std = (centered.pow(2).mean(dims, keepdim=True) + eps).sqrt()
         scale = 1 / std if weight is None else weight / std
-        z = centered * scale
+        z = centered.mul_(scale)  # in place, here and below: the same values without a new tensor each
         if self.include_bias and bias is not None:
-            z = z + bias
-        g = safe_divide(relevance, z, self.stabilizer) * scale
-        return [x * (g - g.mean(dims, keepdim=True))]
+            z = z.add_(bias)
+        g = safe_divide(relevance, z, self.stabilizer).mul_(scale)
+        return [g.sub_(g.mean(dims, keepdim=True)).mul_(x)]
 
 
 def layer_norm_parameters(target, args, kwargs) -> tuple:

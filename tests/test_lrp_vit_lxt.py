@@ -10,6 +10,7 @@ but Gradient x Input keeps it in the denominator). Float64, random init, 32x32 i
 
 lxt is not a dev dependency: lxt 2.1 pulls in accelerate, bitsandbytes, open_clip_torch and timm (``pip install
 --dry-run lxt==2.1``), and its ``lxt.efficient`` package does not import with transformers 5; the test skips without it.
+The same rules rebuilt without lxt (``tests/helpers/lxt_recipe.py``) are checked always, and against lxt where it is.
 captum (a dev dependency) checks the gradient baselines only: captum's LRP has no rules for SiLU, Hardswish,
 LayerNorm or attention and hooks modules, so residual sums would get a gradient. Measured: lxt agreement 4.8e-8
 (AttnLRP) and 4.6e-8 (CP-LRP), the difference being lxt's 1e-10 in its identity rule on GELU.
@@ -17,6 +18,7 @@ LayerNorm or attention and hooks modules, so residual sums would get a gradient.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -59,6 +61,19 @@ def test_vit_b_16_matches_lxt(vit, cp):
     model, x, target = vit
     reference = lxt_relevance(model, x, target, cp=cp)
     assert relative_error(_ours(model, x, target, cp), reference) < TOLERANCE
+
+
+@pytest.mark.parametrize("cp", [False, True], ids=["attnlrp", "cp_lrp"])
+def test_vit_b_16_matches_lxts_recipe_without_lxt(vit, cp):
+    # the same rules rebuilt in tests/helpers/lxt_recipe.py: runs where lxt is not installed
+    from helpers.lxt_recipe import recipe_relevance
+
+    model, x, target = vit
+    reference = recipe_relevance(model, x, target, cp=cp)
+    assert relative_error(_ours(model, x, target, cp), reference) < TOLERANCE
+    if importlib.util.find_spec("lxt") is not None:
+        from helpers.lxt_reference import lxt_relevance
+        assert relative_error(reference, lxt_relevance(model, x, target, cp=cp)) < 1e-12
 
 
 def test_attnlrp_and_cp_lrp_differ_on_vit(vit):
