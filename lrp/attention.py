@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stabilize import safe_divide
+from .stabilize import safe_divide, safe_divide_
 
 _SAVED = "_lrp_attention"  # the attribute of the step's output that holds its Saved products
 
@@ -145,35 +145,26 @@ def relevance(module: nn.MultiheadAttention, x: torch.Tensor, r_out: torch.Tenso
     batch, tokens = x.shape[:2]
     if cp:
         r_v = torch.empty_like(merged)  # (B, T, E), written through its heads view
-        m = _divide_(r_heads, heads_out, epsilon)
+        m = safe_divide_(r_heads, heads_out, epsilon)
         torch.mul(v, weights.transpose(-2, -1) @ m, out=_heads(r_v, heads))
         # q and k get no relevance: only the value third of the in-projection carries any
         z_v = _without_bias(z[..., 2 * width:], None if in_bias is None else in_bias[2 * width:], include_bias)
-        return _batch_order(module, (_divide_(r_v, z_v, epsilon) @ in_weight[2 * width:]).mul_(x))
+        return _batch_order(module, (safe_divide_(r_v, z_v, epsilon) @ in_weight[2 * width:]).mul_(x))
     r_z = z.new_empty(z.shape)  # (B, T, 3E); its (3, B, H, T, d) view holds r_q, r_k, r_v
     r_qkv = r_z.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     # m = r_O / (2 O) as (r_O / O) / 2, and below m_s = r_s / (2 S) as (r_s / S) / 2: the factor 2 taken out of the
     # stabilized denominator is exact (2 S + eps sign(S) = 2 (S + eps/2 sign(S)) in binary floating point), and the
     # division goes into a tensor the rule owns instead of a new one (fresh tensors are what this step's time went to)
-    m = _divide_(r_heads, heads_out, epsilon / 2).mul_(0.5)
+    m = safe_divide_(r_heads, heads_out, epsilon / 2).mul_(0.5)
     torch.mul(v, weights.transpose(-2, -1) @ m, out=r_qkv[2])
     # the (B, H, T, T) part in two buffers, r_s = S (r_A - A sum r_A) then m_s, in place
     r_s = (m @ v.transpose(-2, -1)).mul_(weights)
     r_s.sub_(weights.mul_(r_s.sum(-1, keepdim=True))).mul_(scores)
-    m_s = _divide_(r_s, scores, epsilon / 2, buffer=weights).mul_(q.shape[-1] ** -0.5 / 2)
+    m_s = safe_divide_(r_s, scores, epsilon / 2, buffer=weights).mul_(q.shape[-1] ** -0.5 / 2)
     torch.mul(q, m_s @ k, out=r_qkv[0])
     torch.mul(k, m_s.transpose(-2, -1) @ q, out=r_qkv[1])
-    return _batch_order(module, (_divide_(r_z, _without_bias(z, in_bias, include_bias), epsilon) @ in_weight).mul_(x))
-
-
-def _divide_(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: float,
-             buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`lrp.stabilize.safe_divide` (the same values, its conventions) into ``numerator``, which the caller owns;
-    ``buffer`` (a spare tensor of the denominator's shape) holds the stabilized denominator instead of a new one."""
-    if epsilon > 0:
-        stabilized = torch.copysign(denominator.new_full((), epsilon), denominator, out=buffer)
-        return numerator.div_(stabilized.add_(denominator))
-    return numerator.div_(denominator).masked_fill_(denominator == 0, 0)
+    r_z = safe_divide_(r_z, _without_bias(z, in_bias, include_bias), epsilon)
+    return _batch_order(module, (r_z @ in_weight).mul_(x))
 
 
 def _batch_order(module: nn.MultiheadAttention, r_x: torch.Tensor) -> torch.Tensor:

@@ -23,3 +23,14 @@ def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: flo
             return numerator / stabilized
         return torch.div(numerator, stabilized, out=stabilized)
     return (numerator / denominator).masked_fill_(denominator == 0, 0)
+
+
+def safe_divide_(numerator: torch.Tensor, denominator: torch.Tensor, epsilon: float,
+                 buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`safe_divide` (the same values and conventions) into ``numerator``, which the caller owns and which
+    must have the result's shape; ``buffer`` (a spare tensor of the denominator's shape) holds the stabilized
+    denominator instead of a new one. For rules where fresh tensors are what the step's time goes to (attention)."""
+    if epsilon > 0:
+        stabilized = torch.copysign(denominator.new_full((), epsilon), denominator, out=buffer)
+        return numerator.div_(stabilized.add_(denominator))
+    return numerator.div_(denominator).masked_fill_(denominator == 0, 0)

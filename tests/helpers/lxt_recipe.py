@@ -66,7 +66,7 @@ def _cp_lrp(self, query, key, value, *args, **kwargs):
     return self.original_forward(query.detach(), key.detach(), value, *args, **kwargs)
 
 
-def _bind(module: nn.Module, forward, keep_original: bool) -> None:
+def bind(module: nn.Module, forward, keep_original: bool) -> None:
     if keep_original:
         module.original_forward = module.forward
     module.forward = types.MethodType(forward, module)
@@ -77,17 +77,22 @@ def recipe_model(model: nn.Module, cp: bool) -> nn.Module:
     twin = copy.deepcopy(model)
     for module in twin.modules():
         if isinstance(module, nn.GELU):
-            _bind(module, _gelu, keep_original=True)
+            bind(module, _gelu, keep_original=True)
         elif isinstance(module, nn.LayerNorm):
-            _bind(module, _layer_norm, keep_original=False)
+            bind(module, _layer_norm, keep_original=False)
         elif isinstance(module, nn.MultiheadAttention):
-            _bind(module, _cp_lrp if cp else _attn_lrp, keep_original=True)
+            bind(module, _cp_lrp if cp else _attn_lrp, keep_original=True)
     return twin
+
+
+def gradient_x_input(patched: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient x Input of the target logit through a patched model (how lxt computes relevance)."""
+    x = x.detach().clone().requires_grad_(True)
+    out = patched(x)
+    (gradient,) = torch.autograd.grad(out[torch.arange(x.shape[0]), target].sum(), x)
+    return (gradient * x).detach()
 
 
 def recipe_relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor, cp: bool) -> torch.Tensor:
     """Gradient x Input of the target logit through the patched copy."""
-    x = x.detach().clone().requires_grad_(True)
-    out = recipe_model(model, cp)(x)
-    (gradient,) = torch.autograd.grad(out[torch.arange(x.shape[0]), target].sum(), x)
-    return (gradient * x).detach()
+    return gradient_x_input(recipe_model(model, cp), x, target)

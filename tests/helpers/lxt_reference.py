@@ -24,6 +24,8 @@ import types
 import torch
 from torch import nn
 
+from helpers.lxt_recipe import bind, gradient_x_input
+
 
 def lxt_efficient():
     """``(lxt.efficient.patches, lxt.efficient.rules)``, importable whatever lxt's BERT patches need."""
@@ -37,12 +39,6 @@ def lxt_efficient():
     return importlib.import_module("lxt.efficient.patches"), importlib.import_module("lxt.efficient.rules")
 
 
-def _bind(module: nn.Module, forward, keep_original: bool) -> None:
-    if keep_original:
-        module.original_forward = module.forward
-    module.forward = types.MethodType(forward, module)
-
-
 def lxt_model(model: nn.Module, cp: bool) -> nn.Module:
     """A copy of a torchvision ViT with lxt's rules: CP-LRP (``cp``) or AttnLRP in its attention."""
     patches, rules = lxt_efficient()
@@ -54,18 +50,15 @@ def lxt_model(model: nn.Module, cp: bool) -> nn.Module:
     twin = copy.deepcopy(model)
     for module in twin.modules():
         if isinstance(module, nn.GELU):
-            _bind(module, patches.non_linear_forward, keep_original=True)
+            bind(module, patches.non_linear_forward, keep_original=True)
         elif isinstance(module, nn.LayerNorm):
-            _bind(module, patches.layer_norm_forward, keep_original=False)
+            bind(module, patches.layer_norm_forward, keep_original=False)
         elif isinstance(module, nn.MultiheadAttention):
             attention = patches.cp_multi_head_attention_forward if cp else attn_lrp_attention
-            _bind(module, attention, keep_original=True)
+            bind(module, attention, keep_original=True)
     return twin
 
 
 def lxt_relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor, cp: bool) -> torch.Tensor:
     """lxt's relevance: Gradient x Input of the target logit through the patched copy."""
-    x = x.detach().clone().requires_grad_(True)
-    out = lxt_model(model, cp)(x)
-    (gradient,) = torch.autograd.grad(out[torch.arange(x.shape[0]), target].sum(), x)
-    return (gradient * x).detach()
+    return gradient_x_input(lxt_model(model, cp), x, target)
