@@ -15,7 +15,7 @@ class SpraySettings:
 
     ``clusters`` is ``"auto"`` (eigengap, at most ``max_clusters``) or a fixed K; ``pca`` 0 keeps the
     pooled maps as they are; a class with fewer than ``min_rows`` ok rows is reported, not clustered;
-    ``approximate_above`` rows switch the kNN search from exact (scikit-learn) to pynndescent.
+    ``approximate_above`` rows switch the kNN search from exact (affinity.exact_neighbours) to pynndescent.
     The flag thresholds are described in docs/spray.md.
     """
 
