@@ -1,4 +1,4 @@
-"""Everything issue 15 could not measure without a GPU, in one run of under 8 minutes on a lent GPU machine.
+"""Everything issues 13 and 15 could not measure without a GPU, in one run of under 9 minutes on a lent GPU machine.
 
 No Ray needed (a lent machine may lack its wheel): the explain actor is driven in-process, as
 ``bench_pipeline.py --in-process`` does. Steps, each a subprocess with its own time limit, output printed as it comes:
@@ -7,9 +7,14 @@ No Ray needed (a lent machine may lack its wheel): the explain actor is driven i
    ``decode: cpu`` and ``decode: auto`` (nvJPEG), then VOC-size 500x375 JPEGs with both; 2 and 4 actor processes;
 2. nvJPEG against CPU decoding: the same JPEGs through the actor both ways, relative L2 of the relevance maps and
    max abs difference of the model inputs (resampling of the decoded image differs: docs/pipeline.md);
-3. bfloat16 / float16 forward against float32: relevance error and speed on vgg16 and resnet50.
+3. bfloat16 / float16 forward against float32: relevance error and speed on vgg16 and resnet50;
+4. the zoo on CUDA (issue 13): ``bench_zoo.py`` over its families, against forward, the input gradient, zennit and
+   lxt where they are installed (carried as wheels: a lent machine has neither).
 
-    python benchmarks/gpu_check.py            # on the GPU machine, from the repository root
+Steps run in the order of what is missing most (the 224 px actor, the zoo, the VOC-size actors, the decode
+difference, autocast, then the CPU-decode comparisons), so that running out of ``--budget`` skips the least needed.
+
+    python benchmarks/gpu_check.py --budget 540   # on the GPU machine, from the repository root
     python benchmarks/gpu_check.py --quick    # a CPU smoke run of every step, tiny sizes (a minute or two)
 """
 from __future__ import annotations
@@ -29,13 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-BUDGET = 470.0  # seconds for all steps: under 8 minutes with the machine's start-up left over
+BUDGET = 470.0  # seconds for all steps (``--budget``): the machine's start-up and transfers come on top
 STARTED = time.perf_counter()
 
 
-def step(title: str, args: list[str], limit: float) -> None:
-    """Run one step; it gets ``limit`` seconds, or what is left of :data:`BUDGET` if less."""
-    limit = min(limit, BUDGET - (time.perf_counter() - STARTED))
+def run_step(title: str, args: list[str], limit: float) -> None:
+    """Run one step as a subprocess with ``limit`` seconds (the smaller of its own and what the budget has left)."""
     print(f"\n## {title}\n\n    {' '.join(args)}\n", flush=True)
     if limit < 10:
         print("(skipped: out of time)")
@@ -43,7 +47,8 @@ def step(title: str, args: list[str], limit: float) -> None:
     began = time.perf_counter()
     try:
         subprocess.run([sys.executable, *args], cwd=REPO, timeout=limit, check=False,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     except subprocess.TimeoutExpired:
         print(f"(stopped after {limit:.0f} s)")
     print(f"({time.perf_counter() - began:.0f} s)", flush=True)
@@ -90,6 +95,7 @@ def decode_difference(images: int, size: int, width: int, model: str, batch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that every step runs (CPU)")
+    parser.add_argument("--budget", type=float, default=BUDGET, help="seconds for all steps together")
     parser.add_argument("--decode-difference", nargs=5, metavar=("IMAGES", "H", "W", "MODEL", "BATCH"),
                         help=argparse.SUPPRESS)  # step 2, run as its own subprocess
     args = parser.parse_args()
@@ -106,20 +112,30 @@ def main() -> None:
                     "epsilon_gamma_box"]
     pipeline = ["benchmarks/bench_pipeline.py", "--in-process", "--images", images, "--size", size, "--model", model,
                 "--format", "jpg", "--batch-size", batch, "--cpus-per-actor", cpus]
-    print(f"# GPU check (issue 15), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    zoo = (["--models", "resnext50_32x4d", "vit_b_16", "--batch", "1", "--repeats", "1", "--no-memory"]
+           if args.quick else ["--device", "cuda", "--batch", "32", "--repeats", "3"])
+    deadline = STARTED + args.budget
+
+    def step(title: str, step_args: list[str], limit: float) -> None:
+        run_step(title, step_args, min(limit, deadline - time.perf_counter()))
+
+    print(f"# GPU check (issues 13, 15), {time.strftime('%Y-%m-%d %H:%M:%S')}, budget {args.budget:.0f} s")
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], check=False)
-    for decode in ("cpu", "auto"):
-        step(f"1. actor vs bare engine, 224 px JPEGs, decode {decode}", [*pipeline, "--decode", decode], limit)
-    for decode in ("cpu", "auto"):
-        step(f"1. actor vs bare engine, 500x375 JPEGs (VOC size), decode {decode}",
-             [*pipeline, "--image-size", "500", "375", "--decode", decode, *procs], 100 if not args.quick else limit)
+    quick = args.quick
+    step("1. actor vs bare engine, 224 px JPEGs, decode auto", [*pipeline, "--decode", "auto"], limit)
+    step("4. the zoo: forward, input gradient, ours, zennit, lxt", ["benchmarks/bench_zoo.py", *zoo],
+         limit if quick else 150)
+    step("1. actor vs bare engine, 500x375 JPEGs (VOC size), decode auto",
+         [*pipeline, "--image-size", "500", "375", "--decode", "auto", *procs], limit if quick else 100)
     step("2. nvJPEG vs CPU decode: relevance difference",
-         ["benchmarks/gpu_check.py", "--decode-difference", "64" if args.quick else "512", "375", "500", model, batch],
-         60 if not args.quick else limit)
+         ["benchmarks/gpu_check.py", "--decode-difference", "64" if quick else "512", "375", "500", model, batch],
+         limit if quick else 60)
     step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast],
-         80 if not args.quick else limit)
-
+         limit if quick else 80)
+    step("1. actor vs bare engine, 224 px JPEGs, decode cpu", [*pipeline, "--decode", "cpu"], limit)
+    step("1. actor vs bare engine, 500x375 JPEGs (VOC size), decode cpu",
+         [*pipeline, "--image-size", "500", "375", "--decode", "cpu"], limit if quick else 70)
 
 if __name__ == "__main__":
     main()
