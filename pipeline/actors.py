@@ -80,13 +80,21 @@ class ExplainActor:
     """A Ray actor class (wrapped with ``ray.remote`` by the driver); also usable in-process.
 
     ``overlap``: stage batches ahead in a thread and write through the writer thread; False is the sequential loop
-    (decode, explain, write one after another). None (the default) chooses per device: overlapped on a GPU, where
-    the CPU stages are what bounds the actor, sequential on a CPU, where every stage competes for the same cores
-    the pool already fills with one single-threaded actor per core (measured in benchmarks/RESULTS.md, "Overlapped
-    actor stages on the CPU"). :meth:`concurrency` follows the same choice.
+    (decode, explain, write one after another). None (the default) chooses what was faster where it was measured
+    (benchmarks/RESULTS.md, "Overlapped actor stages on the CPU" and "Stop 22 on a lent NVIDIA H200"): overlapped on
+    a GPU that decodes on the CPU, where the CPU stages bound the actor (35-36% of the engine against 31-34%);
+    sequential with nvJPEG (``decode: auto``), where the staging thread's per-image device kernels contend with the
+    explanation's for the GIL and the stream (37-45% against 30-34%); sequential on a CPU, where every stage competes
+    for the cores the pool already fills with one single-threaded actor per core. :meth:`concurrency` (two tasks on
+    a GPU) still lets one task's shard be written while the other's waits for the engine.
     """
 
     overlap: bool | None = None
+
+    @staticmethod
+    def overlaps(device: torch.device, gpu_decode: bool) -> bool:
+        """The default of :attr:`overlap`: the stages overlap only on a GPU that decodes on the CPU (see the class)."""
+        return device.type == "cuda" and not gpu_decode
 
     @staticmethod
     def concurrency(gpu: bool) -> int:
@@ -110,7 +118,7 @@ class ExplainActor:
         self.options = config.dataset.storage_options
         self.gpu_decode = decode_on_device(config.decode, self.device)
         if self.overlap is None:
-            self.overlap = self.device.type == "cuda"
+            self.overlap = self.overlaps(self.device, self.gpu_decode)
         self.engine = threading.Lock()  # one batch on the model at a time, whichever task it belongs to
         self.writer = ShardWriter()
 

@@ -155,3 +155,12 @@ def test_a_failing_write_surfaces_before_the_task_returns(tmp_path, files):
     with pytest.raises(Exception, match="read-only|read only|mode"):
         actor.explain_shard(0, plan.rows.slice(0, 2), actor.store.group_names)
     assert (open_store(config.store).group(actor.store.group_names[0]).status == 0).all()  # nothing marked done
+
+
+def test_the_stages_overlap_by_default_only_on_a_gpu_that_decodes_on_the_cpu():
+    """The measured choice (RESULTS.md, stop 22 on an H200): nvJPEG actors and CPU actors run sequentially."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ExplainActor.overlaps(cuda, gpu_decode=False)
+    assert not ExplainActor.overlaps(cuda, gpu_decode=True)
+    assert not ExplainActor.overlaps(cpu, gpu_decode=False)
+    assert ExplainActor.overlap is None  # the class leaves the choice to overlaps()

@@ -10,7 +10,8 @@ gradient (the paper's softmax rule in that framework).
 Two things are done differently from ``lxt.efficient.monkey_patch``, neither changing a rule: the patches are bound to
 the module instances of one copy of the model (monkey_patch rewrites the classes, ``nn.LayerNorm`` for every test in
 the process), and ``lxt.efficient``'s package ``__init__`` is skipped: it imports lxt's BERT patches, which need a
-``transformers`` module (``modeling_attn_mask_utils``) that transformers 5 no longer has. The modules that hold the
+``transformers`` module (``modeling_attn_mask_utils``) and names (``find_pruneable_heads_and_indices``) that
+transformers 5 no longer has. The modules that hold the
 rules, ``lxt.efficient.rules`` and ``lxt.efficient.patches``, import and are used unchanged.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def lxt_efficient():
     import lxt  # noqa: F401 (the caller importorskips it)
     try:
         importlib.import_module("lxt.efficient")
-    except ModuleNotFoundError:
+    except ImportError:  # ModuleNotFoundError without transformers; a missing name with transformers 5
         package = types.ModuleType("lxt.efficient")
         package.__path__ = [os.path.join(os.path.dirname(sys.modules["lxt"].__file__), "efficient")]
         sys.modules["lxt.efficient"] = package
