@@ -85,8 +85,8 @@ class ExplainActor:
     a GPU that decodes on the CPU, where the CPU stages bound the actor (35-36% of the engine against 31-34%);
     sequential with nvJPEG (``decode: auto``), where the staging thread's per-image device kernels contend with the
     explanation's for the GIL and the stream (37-45% against 30-34%); sequential on a CPU, where every stage competes
-    for the cores the pool already fills with one single-threaded actor per core. :meth:`concurrency` (two tasks on
-    a GPU) still lets one task's shard be written while the other's waits for the engine.
+    for the cores the pool already fills with one single-threaded actor per core. :meth:`concurrency` stays two on
+    a GPU either way; with the sequential loop the second task waits for the engine lock, which it holds whole.
     """
 
     overlap: bool | None = None
