@@ -122,20 +122,22 @@ def main() -> None:
     print(f"# GPU check (issues 13, 15), {time.strftime('%Y-%m-%d %H:%M:%S')}, budget {args.budget:.0f} s")
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], check=False)
-    quick = args.quick
+
+    def cap(seconds: float) -> float:  # a step's own limit on the GPU; --quick gives every step the same one
+        return limit if args.quick else seconds
+
     step("1. actor vs bare engine, 224 px JPEGs, decode auto", [*pipeline, "--decode", "auto"], limit)
-    step("4. the zoo: forward, input gradient, ours, zennit, lxt", ["benchmarks/bench_zoo.py", *zoo],
-         limit if quick else 150)
+    step("4. the zoo: forward, input gradient, ours, zennit, lxt", ["benchmarks/bench_zoo.py", *zoo], cap(150))
     step("1. actor vs bare engine, 500x375 JPEGs (VOC size), decode auto",
-         [*pipeline, "--image-size", "500", "375", "--decode", "auto", *procs], limit if quick else 100)
+         [*pipeline, "--image-size", "500", "375", "--decode", "auto", *procs], cap(100))
     step("2. nvJPEG vs CPU decode: relevance difference",
-         ["benchmarks/gpu_check.py", "--decode-difference", "64" if quick else "512", "375", "500", model, batch],
-         limit if quick else 60)
-    step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast],
-         limit if quick else 80)
+         ["benchmarks/gpu_check.py", "--decode-difference", "64" if args.quick else "512", "375", "500", model, batch],
+         cap(60))
+    step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast], cap(80))
     step("1. actor vs bare engine, 224 px JPEGs, decode cpu", [*pipeline, "--decode", "cpu"], limit)
     step("1. actor vs bare engine, 500x375 JPEGs (VOC size), decode cpu",
-         [*pipeline, "--image-size", "500", "375", "--decode", "cpu"], limit if quick else 70)
+         [*pipeline, "--image-size", "500", "375", "--decode", "cpu"], cap(70))
+
 
 if __name__ == "__main__":
     main()
