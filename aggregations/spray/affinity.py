@@ -8,10 +8,12 @@ ImageNet's 1,300).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse as sp
 
-BLOCK_BYTES = 256 * 2**20  # the float64 distance block of the exact search: all n x n up to n = 5,792
+BLOCK_BYTES = 256 * 2**20  # the float64 Gram block of the exact search: all n x n up to n = 5,792
 
 
 def _drop_self(indices: np.ndarray, k: int) -> np.ndarray:
@@ -23,42 +25,61 @@ def _drop_self(indices: np.ndarray, k: int) -> np.ndarray:
     return indices[keep].reshape(n, k)
 
 
-def smallest(distances: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) column indices of each row's k smallest values, nearest first, ties by column index.
+def _select_rows(gram: np.ndarray, squared: np.ndarray, offset: int, k: int, out: np.ndarray) -> None:
+    """Rows ``offset + r`` of the distances |x_i|^2 + |x_j|^2 - 2 x_i.x_j from their Gram rows ``gram[r]``: the k
+    smallest, the row itself left out, ties by column index, into ``out[r]`` nearest first.
 
-    Selection without sorting or partitioning whole rows: the k-th smallest of every 8th column bounds the
-    row's k-th smallest from above, so the values at or under that bound (a few dozen a row) hold the k
-    smallest; only those are sorted."""
-    n = len(distances)
-    sample = distances[:, ::8]
-    if sample.shape[1] > k:
-        bound = np.partition(sample, k - 1, axis=1)[:, k - 1]
-    else:
-        bound = np.full(n, np.inf)
-    rows, columns = np.nonzero(distances <= bound[:, None])
-    order = np.lexsort((columns, distances[rows, columns], rows))
-    rows, columns = rows[order], columns[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
-    return columns[rank < k].reshape(n, k)
+    One pass over each row with a sorted list of the k best so far (a value enters only when it beats the k-th),
+    so the n x n distances are never formed: compiled by numba (:func:`_kernel`); the float64 operations and their
+    order are numpy's ``(-2 g + |x_j|^2) + |x_i|^2``, so the distances are bit for bit the formula's."""
+    rows, n = gram.shape
+    best_d = np.empty(k)
+    best_j = np.empty(k, np.int64)
+    for r in range(rows):
+        i = r + offset
+        count, worst = 0, np.inf
+        for j in range(n):
+            if j == i:
+                continue
+            d = gram[r, j] * -2.0 + squared[j] + squared[i]
+            if count == k and not d < worst:  # a tie with the k-th loses: its column is larger
+                continue
+            p = count if count < k else k - 1
+            while p > 0 and best_d[p - 1] > d:  # equal values keep their place before it (smaller columns)
+                if p < k:
+                    best_d[p], best_j[p] = best_d[p - 1], best_j[p - 1]
+                p -= 1
+            best_d[p], best_j[p] = d, j
+            count = min(count + 1, k)
+            worst = best_d[k - 1] if count == k else np.inf
+        out[r] = best_j
+
+
+@functools.cache
+def _kernel():
+    """:func:`_select_rows` compiled without the GIL (two Dask threads run two classes), cached on disk by numba."""
+    import numba
+
+    return numba.njit(nogil=True, cache=True)(_select_rows)
 
 
 def exact_neighbours(features: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) indices of each row's k nearest other rows: squared distances |x|^2 + |y|^2 - 2 x.y in float64,
-    the formula and precision of scikit-learn's brute-force search, from one symmetric product (BLAS syrk,
-    half a general product's work) when the n x n block fits ``BLOCK_BYTES``."""
+    """(n, k) indices of each row's k nearest other rows, nearest first, ties by row index: squared distances
+    |x|^2 + |y|^2 - 2 x.y in float64, the formula and precision of scikit-learn's brute-force search, from one
+    symmetric product (BLAS syrk, half a general product's work) when the n x n Gram block fits ``BLOCK_BYTES``,
+    selected by a compiled pass over the block (:func:`_select_rows`)."""
     x = np.asarray(features, np.float64)
     n = len(x)
+    if not 1 <= k < n:
+        raise ValueError(f"k = {k} nearest other rows asked of {n} rows: k must be between 1 and {n - 1}")
     squared = np.einsum("ij,ij->i", x, x)
     step = max(1, min(n, BLOCK_BYTES // (8 * n)))
     out = np.empty((n, k), np.int64)
+    select = _kernel()
     for start in range(0, n, step):
         stop = min(n, start + step)
-        block = x @ x.T if step == n else x[start:stop] @ x.T  # x @ x.T: numpy calls syrk
-        block *= -2.0
-        block += squared[None, :]
-        block += squared[start:stop, None]
-        block[np.arange(stop - start), np.arange(start, stop)] = np.inf  # never its own neighbour
-        out[start:stop] = smallest(block, k)
+        gram = x @ x.T if step == n else x[start:stop] @ x.T  # x @ x.T: numpy calls syrk
+        select(gram, squared, start, k, out[start:stop])
     return out
 
 

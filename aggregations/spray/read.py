@@ -2,29 +2,37 @@
 
 Dask runs one task per shard; each opens the store by URL (so any scheduler works: threads, processes,
 distributed, Ray), reads the shard's wanted rows in one or two requests (a ``ShardReader``, about 10x faster
-than zarr's per-row sharding codec) and writes its pooled rows into a local scratch Zarr array, chunked
-like the store's shards, so no two tasks touch one chunk. The class tasks then read just their rows from the
-scratch array (4 KB a row at 32x32), never the store's full maps again. Memory: a few shards of the
-store in flight; the scratch array is on disk (5 GB for ImageNet at 32x32).
+than zarr's per-row sharding codec) and writes its pooled rows into the scratch folder as one ``.npy`` file
+per shard, so no two tasks touch one file. The class tasks then read just their rows from those files
+(memory-mapped; 4 KB a row at 32x32), never the store's full maps again. Memory: a few shards of the
+store in flight; the scratch files are on disk (5 GB for ImageNet at 32x32). Plain ``.npy`` files, not a
+Zarr array: the scratch is private to one run, and a Zarr write of a shard's pooled rows cost more than
+its pooling (8 ms against 1 ms for 2 MB).
 """
 from __future__ import annotations
 
+import os
+
 import dask
 import numpy as np
-import zarr
 
 from aggregations.spray import preprocess
 from pipeline.store import open_store
 
+ROWS_AT_ONCE = 64  # maps pooled together: their float64 copy (2 MB at 64x64) stays in cache, no page faults
 
-def create_scratch(path: str, n_rows: int, cells: int, rows_per_shard: int) -> None:
-    zarr.create_array(path, shape=(n_rows, cells), chunks=(max(min(rows_per_shard, n_rows), 1), cells),
-                      dtype="float32", fill_value=0.0, compressors=None, zarr_format=3, overwrite=True)
+
+def scratch_file(scratch: str, shard: int) -> str:
+    return os.path.join(scratch, f"{shard}.npy")
+
+
+def create_scratch(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
 
 
 def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes: np.ndarray | None, size: int,
                scratch: str, storage_options: dict | None = None) -> np.ndarray:
-    """Pool one shard's ``wanted`` rows into the scratch array; return the shard's (n, 3) row stats
+    """Pool one shard's ``wanted`` rows into its scratch file; return the shard's (n, 3) row stats
     (preprocess.row_stats; NaN for the other rows, which no class reads).
 
     Only the wanted rows (ok rows of clustered classes, finite by the store's status rules) are read and pooled,
@@ -32,7 +40,7 @@ def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes
     and those rows' byte ranges), not row by row.
 
     Many parameters because: a Dask task on any scheduler gets plain values, so the store's address (URL, group,
-    storage options), the shard, its wanted rows, its boxes and the scratch array are spelled out one by one.
+    storage options), the shard, its wanted rows, its boxes and the scratch folder are spelled out one by one.
     """
     explanations = open_store(store_url, storage_options=storage_options).group(group)
     start, keep = shard * explanations.rows_per_shard, np.flatnonzero(wanted)
@@ -40,10 +48,12 @@ def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes
     if not np.isfinite(block).all():  # never for ok rows; kept as a guard so that NaN cannot spread
         block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
     pooled = np.zeros((len(wanted), int(np.prod(preprocess.grid_shape(*block.shape[1:], size)))), np.float32)
-    pooled[keep] = preprocess.sum_pool(block, size).reshape(len(keep), -1)
-    zarr.open_array(scratch, mode="r+")[start:start + len(wanted)] = pooled
     stats = np.full((len(wanted), 3), np.nan)
-    stats[keep] = preprocess.row_stats(block, None if boxes is None else boxes[keep])
+    for at in range(0, len(keep), ROWS_AT_ONCE):
+        part, rows = block[at:at + ROWS_AT_ONCE], keep[at:at + ROWS_AT_ONCE]
+        pooled[rows] = preprocess.sum_pool(part, size).reshape(len(rows), -1)
+        stats[rows] = preprocess.row_stats(part, None if boxes is None else boxes[rows])
+    np.save(scratch_file(scratch, shard), pooled)
     return stats
 
 
@@ -64,6 +74,10 @@ def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | Non
     return tasks
 
 
-def read_pooled(scratch: str, rows: np.ndarray) -> np.ndarray:
-    """(n, cells) float32 pooled maps of these rows (sorted): each scratch chunk they touch is read once."""
-    return np.asarray(zarr.open_array(scratch, mode="r").oindex[np.asarray(rows, np.int64)])
+def read_pooled(scratch: str, rows: np.ndarray, rows_per_shard: int) -> np.ndarray:
+    """(n, cells) float32 pooled maps of these store rows (sorted), from the scratch files of their shards."""
+    rows = np.asarray(rows, np.int64)
+    shards, first = np.unique(rows // rows_per_shard, return_index=True)
+    parts = np.split(rows, first[1:])
+    return np.concatenate([np.load(scratch_file(scratch, int(shard)), mmap_mode="r")[part - shard * rows_per_shard]
+                           for shard, part in zip(shards, parts)])

@@ -124,20 +124,20 @@ def _compute(tasks, progress: list[tuple[str, int, str]], options: RunOptions, c
         return dask.compute(*tasks, **compute_options)
 
 
-def _class_task(scratch: str, rows: np.ndarray, columns: dict, shard_stats: list, geometry: Geometry,
-                settings: SpraySettings) -> dict:
-    """One class: its pooled rows from the scratch array, then SpRAy; ``columns`` holds its rows' metadata.
+def _class_task(scratch: str, rows: np.ndarray, rows_per_shard: int, columns: dict, shard_stats: list,
+                geometry: Geometry, settings: SpraySettings) -> dict:
+    """One class: its pooled rows from the scratch files, then SpRAy; ``columns`` holds its rows' metadata.
 
     ``shard_stats`` are the results of the pool tasks of the shards holding its rows, ``(start, (n, 3) stats)``
     each: depending on them lets the scheduler start a class as soon as its own shards are pooled, while other
     shards are still being read.
 
-    Many parameters because: a Dask task gets plain values (the scratch path, the rows and their metadata, the pool
-    results it waits for, the geometry and the settings).
+    Many parameters because: a Dask task gets plain values (the scratch path, the rows, the shard size and the rows'
+    metadata, the pool results it waits for, the geometry and the settings).
     """
     stats = np.concatenate([block[rows[(rows >= start) & (rows < start + len(block))] - start]
                             for start, block in shard_stats])
-    pooled = read.read_pooled(scratch, rows)
+    pooled = read.read_pooled(scratch, rows, rows_per_shard)
     meta = dict(columns, positive_total=stats[:, 1], inside_positive=stats[:, 2])
     return analyse(pooled, meta, geometry, settings)
 
@@ -158,7 +158,7 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
     clustered = [c for c in universe if counts[c] >= settings.min_rows]
     wanted = ok & np.isin(meta["target"], clustered)
     geometry = Geometry(store.height, store.width, *preprocess.grid_shape(store.height, store.width, settings.size))
-    read.create_scratch(scratch, store.n_rows, geometry.gy * geometry.gx, store.rows_per_shard)
+    read.create_scratch(scratch)
     boxes = group.boxes
     pooling = dict(read.pooling_tasks(store, name, wanted, boxes, settings.size, scratch, options.storage_options))
     jobs = []
@@ -168,7 +168,8 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
         columns["boxes"] = None if boxes is None else boxes[rows]
         starts = np.unique(rows // store.rows_per_shard) * store.rows_per_shard
         shard_stats = [(int(start), pooling[int(start)]) for start in starts]
-        jobs.append(dask.delayed(_class_task, pure=True)(scratch, rows, columns, shard_stats, geometry, settings,
+        jobs.append(dask.delayed(_class_task, pure=True)(scratch, rows, store.rows_per_shard, columns, shard_stats,
+                                                         geometry, settings,
                                                          dask_key_name=f"spray-class-{name}-{c}"))
     clock = time.perf_counter()
     progress = [("spray-pool", len(pooling), f"{name}: pool"), ("spray-class", len(jobs), f"{name}: cluster")]
@@ -192,7 +193,7 @@ def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] |
     with scheduler_options(options.scheduler, options.num_workers) as compute_options, \
             tempfile.TemporaryDirectory(prefix="lrp-spray-", dir=options.scratch_dir) as scratch_dir:
         for name in names:
-            scratch = os.path.join(scratch_dir, f"{len(per_group)}.zarr")
+            scratch = os.path.join(scratch_dir, str(len(per_group)))
             per_group[name] = _spray_group(store, name, classes, settings, options, compute_options, scratch)
             seconds[name] = per_group[name]["seconds"]
     result = tables.build(out_dir, per_group, store, settings)
