@@ -81,47 +81,67 @@ class PreprocessSpec:
 
 
 class Preprocess:
-    """Callable: (uint8 image (3,H,W), source boxes (K,4), mask (H,W)) -> (float input, boxes, mask)."""
+    """Callable: (uint8 image (3,H,W), source boxes (K,4), mask (H,W)) -> (float input, boxes, mask).
+
+    The image goes through torchvision's image kernels directly (``F.resize_image`` and so on); boxes and masks, when
+    a row has them, through the same geometry as ``transforms.v2`` objects. The values are those of one ``v2.Compose``
+    over all three (tests/test_preprocess.py), with about half the Python a row: this runs once per image in the
+    explain actors, whose decoding threads share one interpreter with the engine."""
 
     def __init__(self, spec: PreprocessSpec):
         self.spec = spec
         self.size = spec.output_size()
-        interpolation = InterpolationMode(spec.interpolation)
+        self.interpolation = InterpolationMode(spec.interpolation)
+        self.resize = (spec.resize if len(spec.resize) == 2 else spec.resize[:1]) if spec.resize else None
         geometry = []
         if spec.resize:
             geometry.append(v2.Resize(spec.resize if len(spec.resize) == 2 else spec.resize[0],
-                                      interpolation=interpolation, antialias=True))
+                                      interpolation=self.interpolation, antialias=True))
         if spec.center_crop:
             geometry.append(v2.CenterCrop(spec.center_crop))
         self.geometry = v2.Compose(geometry)
 
-    def __call__(self, image: torch.Tensor, boxes=None, mask: torch.Tensor | None = None):
-        height, width = image.shape[-2:]
-        image = tv_tensors.Image(image)
-        box_array = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float32).reshape(-1, 4)
-        box_tensor = tv_tensors.BoundingBoxes(torch.from_numpy(box_array), format="XYXY", canvas_size=(height, width))
-        mask = tv_tensors.Mask(mask.to(torch.uint8)) if mask is not None else None
-        if mask is not None and mask.shape[-2:] != (height, width):
-            raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the image size {(height, width)}")
+    def _padding(self, height: int, width: int) -> list[int] | None:
+        if not self.spec.pad_to_square or height == width:
+            return None
+        side = max(height, width)
+        left, top = (side - width) // 2, (side - height) // 2
+        return [left, top, side - width - left, side - height - top]
 
-        if self.spec.pad_to_square and height != width:
-            side = max(height, width)
-            left, top = (side - width) // 2, (side - height) // 2
-            padding = [left, top, side - width - left, side - height - top]
-            image = F.pad(image, padding, padding_mode="edge")  # nearest pixel: no new edges
-            box_tensor = F.pad(box_tensor, padding)
-            if mask is not None:
-                mask = F.pad(mask, padding, fill=0)  # the padding is not the object
-
-        image, box_tensor, mask = self.geometry(image, box_tensor, mask)
+    def image(self, image: torch.Tensor, padding: list[int] | None) -> torch.Tensor:
+        """The uint8 image in model geometry, scaled to [0, 1] and normalised."""
+        if padding:
+            image = F.pad_image(image, padding, padding_mode="edge")  # nearest pixel: no new edges
+        if self.resize:
+            image = F.resize_image(image, self.resize, interpolation=self.interpolation, antialias=True)
+        if self.spec.center_crop:
+            image = F.center_crop_image(image, self.spec.center_crop)
         if tuple(image.shape[-2:]) != self.size:
             raise ValueError(f"preprocessed size {tuple(image.shape[-2:])} is not the configured {self.size}")
-        x = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.spec.mean, self.spec.std)
-        out_boxes = box_tensor.as_subclass(torch.Tensor).numpy().astype(np.float32)
+        return F.normalize_image(F.to_dtype_image(image, torch.float32, scale=True), self.spec.mean, self.spec.std)
+
+    def __call__(self, image: torch.Tensor, boxes=None, mask: torch.Tensor | None = None):
+        height, width = image.shape[-2:]
+        box_array = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float32).reshape(-1, 4)
+        if mask is not None and mask.shape[-2:] != (height, width):
+            raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the image size {(height, width)}")
+        padding = self._padding(height, width)
+        x = self.image(image.as_subclass(torch.Tensor), padding)
+        out_boxes, out_mask = np.zeros((0, 4), np.float32), None
+        if len(box_array) or mask is not None:
+            box_tensor = tv_tensors.BoundingBoxes(torch.from_numpy(box_array), format="XYXY",
+                                                  canvas_size=(height, width))
+            mask = tv_tensors.Mask(mask.to(torch.uint8)) if mask is not None else None
+            if padding:
+                box_tensor = F.pad(box_tensor, padding)
+                if mask is not None:
+                    mask = F.pad(mask, padding, fill=0)  # the padding is not the object
+            box_tensor, mask = self.geometry(box_tensor, mask)
+            out_boxes = box_tensor.as_subclass(torch.Tensor).numpy().astype(np.float32)
+            out_mask = mask.as_subclass(torch.Tensor).bool() if mask is not None else None
         h, w = self.size
         out_boxes[:, 0::2] = out_boxes[:, 0::2].clip(0, w)
         out_boxes[:, 1::2] = out_boxes[:, 1::2].clip(0, h)
         empty = (out_boxes[:, 2] <= out_boxes[:, 0]) | (out_boxes[:, 3] <= out_boxes[:, 1])
         out_boxes[empty] = np.nan  # cropped away entirely
-        out_mask = mask.as_subclass(torch.Tensor).bool() if mask is not None else None
-        return x.as_subclass(torch.Tensor), out_boxes, out_mask
+        return x, out_boxes, out_mask

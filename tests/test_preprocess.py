@@ -77,3 +77,60 @@ def test_box_and_mask_stay_together(height, width, data):
     assert len(ys), "a box of at least 3 px keeps some mask pixels at 16 px"
     assert xs.min() >= np.floor(bx0) - 1 and xs.max() + 1 <= np.ceil(bx1) + 1
     assert ys.min() >= np.floor(by0) - 1 and ys.max() + 1 <= np.ceil(by1) + 1
+
+
+def _compose_reference(spec: PreprocessSpec, image, boxes, mask):
+    """What ``Preprocess`` computed before its image took the kernels directly: one ``v2.Compose`` over all three."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms.v2 import functional as F
+
+    height, width = image.shape[-2:]
+    image = tv_tensors.Image(image)
+    box_tensor = tv_tensors.BoundingBoxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY",
+                                          canvas_size=(height, width))
+    mask = tv_tensors.Mask(mask.to(torch.uint8))
+    if spec.pad_to_square and height != width:
+        side = max(height, width)
+        left, top = (side - width) // 2, (side - height) // 2
+        padding = [left, top, side - width - left, side - height - top]
+        image, box_tensor = F.pad(image, padding, padding_mode="edge"), F.pad(box_tensor, padding)
+        mask = F.pad(mask, padding, fill=0)
+    steps = []
+    if spec.resize:
+        steps.append(v2.Resize(spec.resize if len(spec.resize) == 2 else spec.resize[0],
+                               interpolation=InterpolationMode(spec.interpolation), antialias=True))
+    if spec.center_crop:
+        steps.append(v2.CenterCrop(spec.center_crop))
+    image, box_tensor, mask = v2.Compose(steps)(image, box_tensor, mask)
+    x = F.normalize(F.to_dtype(image, torch.float32, scale=True), spec.mean, spec.std)
+    return x.as_subclass(torch.Tensor), box_tensor.as_subclass(torch.Tensor).numpy(), mask.as_subclass(torch.Tensor)
+
+
+@pytest.mark.parametrize("spec", [dict(resize=224, pad_to_square=True), dict(resize=256, center_crop=224),
+                                  dict(resize=[100, 120]), dict(center_crop=40),
+                                  dict(resize=64, center_crop=[60, 50], interpolation="nearest"),
+                                  dict(resize=50, pad_to_square=True, interpolation="bicubic")])
+@pytest.mark.parametrize("shape", [(3, 224, 280), (3, 375, 500), (3, 300, 200), (3, 64, 64)])
+def test_image_kernels_give_the_values_of_one_compose(spec, shape):
+    spec = PreprocessSpec(**spec)
+    rng = np.random.default_rng(sum(shape))
+    image = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+    boxes = np.array([[10, 20, 150, 180], [0, 0, 5, 5], [190, 10, 199, 60]], np.float32)
+    mask = torch.from_numpy(rng.random(shape[1:]) < 0.3)
+    x_ref, boxes_ref, mask_ref = _compose_reference(spec, image, boxes, mask)
+    for with_boxes, with_mask in ((False, False), (True, False), (False, True), (True, True)):
+        x, got_boxes, got_mask = Preprocess(spec)(image, boxes if with_boxes else None, mask if with_mask else None)
+        assert torch.equal(x, x_ref)
+        if with_boxes:
+            clipped = boxes_ref.copy()
+            clipped[:, 0::2] = clipped[:, 0::2].clip(0, x.shape[2])
+            clipped[:, 1::2] = clipped[:, 1::2].clip(0, x.shape[1])
+            gone = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+            clipped[gone] = np.nan
+            np.testing.assert_array_equal(got_boxes, clipped)
+        else:
+            assert got_boxes.shape == (0, 4)
+        assert (got_mask is None) != with_mask
+        if with_mask:
+            assert torch.equal(got_mask, mask_ref.bool())

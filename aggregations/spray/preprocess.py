@@ -40,17 +40,18 @@ def sum_pool(block: np.ndarray, size: int) -> np.ndarray:
 def normalise(pooled: np.ndarray, how: str) -> np.ndarray:
     """(n, d) pooled maps -> float32 features: divided by their positive total (``positive``), their L2
     norm (``l2``), or left as they are (``none``). A map with nothing to divide by stays zero."""
-    pooled = np.asarray(pooled, np.float64)
     if how == "none":
-        return pooled.astype(np.float32)
+        return np.array(pooled, np.float32)
+    pooled = np.array(pooled, np.float64)  # a copy, divided in place
     if how == "positive":
         scale = np.maximum(pooled, 0).sum(axis=1)
     elif how == "l2":
         scale = np.linalg.norm(pooled, axis=1)
     else:
         raise ValueError(f"unknown normalisation {how!r}: use positive, l2 or none")
-    safe = np.where(scale > 0, scale, 1.0)
-    return np.where(scale[:, None] > 0, pooled / safe[:, None], 0.0).astype(np.float32)
+    np.divide(pooled, np.where(scale > 0, scale, 1.0)[:, None], out=pooled)
+    pooled[~(scale > 0)] = 0.0
+    return pooled.astype(np.float32)
 
 
 def row_stats(block: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
