@@ -120,6 +120,14 @@ def test_same_store_same_clusters(planted, result, tmp_path):
     assert reread.summary["settings"]["neighbors"] == 10
 
 
+def test_processes_scheduler_gives_the_same_clusters(planted, result, tmp_path):
+    """Pool tasks and class tasks in other processes: the scratch files and the compiled kNN selection work there."""
+    again = spray(planted["url"], str(tmp_path), settings=SpraySettings(embedding="none"),
+                  options=RunOptions(progress=False, scheduler="processes", num_workers=2))
+    assert_tables_equal(again.assignments, result.assignments)
+    assert_tables_equal(again.clusters, result.clusters)
+
+
 @pytest.mark.slow  # pynndescent compiles with numba on first use: a minute or more here
 def test_approximate_neighbours_match_the_exact_search(planted, tmp_path):
     """Above ``approximate_above`` rows pynndescent replaces the exact search: it finds the same neighbours."""
