@@ -123,3 +123,12 @@ def test_explain_actor_runs_on_the_gpu_in_process(tmp_path):
             expected, output = engine_relevance(tmp_path, row["path"], row["target"], **setting)
             np.testing.assert_allclose(relevance[row["row"]], expected, rtol=1e-4, atol=1e-5)
             assert row["output"] == pytest.approx(output, rel=1e-4)
+
+
+def test_a_host_batch_is_stacked_into_pinned_memory_and_arrives_unchanged():
+    from pipeline.batches import Batch, Sample
+
+    samples = [Sample(torch.randn(3, 8, 8)) for _ in range(5)]
+    x = Batch(np.arange(5), samples).inputs("cuda")
+    torch.cuda.synchronize()
+    assert x.device.type == "cuda" and torch.equal(x.cpu(), torch.stack([s.x for s in samples]))
