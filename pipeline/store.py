@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -364,7 +365,7 @@ class ShardReader:
         from zarr.core.sync import sync
 
         store, prototype = self.array.store, default_buffer_prototype()
-        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *(0,) * (self.ndim - 1)))}"
+        key = _shard_key(self.array, shard)
         index_bytes = 16 * self.rows_per_shard + 4
         whole = len(local) > self.whole_share * self.rows_per_shard
         data = sync(store.get(key, prototype, None if whole else SuffixByteRequest(index_bytes)))
@@ -421,25 +422,36 @@ def _shard_index(raw: np.ndarray, key: str) -> np.ndarray:
 
 
 def _empty_rows(values: np.ndarray, fill) -> np.ndarray:
-    """Per row, whether it holds only the fill value (NaN counts as equal to a NaN fill), as zarr decides which inner
-    chunks to leave out (``write_empty_chunks`` off, its default)."""
-    flat, fill = values.reshape(len(values), -1), np.asarray(fill)
+    """Per row, whether it holds only the fill value, as zarr decides which inner chunks to leave out
+    (``write_empty_chunks`` off, its default): NaN equals a NaN fill, anything else is compared bit for bit (a -0.0
+    row is not a 0.0 fill)."""
+    flat, fill = values.reshape(len(values), -1), np.asarray(fill, values.dtype)
     if fill.dtype.kind in "fc" and np.isnan(fill):
         return np.isnan(flat).all(axis=1)
-    return (flat == fill).all(axis=1)
+    as_bytes = np.ascontiguousarray(flat).view(np.uint8).reshape(len(values), -1)
+    return (as_bytes == np.frombuffer(np.full(flat.shape[1], fill).tobytes(), np.uint8)).all(axis=1)
+
+
+def _shard_key(array: zarr.Array, shard: int) -> str:
+    """The store key of shard ``shard`` (the first along the rows; the others axes are one shard) of ``array``."""
+    key = array.metadata.encode_chunk_key((shard, *(0,) * (array.ndim - 1)))
+    return f"{array.path}/{key}" if array.path else key
 
 
 _ENCODERS: dict[int, ThreadPoolExecutor] = {}
+_ENCODERS_LOCK = threading.Lock()
 
 
 def _encoders() -> ThreadPoolExecutor:
-    """The threads that compress shard rows (zstd releases the GIL): one per core, at most 8, made anew in a forked
-    child (whose copy of the parent's pool has no threads)."""
+    """The threads that compress shard rows (zstd releases the GIL): one per core this process may run on, at most 8,
+    made anew in a forked child (whose copy of the parent's pool has no threads)."""
     pid = os.getpid()
-    if pid not in _ENCODERS:
-        _ENCODERS.clear()
-        _ENCODERS[pid] = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="zstd-encode")
-    return _ENCODERS[pid]
+    with _ENCODERS_LOCK:
+        if pid not in _ENCODERS:
+            _ENCODERS.clear()
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            _ENCODERS[pid] = ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="zstd-encode")
+        return _ENCODERS[pid]
 
 
 def _compress(zstd, rows: np.ndarray) -> list[bytes]:
@@ -452,21 +464,26 @@ def write_shards(array: zarr.Array, start: int, values: np.ndarray) -> bool:
     then the index (offset, length per row; 2^64-1 twice for a row left out because it is all fill) and its crc32c,
     one store request per shard, the rows compressed on :func:`_encoders` threads. zarr 3 writes the same bytes (a
     test compares them) with about twice the CPU time a row, from one asyncio task per row. Returns False (nothing
-    written) for any other layout."""
+    written) for any other layout, for rows that are not whole shards inside the array, for values of another shape
+    and with zarr's ``write_empty_chunks`` on: zarr's slicing then writes them (or refuses them) as before."""
     zstd = _fast_layout(array)
-    if zstd is None or start % (array.shards[0]):
+    if zstd is None or array.config.write_empty_chunks:
+        return False
+    values = np.asarray(values)
+    stop, rows_per_shard = start + (len(values) if values.ndim else 0), array.shards[0]
+    if (values.shape[1:] != array.shape[1:] or not len(values) or start % rows_per_shard or stop > array.shape[0]
+            or (stop % rows_per_shard and stop != array.shape[0])):
         return False
     import google_crc32c
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    rows_per_shard, prototype = array.shards[0], default_buffer_prototype()
+    prototype = default_buffer_prototype()
     values = np.ascontiguousarray(values, dtype=array.dtype)
     empty = _empty_rows(values, array.fill_value)
-    tail = (0,) * (array.ndim - 1)
     for first in range(0, len(values), rows_per_shard):
         block, skip = values[first:first + rows_per_shard], empty[first:first + rows_per_shard]
-        key = f"{array.path}/{array.metadata.encode_chunk_key(((start + first) // rows_per_shard, *tail))}"
+        key = _shard_key(array, (start + first) // rows_per_shard)
         if skip.all():  # zarr stores no object for a shard of fill values
             sync(array.store.delete(key))
             continue
@@ -489,9 +506,8 @@ def _clear_shards(array: zarr.Array, shards: range) -> None:
     fail its checksum, and the shard could never be written again."""
     from zarr.core.sync import sync
 
-    tail = (0,) * (array.ndim - 1)
     for shard in shards:
-        sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key((shard, *tail))}"))
+        sync(array.store.delete(_shard_key(array, shard)))
 
 
 class ExplanationGroup:

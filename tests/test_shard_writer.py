@@ -73,7 +73,28 @@ def test_other_layouts_and_unaligned_starts_are_left_to_zarr(tmp_path):
     assert not write_shards(plain, 0, np.zeros((8, 6, 5), np.float32))
     ours, _ = _pair(str(tmp_path / "q.zarr"), "relevance", (8, 6, 5), "float32", np.nan)
     assert not write_shards(ours, 2, np.zeros((4, 6, 5), np.float32))  # not at a shard's first row
+    assert not write_shards(ours, 0, np.zeros((2, 6, 5), np.float32))  # ends inside a shard that is not the last
+    assert not write_shards(ours, 4, np.zeros((8, 6, 5), np.float32))  # past the array's end
+    assert not write_shards(ours, 0, np.zeros((4, 5, 6), np.float32))  # rows of another shape
+    assert not write_shards(ours, 0, np.float32(1.0))
     assert _objects(ours) == {}
+
+
+def test_a_zero_fill_is_compared_bit_for_bit_and_arrays_at_the_root(tmp_path):
+    """-0.0 is not a 0.0 fill (zarr keeps its sign); an array at a store's root has keys without a leading slash."""
+    values = np.zeros((4, 3, 2), np.float32)
+    values[1] = -0.0
+    values[2, 0, 0] = 1.0
+    ours, theirs = _pair(str(tmp_path / "z.zarr"), "zeros", (4, 3, 2), "float32", 0.0)
+    assert write_shards(ours, 0, values)
+    theirs[:] = values
+    assert list(_objects(ours).values()) == list(_objects(theirs).values())
+    assert np.signbit(ours[1]).all()
+    root = zarr.create_array(f"memory://root-array-{os.getpid()}", shape=(4, 3, 2), dtype="float32",
+                             fill_value=np.nan, chunks=(1, 3, 2), shards=(4, 3, 2))
+    assert write_shards(root, 0, values)
+    np.testing.assert_array_equal(root[:], values)
+    np.testing.assert_array_equal(ShardReader(root).rows(np.arange(4)), values)
 
 
 def test_store_write_block_goes_through_it(tmp_path, monkeypatch):
@@ -82,7 +103,14 @@ def test_store_write_block_goes_through_it(tmp_path, monkeypatch):
 
     written = []
     real = store_module.write_shards
-    monkeypatch.setattr(store_module, "write_shards", lambda a, s, v: written.append(a.basename) or real(a, s, v))
+
+    def recorded(array, start, values):
+        done = real(array, start, values)
+        if done:
+            written.append(array.basename)
+        return done
+
+    monkeypatch.setattr(store_module, "write_shards", recorded)
     store = RelevanceStore.create(str(tmp_path / "s.zarr"), config={"test": "writer"}, class_names=["a"], groups=["g"],
                                   n_rows=6, height=6, width=5, rows_per_shard=SHARD, channels=3, with_mask=True)
     relevance = _relevance(6, 6, 5)[:, None].repeat(3, axis=1)

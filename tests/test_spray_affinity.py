@@ -67,3 +67,12 @@ def test_k_nearest_on_random_data(n, d, k, seed, scale):
     k = min(k, n - 1)
     features = (np.random.default_rng(seed).normal(size=(n, d)) * scale).astype(np.float32)
     assert_k_nearest(features, affinity.exact_neighbours(features, k), k)
+
+
+def test_nonfinite_features_and_too_many_neighbours_are_refused():
+    features = np.random.default_rng(3).random((20, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="k must be between 1 and 19"):
+        affinity.exact_neighbours(features, 20)
+    features[4, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        affinity.exact_neighbours(features, 3)

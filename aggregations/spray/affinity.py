@@ -57,10 +57,18 @@ def _select_rows(gram: np.ndarray, squared: np.ndarray, offset: int, k: int, out
 
 @functools.cache
 def _kernel():
-    """:func:`_select_rows` compiled without the GIL (two Dask threads run two classes), cached on disk by numba."""
+    """:func:`_select_rows` compiled without the GIL (two Dask threads run two classes), cached on disk by numba where
+    it finds a writable cache folder (beside the source or the user's), else compiled in each process."""
     import numba
 
-    return numba.njit(nogil=True, cache=True)(_select_rows)
+    try:
+        compiled = numba.njit(nogil=True, cache=True)(_select_rows)
+        compiled.compile("(float64[:, ::1], float64[::1], int64, int64, int64[:, ::1])")
+    except RuntimeError as error:  # "cannot cache function ...: no locator available" (a read-only install)
+        if "cannot cache" not in str(error):
+            raise
+        compiled = numba.njit(nogil=True)(_select_rows)
+    return compiled
 
 
 def exact_neighbours(features: np.ndarray, k: int) -> np.ndarray:
@@ -72,6 +80,8 @@ def exact_neighbours(features: np.ndarray, k: int) -> np.ndarray:
     n = len(x)
     if not 1 <= k < n:
         raise ValueError(f"k = {k} nearest other rows asked of {n} rows: k must be between 1 and {n - 1}")
+    if not np.isfinite(x).all():
+        raise ValueError("the features hold NaN or infinite values: no distance order among them")
     squared = np.einsum("ij,ij->i", x, x)
     step = max(1, min(n, BLOCK_BYTES // (8 * n)))
     out = np.empty((n, k), np.int64)
