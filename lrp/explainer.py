@@ -52,10 +52,15 @@ class Explainer:
     ``autocast="bfloat16"`` (or ``"float16"``) runs the *forward* pass under ``torch.autocast`` on the input's device;
     the activations are cast back to the model's dtype before the backward walk, so the relevance is computed and
     returned in float32 from reduced-precision activations (measured error: benchmarks/RESULTS.md). Off by default.
+
+    ``recompute=True`` (the default) drops the outputs of elementwise activations (ReLU, GELU, SiLU, ...) after the
+    forward pass has used them and computes them again when the backward walk reaches their consumers: the same
+    values bit for bit, in less memory (measured in benchmarks/RESULTS.md). ``recompute=False`` keeps every value.
+    With ``autocast`` every value is kept.
     """
 
     def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_plus", *, tf32: bool = False,
-                 autocast: str | None = None, **params):
+                 autocast: str | None = None, recompute: bool = True, **params):
         if isinstance(composite, Composite):
             if params:
                 raise TypeError("parameters are given to make_composite(), not with a Composite instance")
@@ -67,6 +72,7 @@ class Explainer:
         if autocast not in AUTOCAST:
             raise ValueError(f"autocast {autocast!r} unknown: use one of {', '.join(map(str, AUTOCAST))}")
         self.autocast = AUTOCAST[autocast]
+        self.recompute = recompute
         self.network = Network(model)
         self._first = self.composite.first_layer(self.network)
 
@@ -100,7 +106,7 @@ class Explainer:
     def _forward(self, x: torch.Tensor) -> list:
         """Every step's value; with ``autocast``, computed in reduced precision and cast back to ``x``'s dtype."""
         if self.autocast is None:
-            return self.network.forward(x)
+            return self.network.forward(x, lean=self.recompute)
         with torch.autocast(x.device.type, dtype=self.autocast):
             values = self.network.forward(x)
         return [v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
@@ -140,7 +146,8 @@ class Explainer:
 
     # -- the backward walk --------------------------------------------------------------------------------------
     def _backward(self, values: list, seed: torch.Tensor, composite: Composite) -> torch.Tensor:
-        steps = self.network.steps
+        network = self.network
+        steps = network.steps
         relevance: dict[int, torch.Tensor] = {self.network.output_index: seed}
         for step in reversed(steps):
             r = relevance.pop(step.index, None)
@@ -149,6 +156,8 @@ class Explainer:
             if r is None or step.kind in NO_RELEVANCE:
                 values[step.index] = None
                 continue
+            for j in (*network.refs[step.index], step.index):  # what a lean forward dropped, computed again
+                network.value(values, j)
             ctx = StepContext(step, [values[j] for j in step.inputs], values[step.index], _Vjp(step, values),
                               step.arguments(values.__getitem__))
             rule = composite.rule_for(step, self._first)

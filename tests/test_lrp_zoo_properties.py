@@ -8,7 +8,8 @@ The token networks are ViT-like: a patch embedding, pre-LayerNorm self-attention
 
 Properties (float64):
 
-* the engine reproduces the network's logits and gives finite relevance (epsilon_plus);
+* the engine reproduces the network's logits and gives finite relevance (epsilon_plus), bit for bit the same with the
+  activations recomputed in the backward walk or kept (``recompute``);
 * the gradient composite equals autograd's input gradient (the forward and vjp of every new step);
 * conservation, ``z`` with ``include_bias=False`` and exact division, on the positive twin (positive weights and
   inputs, ``tests/zoo_models.py``): relative residual < 1e-10 for networks of the conserving layers (all above but
@@ -153,6 +154,8 @@ def _check_explains(model, x):
         logits = model(x)
     torch.testing.assert_close(result.logits, logits, rtol=1e-10, atol=1e-12)
     assert torch.isfinite(result.relevance).all()
+    kept = lrp.Explainer(model, "epsilon_plus", recompute=False)(x, None)  # every value kept: the same bits
+    assert torch.equal(kept.relevance, result.relevance)
     gradient = lrp.Explainer(model, "gradient")(x, result.target).relevance
     reference = autograd_gradient(model, x, result.target)
     assert (gradient - reference).norm() <= 1e-10 * reference.norm().clamp(min=1e-300)
