@@ -130,6 +130,9 @@ _FORWARD = {
     Kind.ATTENTION: lambda step, args, kwargs: attention.forward(step.target, args[0]),
 }
 
+#: the kinds a lean forward drops and the backward walk computes again (see Network._plan_recompute)
+_RECOMPUTED = (Kind.ACTIVATION, Kind.POINTWISE, Kind.IDENTITY, Kind.LAYERNORM, Kind.AFFINE)
+
 _INPLACE_SAFE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
 
 
@@ -216,16 +219,20 @@ class Network:
     def _plan_recompute(self) -> None:
         """Which values a lean forward drops after their last use, to be recomputed in the backward walk.
 
-        Elementwise activations (ReLU, GELU, SiLU, ...) cost one cheap pass to compute again, and their outputs are a
-        large share of what a forward keeps (29% on ConvNeXt, 40% on EfficientNet, 18% on ViT); rules never need them
-        before the walk reaches their consumers. Recomputing runs the same op on the same input, so the values (and the
-        relevance) are bit for bit those of a full forward.
+        Elementwise steps (ReLU, GELU, SiLU, ..., LayerNorm, an unfolded BatchNorm) cost one cheap pass to compute
+        again, and their outputs are a large share of what a forward keeps (29% on ConvNeXt, 40% on EfficientNet, 18%
+        on ViT); rules never need them before the walk reaches their consumers. Recomputing runs the same op on the
+        same input, so the values (and the relevance) are bit for bit those of a full forward. Identities (Dropout, a
+        folded BatchNorm) return their input itself: dropped too, else they would keep an activation's storage alive,
+        and free to restore. Kept: what the model returns, and values that a structural step views (a reshape or slice
+        would keep the storage alive, and a recomputed copy would sit beside it).
         """
         self.refs: list[frozenset[int]] = [frozenset(_refs((s.args, s.kwargs or {}))) for s in self.steps]
         returned = self.refs[self.output_index]
+        viewed = {j for s in self.steps if s.kind == Kind.STRUCTURAL for j in self.refs[s.index]}
         self.recomputable = frozenset(
             s.index for s in self.steps
-            if s.kind in (Kind.ACTIVATION, Kind.POINTWISE) and s.element is None and s.index not in returned)
+            if s.kind in _RECOMPUTED and s.element is None and s.index not in returned | viewed)
         last_use: dict[int, int] = {}
         for step in self.steps:
             for j in self.refs[step.index] & self.recomputable:

@@ -68,5 +68,7 @@ def test_products_are_kept_only_without_autograd_and_only_for_their_input():
         out = attention.forward(module, x)
         torch.testing.assert_close(out, module(x, x, x, need_weights=False)[0])
     assert attention._saved(out, x) is not None
-    assert attention._saved(out, x.clone()) is None  # another tensor (a cast after autocast): computed again
-    assert attention._saved(out.double(), x.double()) is None
+    assert attention._saved(out, x.clone()) is not None  # a recomputed input: the same values
+    assert attention._saved(out, x.double()) is None  # another dtype (a cast after autocast): computed again
+    assert attention._saved(out, x[:1]) is None  # another batch
+    assert attention._saved(out.double(), x.double()) is None  # a cast drops what the output tensor held
