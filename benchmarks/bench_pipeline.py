@@ -91,12 +91,16 @@ def actor_in_process(config, part: int = 0, parts: int = 1, overlap: bool = True
     store = create_store(plan)
     actor = ExplainActor(plan.job)
     actor.overlap = overlap
+    if actor.workers is not None:
+        actor.workers.start(wait=True)  # started beside the model load; the shard work is timed without it
     work, rows = 0.0, 0
     for shard in range(part, store.n_shards, parts):
         start, stop = store.shard_rows(shard)
         report = actor.explain_shard(start, plan.rows.slice(start, stop - start), store.group_names)
         assert report["failed"] == report["nonfinite"] == 0, report
         work, rows = work + report["seconds"], rows + report["rows"]
+    if actor.workers is not None:
+        actor.workers.close()
     return time.perf_counter() - began, work, rows
 
 
@@ -150,6 +154,9 @@ def main() -> None:
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="reduced-precision forward, both sides")
     parser.add_argument("--processes", type=int, nargs="+", default=[],
                         help="with --in-process: also K actors in K processes sharing the device, for each K")
+    parser.add_argument("--decode-workers", type=int, nargs="+", default=[],
+                        help="with --in-process: also the actor with K decoding processes (decode_workers), "
+                             "for each K (below --cpus-per-actor)")
     parser.add_argument("--scaling", action="store_true", help="images/s against 1..--actors actors (default: the "
                         "cores), on a cluster of one single-CPU raylet per actor on loopback")
     args = parser.parse_args()
@@ -308,6 +315,7 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
         values = run_values(args, root, cpus_per_actor=args.cpus_per_actor or cpus)
         engine, total, work, sequential = [], [], [], []
         shared = {k: ([], []) for k in args.processes}
+        workers = {k: [] for k in args.decode_workers}
         for repeat in range(args.repeats):
             seconds, count = bare_engine(config_from_dict({**values, "store": str(root / "unused")}),
                                          args.batch_size, cpus)
@@ -319,6 +327,10 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
             _, shards, rows = actor_in_process(config_from_dict({**values, "store": str(root / f"s{repeat}.zarr")}),
                                                overlap=False)
             sequential.append(rows / shards)
+            for k, rates in workers.items():
+                _, shards, rows = actor_in_process(config_from_dict({**values, "decode_workers": k,
+                                                                     "store": str(root / f"w{k}-{repeat}.zarr")}))
+                rates.append(rows / shards)
             for k, (walls, sums) in shared.items():
                 per_process = {**values, "cpus_per_actor": max(1, values["cpus_per_actor"] // k)}
                 wall, summed = actors_in_processes(config_from_dict({**per_process,
@@ -337,6 +349,7 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
             ("actor in-process, plan + model load + shards", max(total)),
             ("actor in-process, shard work, overlapped stages", max(work)),
             ("actor in-process, shard work, sequential (before)", max(sequential))]
+    rows += [(f"actor in-process, shard work, {k} decode worker(s)", max(rates)) for k, rates in workers.items()]
     for k, (walls, sums) in shared.items():
         rows += [(f"{k} actor processes, wall clock with start-up", max(walls)),
                  (f"{k} actor processes, sum of shard-work rates", max(sums))]

@@ -3,16 +3,21 @@
 No Ray needed (a lent machine may lack its wheel): the explain actor is driven in-process, as
 ``bench_pipeline.py --in-process`` does. Steps, each a subprocess with its own time limit, output printed as it comes:
 
-1. one actor (overlapped stages, then the sequential loop) against the bare engine: resnet50, 224 px JPEGs,
-   ``decode: cpu`` and ``decode: auto`` (nvJPEG), then VOC-size 500x375 JPEGs with both; 2 and 4 actor processes;
+0. decoding in worker processes (``decode_workers``, issue 15): one actor with 4 and 8 decode workers against the
+   bare engine on VOC-size and 224 px JPEGs (``bench_pipeline.py --decode-workers``), and the decoding side alone
+   (``bench_decode_workers.py``: images/s, the actor process's CPU per image, inputs normalised on the GPU against
+   the host);
+1. one actor (overlapped stages, then the sequential loop) against the bare engine with ``decode: auto`` (nvJPEG):
+   resnet50, 224 px JPEGs, then VOC-size 500x375 JPEGs and 2 and 4 actor processes (step 0's tables hold the same
+   rows with ``decode: cpu``);
 2. nvJPEG against CPU decoding: the same JPEGs through the actor both ways, relative L2 of the relevance maps and
    max abs difference of the model inputs (resampling of the decoded image differs: docs/pipeline.md);
 3. bfloat16 / float16 forward against float32: relevance error and speed on vgg16 and resnet50;
 4. the zoo on CUDA (issue 13): ``bench_zoo.py`` over its families, against forward, the input gradient, zennit and
    lxt where they are installed (carried as wheels: a lent machine has neither).
 
-Steps run in the order of what is missing most (the 224 px actor, the zoo, the VOC-size actors, the decode
-difference, autocast, then the CPU-decode comparisons), so that running out of ``--budget`` skips the least needed.
+Steps run in the order of what is missing most (the decode workers, the zoo with recomputed activations, the
+nvJPEG actors, the decode difference, autocast), so that running out of ``--budget`` skips the least needed.
 
     python benchmarks/gpu_check.py --budget 540   # on the GPU machine, from the repository root
     python benchmarks/gpu_check.py --quick    # a CPU smoke run of every step, tiny sizes (a minute or two)
@@ -105,9 +110,14 @@ def main() -> None:
     cpus = str(os.cpu_count() or 1)
     if args.quick:
         images, model, batch, size, limit, procs = "32", "resnet18", "8", "64", 300, ["--processes", "2"]
+        workers = ["--decode-workers", "1"]
+        decoding = ["--images", "64", "--size", "64", "--batch-size", "8", "--threads", "2", "--workers", "1",
+                    "--repeats", "1"]
         autocast = ["--models", "resnet18", "--batch", "2", "--size", "64", "--repeats", "1"]
     else:
         images, model, batch, size, limit, procs = "1024", "resnet50", "64", "224", 70, ["--processes", "2", "4"]
+        workers = ["--decode-workers", "4", "8"]
+        decoding = ["--images", "1024", "--workers", "4", "8", "12", "--repeats", "2"]
         autocast = ["--device", "cuda", "--batch", "64", "--repeats", "5", "--composites", "epsilon_plus",
                     "epsilon_gamma_box"]
     pipeline = ["benchmarks/bench_pipeline.py", "--in-process", "--images", images, "--size", size, "--model", model,
@@ -126,6 +136,11 @@ def main() -> None:
     def cap(seconds: float) -> float:  # a step's own limit on the GPU; --quick gives every step the same one
         return limit if args.quick else seconds
 
+    step("0. decode workers: one actor vs bare engine, 500x375 JPEGs (VOC size)",
+         [*pipeline, "--image-size", "500", "375", "--decode", "cpu", *workers], cap(120))
+    step("0. decode workers: the decoding side alone", ["benchmarks/bench_decode_workers.py", *decoding], cap(60))
+    step("0. decode workers: one actor vs bare engine, 224 px JPEGs", [*pipeline, "--decode", "cpu", *workers],
+         cap(100))
     step("1. actor vs bare engine, 224 px JPEGs, decode auto", [*pipeline, "--decode", "auto"], limit)
     step("4. the zoo: forward, input gradient, ours, zennit, lxt", ["benchmarks/bench_zoo.py", *zoo], cap(150))
     step("1. actor vs bare engine, 500x375 JPEGs (VOC size), decode auto",
@@ -134,9 +149,6 @@ def main() -> None:
          ["benchmarks/gpu_check.py", "--decode-difference", "64" if args.quick else "512", "375", "500", model, batch],
          cap(60))
     step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast], cap(80))
-    step("1. actor vs bare engine, 224 px JPEGs, decode cpu", [*pipeline, "--decode", "cpu"], limit)
-    step("1. actor vs bare engine, 500x375 JPEGs (VOC size), decode cpu",
-         [*pipeline, "--image-size", "500", "375", "--decode", "cpu"], cap(70))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None =
     run.add_argument("--actors-per-gpu", type=int,
                      help="actor processes sharing each GPU (default 1; 2-4 keep a fast GPU busy, memory allowing)")
     run.add_argument("--cpus-per-actor", type=int)
+    run.add_argument("--decode-workers", type=int,
+                     help=argparse.SUPPRESS if hide_explain_only else "processes per actor that decode and preprocess "
+                     "(default 0: threads in the actor), fewer than --cpus-per-actor; see docs/pipeline.md")
     run.add_argument("--rows-per-shard", type=int, help="rows per store shard = per task (default 256)")
     run.add_argument("--max-attempts", type=int, help="tries per shard when an actor dies (default 3)")
     run.add_argument("--retry-failed", action="store_true", default=None,
@@ -138,8 +141,8 @@ def config_values(args: argparse.Namespace) -> dict:
     if preprocess:
         values["preprocess"] = preprocess
     for key in ("explanations", "targets", "classes", "per_channel", "store", "address", "batch_size", "num_actors",
-                "actors_per_gpu", "cpus_per_actor", "rows_per_shard", "max_attempts", "retry_failed", "progress",
-                "tf32", "autocast"):
+                "actors_per_gpu", "cpus_per_actor", "decode_workers", "rows_per_shard", "max_attempts", "retry_failed",
+                "progress", "tf32", "autocast"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return values

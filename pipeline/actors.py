@@ -26,9 +26,10 @@ import torch
 
 import lrp
 
-from .batches import Batch, Sample, ShardReader
+from .batches import Batch, Sample, ShardReader, load_sample
 from .config import RunConfig
 from .datasets import _read_bytes, read_image, read_mask
+from .decode_workers import DecodeWorkers, WorkerReader
 from .gpu_decode import DecodedBatch, Encoded, decode_encoded_batch, decode_on_device
 from .models import best_device, build_model
 from .prefetch import Ahead
@@ -52,8 +53,9 @@ class ActorJob:
     with_labels: bool
 
 
-def claim_cpus(cpus_per_actor: int) -> tuple[torch.device, int]:
-    """(device, decoding threads) of an actor that owns ``cpus_per_actor`` CPUs.
+def claim_cpus(cpus_per_actor: int, decode_workers: int = 0) -> tuple[torch.device, int]:
+    """(device, decoding threads) of an actor that owns ``cpus_per_actor`` CPUs, ``decode_workers`` of them for its
+    decoding processes (:mod:`pipeline.decode_workers`).
 
     Decoding runs in 2-4 threads beside the model: more do not help, as torchvision's per-image transforms hold the
     GIL (on a 16-core H100 node, reading + preprocessing 224 px JPEGs peaked at 4 threads: 670 images/s, 440 with 16).
@@ -61,7 +63,7 @@ def claim_cpus(cpus_per_actor: int) -> tuple[torch.device, int]:
     default (every core of the node, in every actor) oversubscribes the cores: +30% preprocessing throughput there.
     A GPU actor's process is GIL-bound near 220 images/s; ``actors_per_gpu`` runs several processes per GPU.
     """
-    cpus = max(1, int(cpus_per_actor))
+    cpus = max(1, int(cpus_per_actor) - int(decode_workers))
     device = best_device()
     torch.set_num_threads(1 if device.type == "cuda" else cpus)
     return device, min(4, max(2, cpus))
@@ -109,14 +111,18 @@ class ExplainActor:
     def __init__(self, job: ActorJob):
         self.job = job
         config = job.config
-        self.device, self.decode_threads = claim_cpus(config.cpus_per_actor)
+        self.device, self.decode_threads = claim_cpus(config.cpus_per_actor, config.decode_workers)
+        self.gpu_decode = decode_on_device(config.decode, self.device)
+        self.workers = None
+        if config.decode_workers and not self.gpu_decode:
+            self.workers = DecodeWorkers(config.decode_workers, config.preprocess, config.dataset.storage_options)
+            self.workers.start()  # they start while the model is built
         self.model = build_model(config.model, self.device)  # once per actor (and again after a restart)
         self.explainers = {s.name: lrp.Explainer(self.model, s.composite, tf32=config.tf32, autocast=config.autocast,
                                                  **s.params) for s in config.explanations}
         self.preprocess = Preprocess(config.preprocess)
         self.store = open_store(config.store, mode="r+", storage_options=config.storage_options)
         self.options = config.dataset.storage_options
-        self.gpu_decode = decode_on_device(config.decode, self.device)
         if self.overlap is None:
             self.overlap = self.overlaps(self.device, self.gpu_decode)
         self.engine = threading.Lock()  # one batch on the model at a time, whichever task it belongs to
@@ -128,15 +134,7 @@ class ExplainActor:
     # ---- decoding ---------------------------------------------------------------------------------------
     def _load(self, row: dict) -> Sample | str:
         """The row's image in model geometry (boxes, box classes, mask with it), or the reason it failed."""
-        try:
-            image = read_image(row["path"], self.options)
-            mask = read_mask(row["mask_path"], self.options) if row["mask_path"] else None
-            x, boxes, mask = self.preprocess(image, row["boxes"] or None, mask)
-            return Sample(x, boxes, np.asarray(row["box_classes"], dtype=np.int64), mask)
-        except FileNotFoundError as error:
-            return f"missing file: {error}"
-        except Exception as error:  # corrupt or unreadable: recorded as failed, the run goes on
-            return f"{type(error).__name__}: {error}"
+        return load_sample(row, self.preprocess, self.options)
 
     def _read(self, row: dict) -> Encoded | str:
         """With GPU decoding: the row's file bytes (and mask), decoded later with its whole batch."""
@@ -154,7 +152,7 @@ class ExplainActor:
         decoded = DecodedBatch(batch, {}, [])
         if self.gpu_decode:
             decoded = decode_encoded_batch(batch, self.preprocess, self.device, lambda p: read_image(p, self.options))
-        x = decoded.batch.inputs(self.device) if len(decoded.batch.rows) else None
+        x = decoded.batch.inputs(self.device, self.preprocess.normalize) if len(decoded.batch.rows) else None
         return Staged(decoded.batch, x, decoded.failures, decoded.fallbacks)
 
     # ---- one shard --------------------------------------------------------------------------------------
@@ -166,8 +164,12 @@ class ExplainActor:
         killed its actor); the other rows keep what the store has."""
         began = time.perf_counter()
         config = self.job.config
-        reader = ShardReader(rows.to_pylist(), self._read if self.gpu_decode else self._load, config.batch_size,
-                             self.decode_threads, part)
+        records = rows.to_pylist()
+        if self.workers is not None:
+            reader = WorkerReader(records, self.workers, config.batch_size, self._load, self.decode_threads, part)
+        else:
+            reader = ShardReader(records, self._read if self.gpu_decode else self._load, config.batch_size,
+                                 self.decode_threads, part)
         buffers = ShardBuffers(start, rows.to_pydict(), groups, self.preprocess.size, self.job)
         explainers = {name: self.explainers[name] for name in groups}
         staged = (self._stage(batch) for batch in reader)
@@ -181,7 +183,7 @@ class ExplainActor:
                 fallbacks = self._explain(staged, buffers, explainers)
                 buffers.fail(reader.failures)
                 report = buffers.write(self.store, groups, part)
-        report["notes"] = [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks]
+        report["notes"] = [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks] + reader.notes
         report["seconds"] = time.perf_counter() - began
         return report
 

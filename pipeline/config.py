@@ -106,6 +106,7 @@ class RunConfig:
     decode: str = "cpu"  # auto: JPEGs decoded + preprocessed on the GPU (GPU actors only); see docs/pipeline.md
     batch_size: int = 32
     num_actors: int | None = None
+    decode_workers: int = 0  # processes per actor that decode and preprocess (CPU decode); 0: threads in the actor
     actors_per_gpu: int = 1  # processes sharing a GPU: one process is GIL-bound (benchmarks/RESULTS.md)
     cpus_per_actor: int = 1
     rows_per_shard: int = 256
@@ -122,6 +123,13 @@ class RunConfig:
             raise ConfigError(f"autocast {self.autocast!r} unknown: use bfloat16, float16 or leave it unset")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"decode {self.decode!r} unknown: use one of {', '.join(DECODE_MODES)}")
+        if int(self.decode_workers) < 0:
+            raise ConfigError(f"decode_workers must be 0 (decode in the actor) or more, got {self.decode_workers}")
+        if self.decode_workers and self.decode != "cpu":
+            raise ConfigError(f"decode_workers decode on the CPU: use them with decode: cpu, not {self.decode!r}")
+        if self.decode_workers and int(self.decode_workers) >= int(self.cpus_per_actor):
+            raise ConfigError(f"decode_workers ({self.decode_workers}) run on the actor's own CPUs and leave it one: "
+                              f"raise cpus_per_actor (now {self.cpus_per_actor}) above it")
         if self.targets == "classes" and not self.classes:
             raise ConfigError("targets: classes needs a 'classes' list (class indices or names)")
         if self.classes and self.targets != "classes":

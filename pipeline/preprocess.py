@@ -108,8 +108,8 @@ class Preprocess:
         left, top = (side - width) // 2, (side - height) // 2
         return [left, top, side - width - left, side - height - top]
 
-    def image(self, image: torch.Tensor, padding: list[int] | None) -> torch.Tensor:
-        """The uint8 image in model geometry, scaled to [0, 1] and normalised."""
+    def pixels(self, image: torch.Tensor, padding: list[int] | None) -> torch.Tensor:
+        """The uint8 image in model geometry (padded, resized, cropped), not yet scaled."""
         if padding:
             image = F.pad_image(image, padding, padding_mode="edge")  # nearest pixel: no new edges
         if self.resize:
@@ -118,15 +118,24 @@ class Preprocess:
             image = F.center_crop_image(image, self.spec.center_crop)
         if tuple(image.shape[-2:]) != self.size:
             raise ValueError(f"preprocessed size {tuple(image.shape[-2:])} is not the configured {self.size}")
-        return F.normalize_image(F.to_dtype_image(image, torch.float32, scale=True), self.spec.mean, self.spec.std)
+        return image
 
-    def __call__(self, image: torch.Tensor, boxes=None, mask: torch.Tensor | None = None):
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels, one image (C, H, W) or a batch (B, C, H, W) on any device, scaled to [0, 1] and normalised:
+        the same elementwise operations either way, so a batch normalised on the device equals its images normalised
+        one by one on the host (tests/test_decode_workers.py)."""
+        return F.normalize_image(F.to_dtype_image(pixels, torch.float32, scale=True), self.spec.mean, self.spec.std)
+
+    def __call__(self, image: torch.Tensor, boxes=None, mask: torch.Tensor | None = None, normalize: bool = True):
+        """``normalize=False``: the input is left as uint8 pixels in model geometry (:meth:`pixels`), for a decode
+        worker whose batch the actor normalises on its device (:mod:`pipeline.decode_workers`)."""
         height, width = image.shape[-2:]
         box_array = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float32).reshape(-1, 4)
         if mask is not None and mask.shape[-2:] != (height, width):
             raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the image size {(height, width)}")
         padding = self._padding(height, width)
-        x = self.image(image.as_subclass(torch.Tensor), padding)
+        x = self.pixels(image.as_subclass(torch.Tensor), padding)
+        x = self.normalize(x) if normalize else x
         out_boxes, out_mask = np.zeros((0, 4), np.float32), None
         if len(box_array) or mask is not None:
             box_tensor = tv_tensors.BoundingBoxes(torch.from_numpy(box_array), format="XYXY",

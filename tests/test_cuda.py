@@ -132,3 +132,17 @@ def test_a_host_batch_is_stacked_into_pinned_memory_and_arrives_unchanged():
     x = Batch(np.arange(5), samples).inputs("cuda")
     torch.cuda.synchronize()
     assert x.device.type == "cuda" and torch.equal(x.cpu(), torch.stack([s.x for s in samples]))
+
+
+def test_a_decode_workers_batch_is_normalised_on_the_gpu_as_on_the_host():
+    """uint8 pixels copied to the GPU and normalised there equal the host's normalised inputs (pipeline.batches)."""
+    from pipeline.batches import Batch, Sample
+    from pipeline.preprocess import Preprocess, PreprocessSpec
+
+    preprocess = Preprocess(PreprocessSpec(resize=[12, 10], mean=[0.1, 0.5, 0.9], std=[0.3, 0.2, 0.7]))
+    pixels = torch.randint(0, 256, (4, 3, 12, 10), dtype=torch.uint8)
+    batch = Batch(np.arange(4), [Sample(None)] * 4, pixels)
+    x = batch.inputs("cuda", preprocess.normalize)
+    torch.cuda.synchronize()
+    assert x.device.type == "cuda" and x.dtype == torch.float32
+    np.testing.assert_allclose(x.cpu().numpy(), preprocess.normalize(pixels).numpy(), rtol=0, atol=1e-6)
