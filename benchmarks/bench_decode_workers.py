@@ -37,15 +37,16 @@ def _records(root: Path, n: int, width: int, height: int) -> list[dict]:
     return records
 
 
-def _measure(reader, preprocess: Preprocess, device: str) -> tuple[float, float, torch.Tensor]:
+def _measure(reader, preprocess: Preprocess, device: str | None) -> tuple[float, float, torch.Tensor | None]:
     """(images/s, CPU ms per image in this process, the first batch's inputs) of iterating ``reader`` into model
-    inputs on ``device``."""
+    inputs on ``device``; None: the batches only (what a GPU actor's process does on the host, the normalisation
+    and the copy from pinned memory left to the device)."""
     wall, cpu, count, first = time.perf_counter(), time.process_time(), 0, None
     for batch in reader:
-        x = batch.inputs(device, preprocess.normalize)
+        x = batch.inputs(device, preprocess.normalize) if device else None
         first = x if first is None else first
-        count += len(x)
-    if device.startswith("cuda"):
+        count += len(batch.rows)
+    if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return count / wall, 1e3 * cpu / count, first
@@ -69,7 +70,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         records = _records(Path(tmp), args.images, *args.image_size)
         rows = {f"actor threads ({args.threads})": []}
-        rows.update({f"{k} decode worker process(es)": [] for k in args.workers})
+        for k in args.workers:
+            rows.update({f"{k} decode worker process(es)": [], f"{k} worker(s), batches only": []})
         pools = {k: DecodeWorkers(k, spec) for k in args.workers}
         for pool in pools.values():
             pool.start(wait=True)
@@ -78,9 +80,10 @@ def main() -> None:
                 rows[f"actor threads ({args.threads})"].append(
                     _measure(ShardReader(records, load, args.batch_size, args.threads), preprocess, args.device))
                 for k, pool in pools.items():
-                    rows[f"{k} decode worker process(es)"].append(
-                        _measure(WorkerReader(records, pool, args.batch_size, load, args.threads), preprocess,
-                                 args.device))
+                    for device, what in ((args.device, f"{k} decode worker process(es)"),
+                                         (None, f"{k} worker(s), batches only")):
+                        rows[what].append(_measure(WorkerReader(records, pool, args.batch_size, load, args.threads),
+                                                   preprocess, device))
         finally:
             for pool in pools.values():
                 pool.close()
@@ -93,8 +96,9 @@ def main() -> None:
     for what, results in rows.items():
         rate = max(r[0] for r in results)
         cpu = min(r[1] for r in results)
-        difference = (results[0][2] - reference).abs().max().item()  # normalised on the device vs on the host
-        print(f"| {what:<30} | {rate:9.1f} | {cpu:28.2f} | {difference:31.3g} |")
+        first = results[0][2]  # normalised on the device vs on the host
+        difference = f"{(first - reference).abs().max().item():.3g}" if first is not None else ""
+        print(f"| {what:<30} | {rate:9.1f} | {cpu:28.2f} | {difference:>31} |")
 
 
 if __name__ == "__main__":
