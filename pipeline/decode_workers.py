@@ -14,6 +14,9 @@ fails leaves its batch one row short rather than pulling in the next row, as the
 dies (a decoder crashing on a hostile file) breaks the pool: the rest of the shard is decoded in the actor itself,
 where a crash ends the actor and the pool's bisection finds the row as without workers (docs/pipeline.md), and the
 workers start again for the next shard.
+
+Driven in-process from a script rather than through Ray (benchmarks, tests), the script needs the usual
+``if __name__ == "__main__":`` guard of any ``spawn`` pool: a spawned worker imports the parent's main module.
 """
 from __future__ import annotations
 
