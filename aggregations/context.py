@@ -81,7 +81,7 @@ def box_windows(boxes: np.ndarray, height: int, width: int) -> list:
     count = valid.sum(axis=1)
     first = valid.argmax(axis=1)
     rows = np.arange(len(boxes))
-    xa, xb, ya, yb = (a[rows, first].astype(np.int64) for a in (xa, xb, ya, yb))
+    xa, xb, ya, yb = (np.where(count > 0, a[rows, first], 0).astype(np.int64) for a in (xa, xb, ya, yb))  # NaN: none
     out = []
     for i, n in enumerate(count.tolist()):
         if n == 0:
