@@ -183,7 +183,8 @@ class ExplainActor:
                 fallbacks = self._explain(staged, buffers, explainers)
                 buffers.fail(reader.failures)
                 report = buffers.write(self.store, groups, part)
-        report["notes"] = [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks] + reader.notes
+        report["notes"] = [redact(note) for note in [f"{path}: decoded on the CPU, {why}" for path, why in fallbacks]
+                           + reader.notes]
         report["seconds"] = time.perf_counter() - began
         return report
 

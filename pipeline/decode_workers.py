@@ -11,15 +11,16 @@ same as decoding in the actor (tests/test_decode_workers.py).
 
 At most ``workers + 1`` batches are decoded ahead (the backpressure). A batch is a fixed range of rows, so a row that
 fails leaves its batch one row short rather than pulling in the next row, as the in-actor reader does. A worker that
-dies (a decoder crashing on a hostile file) breaks the pool: the rest of the shard is decoded in the actor itself,
-where a crash ends the actor and the pool's bisection finds the row as without workers (docs/pipeline.md), and the
-workers start again for the next shard.
+dies (a decoder crashing on a hostile file) breaks the pool: the rows it was decoding are decoded again one at a time,
+each in a fresh process, so only a row that kills that process too fails, and the actor (its model, its CUDA context)
+lives on; without workers such a row ends the actor, and the pool's bisection finds it in several restarts.
 
 Driven in-process from a script rather than through Ray (benchmarks, tests), the script needs the usual
 ``if __name__ == "__main__":`` guard of any ``spawn`` pool: a spawned worker imports the parent's main module.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -69,20 +70,24 @@ def decode_rows(records: list[dict], first: int) -> tuple[np.ndarray, torch.Tens
 
 
 class DecodeWorkers:
-    """A pool of ``workers`` decoding processes for one actor, started on first use and again after it breaks."""
+    """A pool of ``workers`` decoding processes for one actor, started on first use and again after it breaks.
+
+    The actor's two shard tasks (on a GPU) share it; :meth:`pool` and :meth:`broken` are safe from both threads."""
 
     def __init__(self, workers: int, spec: PreprocessSpec, storage_options=None):
         if workers < 1:
             raise ValueError(f"decode workers must be at least 1, got {workers}")
         self.workers, self.spec, self.options = workers, spec, dict(storage_options or {})
         self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            context = torch.multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start,
-                                             initargs=(self.spec.to_dict(), self.options))
-        return self._pool
+        with self._lock:
+            if self._pool is None:
+                context = torch.multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start,
+                                                 initargs=(self.spec.to_dict(), self.options))
+            return self._pool
 
     def start(self, wait: bool = False) -> None:
         """Start the workers now (each imports torch: seconds), so they start while the actor builds its model
@@ -92,22 +97,32 @@ class DecodeWorkers:
         for future in started if wait else ():
             future.result()
 
-    def broken(self) -> None:
-        """Forget a pool a dead worker broke; the next :meth:`pool` starts a fresh one."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def broken(self, pool: ProcessPoolExecutor) -> None:
+        """Forget ``pool``, which a dead worker broke; the next :meth:`pool` starts a fresh one (a pool that the other
+        task has already replaced stays)."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+DIED = "the decode worker process died on this image (its decoder crashed, or it was killed)"
 
 
 class WorkerReader:
     """The batches of one shard's rows ``[lo, hi)`` decoded by ``workers``; the same interface as
-    :class:`pipeline.batches.ShardReader` (``failures`` once iterated, and ``notes``), which it falls back to, with
-    ``load`` in ``threads`` threads of the actor, for the rest of the shard when a worker dies."""
+    :class:`pipeline.batches.ShardReader` (``failures`` once iterated, and ``notes``).
+
+    When a worker dies, the rows that were being decoded are decoded again one at a time in a process of their own:
+    a row whose image kills that process too fails (:data:`DIED`), the others are read, and the actor lives on. Only
+    if a process cannot even be started are the rest of the shard's rows decoded in the actor, by ``load`` in
+    ``threads`` threads (:class:`pipeline.batches.ShardReader`)."""
 
     def __init__(self, records: Sequence[dict], workers: DecodeWorkers, batch_size: int, load: Callable,
                  threads: int, rows: tuple[int, int] | None = None):
@@ -118,36 +133,84 @@ class WorkerReader:
         self.notes: list[str] = []
 
     def __iter__(self) -> Iterator[Batch]:
-        starts = iter(range(self.lo, self.hi, self.batch_size))
+        start = self.lo
+        while start < self.hi:
+            pool, span = self.workers.pool(), [start, start]  # span: the rows submitted and not yet yielded
+            try:
+                yield from self._pipelined(pool, start, span)
+                return
+            except BrokenProcessPool:
+                self.workers.broken(pool)
+            first, end = span[0], max(span[1], min(span[0] + self.batch_size, self.hi))  # always some progress
+            stopped = yield from self._one_at_a_time(first, end)
+            if stopped is not None:  # no process could be started: the actor decodes the rest itself
+                self.notes.append(f"decode workers could not be started: {self.hi - stopped} images from "
+                                  f"{self.records[stopped]['path']} on were decoded in the actor")
+                fallback = ShardReader(self.records, self.load, self.batch_size, self.threads, (stopped, self.hi))
+                yield from fallback
+                self.failures.update(fallback.failures)
+                return
+            killers = sum(self.failures.get(i) == DIED for i in range(first, end))
+            self.notes.append(f"a decode worker died on one of {end - first} images from "
+                              f"{self.records[first]['path']}: decoded again one at a time, {killers} killed "
+                              "their worker again (failed)")
+            start = end
+
+    def _pipelined(self, pool: ProcessPoolExecutor, start: int, span: list[int]) -> Iterator[Batch]:
+        """Batches from ``start`` on, ``workers + 1`` decoding at once; ``span`` tracks the rows in flight."""
         pending: deque = deque()
-        pool = self.workers.pool()
         try:
-            for start in starts:
-                pending.append((start, self._submit(pool, start)))
+            for first in range(start, self.hi, self.batch_size):
+                stop = min(first + self.batch_size, self.hi)
+                pending.append(pool.submit(decode_rows, [self.records[i] for i in range(first, stop)], first))
+                span[1] = stop
                 if len(pending) > self.workers.workers:
-                    yield from self._take(pending)
+                    yield from self._take(pending.popleft(), span)
             while pending:
-                yield from self._take(pending)
-        except BrokenProcessPool as error:
-            self.workers.broken()
-            first = pending[0][0] if pending else self.lo
-            self.notes.append(f"a decode worker died ({error}) on rows {first}-{self.hi - 1} of the shard: "
-                              "decoded in the actor instead")
-            pending.clear()
-            fallback = ShardReader(self.records, self.load, self.batch_size, self.threads, (first, self.hi))
-            yield from fallback
-            self.failures.update(fallback.failures)
+                yield from self._take(pending.popleft(), span)
         finally:
-            for _, future in pending:
+            for future in pending:
                 future.cancel()
 
-    def _submit(self, pool: ProcessPoolExecutor, start: int):
-        stop = min(start + self.batch_size, self.hi)
-        return pool.submit(decode_rows, [self.records[i] for i in range(start, stop)], start)
-
-    def _take(self, pending: deque) -> Iterator[Batch]:
-        rows, pixels, samples, failures = pending[0][1].result()  # a dead worker raises here, the batch still pending
-        pending.popleft()
+    def _take(self, future, span: list[int]) -> Iterator[Batch]:
+        rows, pixels, samples, failures = future.result()  # a dead worker raises here
         self.failures.update(failures)
+        span[0] = min(span[0] + self.batch_size, self.hi)
         if len(rows):
             yield Batch(rows, samples, pixels)
+
+    def _one_at_a_time(self, first: int, end: int):
+        """Rows ``[first, end)`` each decoded alone by a fresh single worker; returns the row from which no worker
+        could be started, else None. A worker is known to be up (it answered) before its row is given to it, so a
+        death after that is the row's doing."""
+        single = DecodeWorkers(1, self.workers.spec, self.workers.options)
+        rows, pixels, samples = [], [], []
+        try:
+            for i in range(first, end):
+                pool = single.pool()
+                try:
+                    pool.submit(_ready).result()
+                except BrokenProcessPool:
+                    single.broken(pool)
+                    if rows:
+                        yield Batch(np.concatenate(rows), samples, torch.cat(pixels))
+                    return i
+                try:
+                    got = pool.submit(decode_rows, [self.records[i]], i).result()
+                except BrokenProcessPool:
+                    single.broken(pool)
+                    self.failures[i] = DIED
+                    continue
+                self.failures.update(got[3])
+                if len(got[0]):
+                    rows.append(got[0])
+                    pixels.append(got[1])
+                    samples += got[2]
+                if len(samples) == self.batch_size:
+                    yield Batch(np.concatenate(rows), samples, torch.cat(pixels))
+                    rows, pixels, samples = [], [], []
+            if rows:
+                yield Batch(np.concatenate(rows), samples, torch.cat(pixels))
+            return None
+        finally:
+            single.close()

@@ -6,9 +6,13 @@ actor (spawned from a Ray worker process).
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.runs import manifest, values
+from helpers.runs import REPO, fifo_dataset, manifest, values
+from test_faults import Killer
 from pipeline.actors import ExplainActor
 from pipeline.batches import ShardReader, load_sample
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.datasets import read_image
-from pipeline.decode_workers import DecodeWorkers, WorkerReader
+from pipeline.decode_workers import DIED, DecodeWorkers, WorkerReader
 from pipeline.preprocess import Preprocess, PreprocessSpec
 from pipeline.run import create_store, plan_run, run
 from pipeline.store import STATUS_FAILED, STATUS_OK, open_store
@@ -96,7 +101,7 @@ def test_rows_of_one_image_decode_once_per_batch_and_a_part_reads_only_its_rows(
     assert all(torch.equal(image, expected) for b in batches for image in b.pixels)
 
 
-def test_a_dead_worker_loses_no_row_the_rest_is_decoded_in_the_actor_and_the_pool_starts_again(tmp_path):
+def test_a_killed_worker_loses_no_row_its_rows_are_decoded_again_and_the_pool_starts_again(tmp_path):
     records = plan_run(config_from_dict(values(tmp_path, _dataset(tmp_path)))).rows.to_pylist()
     preprocess = Preprocess(SPEC)
     load = lambda row: load_sample(row, preprocess)  # noqa: E731
@@ -110,18 +115,69 @@ def test_a_dead_worker_loses_no_row_the_rest_is_decoded_in_the_actor_and_the_poo
         for child in multiprocessing.active_children():  # the fault: the worker process is killed mid-shard
             os.kill(child.pid, signal.SIGKILL)
         rest = list(batches)
-        assert len(reader.notes) == 1 and "decode worker died" in reader.notes[0] and "decoded in the actor" \
-            in reader.notes[0]
-        assert first.pixels is not None and all(b.pixels is None for b in rest)  # the rest came from the actor
-        assert reader.failures == expected.failures
-        x = torch.cat([first.inputs("cpu", preprocess.normalize), *[b.inputs("cpu") for b in rest]])
-        assert np.concatenate([first.rows, *[b.rows for b in rest]]).tolist() == \
-            np.concatenate([b.rows for b in ShardReader(records, load, 2, 1)]).tolist()
-        assert torch.equal(x, expected_x)
+        assert len(reader.notes) == 1 and "a decode worker died" in reader.notes[0] and "0 killed" in reader.notes[0]
+        assert all(b.pixels is not None for b in [first, *rest])  # all from worker processes, none from the actor
+        assert reader.failures == expected.failures  # the two bad files, and nothing blamed for the kill
+        assert np.concatenate([b.rows for b in [first, *rest]]).tolist() == \
+            [i for i in range(len(records)) if i not in expected.failures]
+        assert torch.equal(torch.cat([b.inputs("cpu", preprocess.normalize) for b in [first, *rest]]), expected_x)
         again = WorkerReader(records, pool, 2, load, 1)  # the next shard: fresh workers
         assert all(b.pixels is not None for b in again) and again.notes == []
     finally:
         pool.close()
+
+
+def test_an_image_that_kills_every_process_reading_it_fails_alone_and_the_actor_never_reads_it(tmp_path):
+    """A row whose image kills its reader (as a decoder segfault would): a FIFO, and a thread that SIGKILLs every
+    other process holding it open. Only that row fails; this process (the actor) never opens it."""
+    source, fifo = fifo_dataset(tmp_path, 7, blocked_row=3)
+    records = plan_run(config_from_dict(values(tmp_path, source))).rows.to_pylist()
+    preprocess = Preprocess(SPEC)
+    load = lambda row: load_sample(row, preprocess)  # noqa: E731
+    writer = os.open(fifo, os.O_RDWR)  # the FIFO opens without blocking; reading it waits for data that never comes
+    unblock = threading.Timer(60, lambda: os.write(writer, b"not an image"))  # had this process read it: no hang
+    unblock.start()
+    pool = DecodeWorkers(2, SPEC)
+    try:
+        with Killer(fifo) as killer:
+            reader = WorkerReader(records, pool, 3, load, 1)
+            batches = list(reader)
+        assert killer.kills >= 2  # the batch's worker, then the row's own process
+        assert reader.failures == {3: DIED}
+        assert np.concatenate([b.rows for b in batches]).tolist() == [0, 1, 2, 4, 5, 6]
+        assert all(b.pixels is not None for b in batches)
+        assert len(reader.notes) == 1 and "1 killed their worker again" in reader.notes[0]
+    finally:
+        unblock.cancel()
+        os.close(writer)
+        pool.close()
+
+
+def test_workers_that_cannot_start_leave_the_shard_to_the_actor(tmp_path):
+    """A script without the ``__main__`` guard cannot start spawned workers (each would run the script again): the
+    reader says so and the actor's threads decode every row."""
+    records = plan_run(config_from_dict(values(tmp_path, _dataset(tmp_path)))).rows.to_pylist()
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"""
+import json
+from pipeline.batches import load_sample
+from pipeline.decode_workers import DecodeWorkers, WorkerReader
+from pipeline.preprocess import Preprocess, PreprocessSpec
+spec = PreprocessSpec(resize=16, pad_to_square=True)
+records = json.loads(open({str(tmp_path / "records.json")!r}).read())
+reader = WorkerReader(records, DecodeWorkers(1, spec), 3, lambda row: load_sample(row, Preprocess(spec)), 1)
+batches = list(reader)
+print(json.dumps(dict(rows=[int(i) for b in batches for i in b.rows], workers=[b.pixels is not None for b in batches],
+                      failures=sorted(reader.failures), notes=reader.notes)))
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows"] == [0, 1, 2, 5, 6, 7, 8, 9] and result["failures"] == [3, 4]
+    assert not any(result["workers"])
+    assert len(result["notes"]) == 1 and "could not be started" in result["notes"][0]
 
 
 def test_the_actor_with_decode_workers_stores_what_it_stores_without(tmp_path):
@@ -176,3 +232,20 @@ def test_a_ray_actor_decodes_in_its_worker_processes(ray_cluster, tmp_path):
     assert "missing file" in reasons[str(tmp_path / "gone.png")]
     group = open_store(str(tmp_path / "run.zarr")).group("ab")
     assert group.status.tolist() == [STATUS_OK] * 3 + [STATUS_FAILED] * 2 + [STATUS_OK] * 5
+
+
+@pytest.mark.slow
+def test_a_row_that_kills_its_decode_worker_fails_alone_with_no_actor_restart(ray_cluster, tmp_path):
+    """The FIFO fault of tests/test_faults.py through Ray with decode workers: where the threads' actor dies and is
+    bisected over several restarts, here only the worker dies, and the run needs no retry."""
+    source, fifo = fifo_dataset(tmp_path, 7, blocked_row=4)
+    writer = os.open(fifo, os.O_RDWR)
+    try:
+        with Killer(fifo) as killer:
+            summary = run(config_from_dict(values(tmp_path, source, decode_workers=1, cpus_per_actor=2)))
+    finally:
+        os.close(writer)
+    assert killer.kills >= 2 and summary.retries == 0
+    assert summary.groups["ab"] == {"ok": 6, "failed": 1, "nonfinite": 0, "pending": 0}
+    assert dict(summary.failures)[str(fifo)] == DIED
+    assert any("a decode worker died" in line for line in summary.messages)
