@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,11 +241,14 @@ def test_a_row_that_kills_its_decode_worker_fails_alone_with_no_actor_restart(ra
     bisected over several restarts, here only the worker dies, and the run needs no retry."""
     source, fifo = fifo_dataset(tmp_path, 7, blocked_row=4)
     writer = os.open(fifo, os.O_RDWR)
+    began = time.perf_counter()
     try:
         with Killer(fifo) as killer:
             summary = run(config_from_dict(values(tmp_path, source, decode_workers=1, cpus_per_actor=2)))
     finally:
         os.close(writer)
+    print(f"\nFAULT a row that kills its decode worker: the whole run {time.perf_counter() - began:.1f} s, "
+          f"{killer.kills} kills, {summary.retries} retries")
     assert killer.kills >= 2 and summary.retries == 0
     assert summary.groups["ab"] == {"ok": 6, "failed": 1, "nonfinite": 0, "pending": 0}
     assert dict(summary.failures)[str(fifo)] == DIED
