@@ -16,6 +16,11 @@ the allocator as every user has it. Memory is the peak resident set size above t
 at 64 KiB so that freed tensors leave the resident set; that setting turns every large allocation into an mmap and
 its page faults (it made every method 2-3x slower, allocation-heavy ones most), so no time is taken under it. On
 CUDA the peak allocated memory of one call, in this process.
+
+``--census`` times nothing: it counts what one call dispatches (ATen operators other than views, each at least one
+kernel launch on a GPU) and the bytes those operators read and write (their tensor arguments and results), a
+device-free account of launch count and memory traffic, the two things that set a GPU's time on the elementwise
+parts of an explanation. Deterministic, so it can be compared across commits on any machine.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import functools
 import gc
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +40,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -115,7 +123,7 @@ def _gradient_x_input(model, x, target):
     return input_gradient(model, x, target) * x
 
 
-def bench(name: str, args, device: torch.device) -> list[tuple]:
+def _model_and_batch(name: str, args, device: torch.device):
     torch.manual_seed(0)
     kwargs = {"image_size": args.size} if name.startswith("vit") else {}
     with warnings.catch_warnings():
@@ -128,6 +136,11 @@ def bench(name: str, args, device: torch.device) -> list[tuple]:
                 parameter.normal_(0, 0.01)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 1000, (args.batch,), device=device)
+    return model, x, target
+
+
+def bench(name: str, args, device: torch.device) -> list[tuple]:
+    model, x, target = _model_and_batch(name, args, device)
     found = methods(name, model, x, target, device)
     if args.memory_only:
         for fn, context in found.values():  # warm, as after the timed rounds (cached weights, lazy imports)
@@ -167,6 +180,56 @@ def _child_memory(name: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+_VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select",
+          "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "_reshape_alias", "lift_fresh",
+          "_local_scalar_dense"}
+
+
+class _Census(TorchDispatchMode):
+    """Counts the non-view operators dispatched inside it, and the bytes of their tensor arguments and results."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in _VIEWS:
+            self.ops += 1
+            # new_full, zeros_like and the like read only their argument's shape
+            touched = (out if name.startswith("new_") or name.endswith("_like") else (args, kwargs, out))
+            self.bytes += sum(_nbytes(t) for t in tree_flatten(touched)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """The bytes a kernel reads or writes for ``t``: a broadcast (stride 0) axis counts once."""
+    return t.element_size() * math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
+
+
+def census(name: str, args, device: torch.device) -> list[tuple]:
+    """(method, operators, GB moved) of one call of each method, after a warm-up call."""
+    model, x, target = _model_and_batch(name, args, device)
+    rows = []
+    for method, (fn, context) in methods(name, model, x, target, device).items():
+        _measure(fn, context, None)
+        with _Census() as counted:
+            _measure(fn, context, None)
+        rows.append((method, counted.ops, counted.bytes / 1e9))
+    return rows
+
+
+def print_census(name: str, rows):
+    base = next(row for row in rows if row[0] == BASE)
+    print(f"\n{name}")
+    print(f"| {'method':<46} | {'operators':>9} | {'/ fwd+grad':>10} | {'GB moved':>8} | {'/ fwd+grad':>10} |")
+    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 12}|")
+    for method, ops, moved in rows:
+        print(f"| {method:<46} | {ops:>9} | {ops / base[1]:>9.2f}x | {moved:>8.3f} | {moved / base[2]:>9.2f}x |")
+    sys.stdout.flush()
+
+
 def print_table(name: str, rows, batch: int):
     base = next(seconds for method, seconds, _ in rows if method == BASE)
     ours = next(seconds for method, seconds, _ in rows if method == "ours epsilon_plus")
@@ -193,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="times only (no child process for peak memory)")
+    parser.add_argument("--census", action="store_true",
+                        help="count the operators and bytes of one call instead of timing (see the docstring)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of _child_memory
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -201,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         (name,) = args.models
         print(json.dumps({method: memory for method, _, memory in bench(name, args, device)}))
         return 0
+    how = ("operators and bytes of one call after a warm-up" if args.census else
+           f"median of {args.repeats} after 1 warm-up; 'vs ours': their time / ours")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{args.size}x{args.size}, float32, median of {args.repeats} after 1 warm-up; 'vs ours': their time / ours")
+          f"{args.size}x{args.size}, float32, {how}")
     for name in args.models:
-        print_table(name, bench(name, args, device), args.batch)
+        if args.census:
+            print_census(name, census(name, args, device))
+        else:
+            print_table(name, bench(name, args, device), args.batch)
     return 0
 
 
