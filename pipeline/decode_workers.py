@@ -11,9 +11,10 @@ same as decoding in the actor (tests/test_decode_workers.py).
 
 At most ``workers + 1`` batches are decoded ahead (the backpressure). A batch is a fixed range of rows, so a row that
 fails leaves its batch one row short rather than pulling in the next row, as the in-actor reader does. A worker that
-dies (a decoder crashing on a hostile file) breaks the pool: the rows it was decoding are decoded again one at a time,
-each in a fresh process, so only a row that kills that process too fails, and the actor (its model, its CUDA context)
-lives on; without workers such a row ends the actor, and the pool's bisection finds it in several restarts.
+dies (a decoder crashing on a hostile file) breaks the pool: the rows in flight are decoded again one at a time in a
+single-worker process (a fresh one after each death), so only a row that kills that process too fails, and the
+actor (its model, its CUDA context) lives on; without workers such a row ends the actor, and the pool's bisection
+finds it in several restarts.
 
 Driven in-process from a script rather than through Ray (benchmarks, tests), the script needs the usual
 ``if __name__ == "__main__":`` guard of any ``spawn`` pool: a spawned worker imports the parent's main module.
@@ -80,6 +81,8 @@ class DecodeWorkers:
         self.workers, self.spec, self.options = workers, spec, dict(storage_options or {})
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        #: set once a worker could not be started: later shards are decoded in the actor at once, without new spawns
+        self.unavailable = False
 
     def pool(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -134,6 +137,9 @@ class WorkerReader:
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.lo
+        if self.workers.unavailable:
+            yield from self._in_actor(start, "decode workers could not be started for an earlier shard")
+            return
         while start < self.hi:
             pool, span = self.workers.pool(), [start, start]  # span: the rows submitted and not yet yielded
             try:
@@ -144,17 +150,26 @@ class WorkerReader:
             first, end = span[0], max(span[1], min(span[0] + self.batch_size, self.hi))  # always some progress
             stopped = yield from self._one_at_a_time(first, end)
             if stopped is not None:  # no process could be started: the actor decodes the rest itself
-                self.notes.append(f"decode workers could not be started: {self.hi - stopped} images from "
-                                  f"{self.records[stopped]['path']} on were decoded in the actor")
-                fallback = ShardReader(self.records, self.load, self.batch_size, self.threads, (stopped, self.hi))
-                yield from fallback
-                self.failures.update(fallback.failures)
+                self.workers.unavailable = True
+                yield from self._in_actor(stopped, "decode workers could not be started")
                 return
             killers = sum(self.failures.get(i) == DIED for i in range(first, end))
-            self.notes.append(f"a decode worker died on one of {end - first} images from "
-                              f"{self.records[first]['path']}: decoded again one at a time, {killers} killed "
-                              "their worker again (failed)")
+            if killers:
+                self.notes.append(f"a decode worker died on {killers} of the {end - first} images from "
+                                  f"{self.records[first]['path']} on: decoded again one at a time, {killers} killed "
+                                  "a fresh worker too and failed, the others were read")
+            else:  # the row that broke the pool was another shard's (the actor's other task), or a kill from outside
+                self.notes.append(f"the decode pool broke (a worker died) while decoding the {end - first} images "
+                                  f"from {self.records[first]['path']} on: decoded again one at a time, none failed")
             start = end
+
+    def _in_actor(self, start: int, why: str) -> Iterator[Batch]:
+        """Rows ``[start, hi)`` decoded in the actor's threads (:class:`pipeline.batches.ShardReader`), with a note."""
+        self.notes.append(f"{why} (the reason is in the actor's log): {self.hi - start} images from "
+                          f"{self.records[start]['path']} on were decoded in the actor")
+        fallback = ShardReader(self.records, self.load, self.batch_size, self.threads, (start, self.hi))
+        yield from fallback
+        self.failures.update(fallback.failures)
 
     def _pipelined(self, pool: ProcessPoolExecutor, start: int, span: list[int]) -> Iterator[Batch]:
         """Batches from ``start`` on, ``workers + 1`` decoding at once; ``span`` tracks the rows in flight."""
