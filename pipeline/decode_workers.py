@@ -122,10 +122,10 @@ class WorkerReader:
     """The batches of one shard's rows ``[lo, hi)`` decoded by ``workers``; the same interface as
     :class:`pipeline.batches.ShardReader` (``failures`` once iterated, and ``notes``).
 
-    When a worker dies, the rows that were being decoded are decoded again one at a time in a process of their own:
-    a row whose image kills that process too fails (:data:`DIED`), the others are read, and the actor lives on. Only
-    if a process cannot even be started are the rest of the shard's rows decoded in the actor, by ``load`` in
-    ``threads`` threads (:class:`pipeline.batches.ShardReader`)."""
+    When a worker dies, the rows in flight are decoded again one at a time in a single-worker process (a fresh one
+    after each death): a row whose image kills that process too fails (:data:`DIED`), the others are read, and the
+    actor lives on. Only if a process cannot even be started are the rest of the shard's rows (and every later
+    shard's) decoded in the actor, by ``load`` in ``threads`` threads (:class:`pipeline.batches.ShardReader`)."""
 
     def __init__(self, records: Sequence[dict], workers: DecodeWorkers, batch_size: int, load: Callable,
                  threads: int, rows: tuple[int, int] | None = None):
