@@ -21,6 +21,7 @@ Driven in-process from a script rather than through Ray (benchmarks, tests), the
 """
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -96,7 +97,7 @@ class DecodeWorkers:
         """Start the workers now (each imports torch: seconds), so they start while the actor builds its model
         rather than when the first shard arrives; ``wait``: return once every one is up (benchmarks)."""
         pool = self.pool()
-        started = [pool.submit(_ready) for _ in range(self.workers)]
+        started = [submit(pool, _ready) for _ in range(self.workers)]
         for future in started if wait else ():
             future.result()
 
@@ -113,6 +114,21 @@ class DecodeWorkers:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def submit(pool: ProcessPoolExecutor, fn, *args):
+    """``pool.submit``, where a pool that broke under it raises :class:`BrokenProcessPool` however it shows: a submit
+    that spawns a replacement worker while the pool's manager thread closes the pipes of the broken one raises
+    OSError ("handle is closed"), and one after the other task shut the broken pool down raises RuntimeError."""
+    try:
+        return pool.submit(fn, *args)
+    except BrokenProcessPool:
+        raise
+    except (OSError, RuntimeError) as error:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # a spawned process still importing a script without the main guard: it must die, not decode in itself
+            raise
+        raise BrokenProcessPool(f"the decode pool broke during a submit: {error}") from error
 
 
 DIED = "the decode worker process died on this image (its decoder crashed, or it was killed)"
@@ -177,7 +193,7 @@ class WorkerReader:
         try:
             for first in range(start, self.hi, self.batch_size):
                 stop = min(first + self.batch_size, self.hi)
-                pending.append(pool.submit(decode_rows, [self.records[i] for i in range(first, stop)], first))
+                pending.append(submit(pool, decode_rows, [self.records[i] for i in range(first, stop)], first))
                 span[1] = stop
                 if len(pending) > self.workers.workers:
                     yield from self._take(pending.popleft(), span)
@@ -204,14 +220,14 @@ class WorkerReader:
             for i in range(first, end):
                 pool = single.pool()
                 try:
-                    pool.submit(_ready).result()
+                    submit(pool, _ready).result()
                 except BrokenProcessPool:
                     single.broken(pool)
                     if rows:
                         yield Batch(np.concatenate(rows), samples, torch.cat(pixels))
                     return i
                 try:
-                    got = pool.submit(decode_rows, [self.records[i]], i).result()
+                    got = submit(pool, decode_rows, [self.records[i]], i).result()
                 except BrokenProcessPool:
                     single.broken(pool)
                     self.failures[i] = DIED

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from pipeline.actors import ExplainActor
 from pipeline.batches import ShardReader, load_sample
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.datasets import read_image
-from pipeline.decode_workers import DIED, DecodeWorkers, WorkerReader
+from pipeline.decode_workers import DIED, DecodeWorkers, WorkerReader, submit
 from pipeline.preprocess import Preprocess, PreprocessSpec
 from pipeline.run import create_store, plan_run, run
 from pipeline.store import STATUS_FAILED, STATUS_OK, open_store
@@ -127,6 +128,21 @@ def test_a_killed_worker_loses_no_row_its_rows_are_decoded_again_and_the_pool_st
         assert all(b.pixels is not None for b in again) and again.notes == []
     finally:
         pool.close()
+
+
+def test_a_submit_to_a_pool_that_broke_under_it_says_broken(tmp_path):
+    """The race of CI (stop 28): a submit that spawns a worker while the broken pool's pipes close raised OSError
+    ("handle is closed") instead of BrokenProcessPool, and the shard failed; a pool the other task shut down raises
+    RuntimeError. Both now read as a broken pool, which the reader recovers from."""
+    pool = DecodeWorkers(1, SPEC).pool()
+    pool.shutdown()
+    with pytest.raises(BrokenProcessPool, match="during a submit"):
+        submit(pool, time.sleep, 0)
+    pool = DecodeWorkers(1, SPEC).pool()
+    pool._call_queue._writer.close()  # the pipe the pool's manager closes when it finds a worker dead
+    with pytest.raises(BrokenProcessPool, match="handle is closed"):
+        submit(pool, time.sleep, 0)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def test_an_image_that_kills_every_process_reading_it_fails_alone_and_the_actor_never_reads_it(tmp_path):
