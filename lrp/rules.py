@@ -31,7 +31,7 @@ from torch import nn
 from . import attention
 from .kinds import NO_RELEVANCE, Kind
 from .layers import batchnorm_affine
-from .stabilize import safe_divide
+from .stabilize import safe_divide, safe_divide_signed
 
 
 @dataclass
@@ -59,6 +59,13 @@ def _neg(t):
 
 def _bias(bias, keep: bool):
     return bias if keep else None
+
+
+def _divide(numerator, fresh_denominator, stabilizer: float, sign: int):
+    """The stabilized message; a denominator of known sign (and owned by the caller) is shifted in place."""
+    if sign:
+        return safe_divide_signed(numerator, fresh_denominator, stabilizer, sign)
+    return safe_divide(numerator, fresh_denominator, stabilizer)
 
 
 class Rule:
@@ -140,29 +147,32 @@ class SignSplit:
         return self.neg is None
 
     def relevance(self, relevance: torch.Tensor, up: Part, down: Part, stabilizer: float,
-                  include_bias: bool = True) -> torch.Tensor:
-        """The input relevance for parts ``up`` (on :math:`x^+`, with its bias) and ``down`` (on :math:`x^-`)."""
+                  include_bias: bool = True, sign: int = 0) -> torch.Tensor:
+        """The input relevance for parts ``up`` (on :math:`x^+`, with its bias) and ``down`` (on :math:`x^-`).
+
+        ``sign``: +1 or -1 where the parts make every contribution (and the bias) of that sign (z+: ``up`` >= 0,
+        ``down`` <= 0), so the denominator has it too and is stabilized by a constant shift; 0 where unknown."""
         layer, x = self.layer, self.x
         w_up, b_up = up(layer)
         b_up = _bias(b_up, include_bias)
         if self.neg is None:
-            message = safe_divide(relevance, layer.forward(x, w_up, b_up), stabilizer)
+            message = _divide(relevance, layer.forward(x, w_up, b_up), stabilizer, sign)
             return layer.transpose(message, x, w_up).mul_(x)
         w_down, _ = down(layer)
         if self.stacked is not None:
-            return self._stacked_relevance(relevance, w_up, b_up, w_down, stabilizer)
+            return self._stacked_relevance(relevance, w_up, b_up, w_down, stabilizer, sign)
         z = layer.forward(self.pos, w_up, b_up).add_(layer.forward(self.neg, w_down))
-        message = safe_divide(relevance, z, stabilizer)
+        message = _divide(relevance, z, stabilizer, sign)
         result = layer.transpose(message, x, w_up).mul_(self.pos)
         return result.addcmul_(self.neg, layer.transpose(message, x, w_down))
 
-    def _stacked_relevance(self, relevance, w_up, b_up, w_down, stabilizer) -> torch.Tensor:
+    def _stacked_relevance(self, relevance, w_up, b_up, w_down, stabilizer, sign) -> torch.Tensor:
         """Both signs in one map each way: :math:`[x^+, x^-]` against the weights :math:`[a, b]` (input axis)."""
         layer, stacked = self.layer, self.stacked
         # w_up and w_down live in the same cache generation as this entry, so their ids name them while it lasts
         w_both, _ = layer.variant(("stacked", id(w_up), id(w_down)),
                                   lambda w, b: (torch.cat([w_up, w_down], dim=1), None))
-        message = safe_divide(relevance, layer.forward(stacked, w_both, b_up), stabilizer)
+        message = _divide(relevance, layer.forward(stacked, w_both, b_up), stabilizer, sign)
         both = layer.transpose(message, stacked, w_both).mul_(stacked)
         first, second = both.chunk(2, dim=1 if layer.is_conv else both.dim() - 1)
         return torch.add(first, second)  # a new tensor: the stacked one is freed
@@ -198,7 +208,7 @@ class ZPlus(Rule):
 
     def __call__(self, ctx, relevance):
         split = SignSplit.of(ctx)
-        return [split.relevance(relevance, positive_part, negative_part, self.stabilizer, self.include_bias)]
+        return [split.relevance(relevance, positive_part, negative_part, self.stabilizer, self.include_bias, sign=1)]
 
 
 @dataclass(frozen=True)
@@ -227,8 +237,8 @@ class AlphaBeta(Rule):
         if split.nonnegative and (not layer.is_conv or layer.module.groups == 1):
             return [self._stacked(layer, split.x, relevance)]
         s, keep = self.stabilizer, self.include_bias
-        positive = split.relevance(relevance, positive_part, negative_part, s, keep)
-        negative = split.relevance(relevance, negative_part, positive_part, s, keep)
+        positive = split.relevance(relevance, positive_part, negative_part, s, keep, sign=1)
+        negative = split.relevance(relevance, negative_part, positive_part, s, keep, sign=-1)
         return [self.alpha * positive - self.beta * negative]
 
     def _stacked(self, layer, x, relevance):
@@ -238,8 +248,8 @@ class AlphaBeta(Rule):
         axis = 1 if layer.is_conv else -1  # the output-feature axis: channels, or last for Linear
         z_pos, z_neg = layer.forward(x, w_both, _bias(b_both, self.include_bias)).chunk(2, dim=axis)
         message = torch.cat([
-            self.alpha * safe_divide(relevance, z_pos, self.stabilizer),
-            -self.beta * safe_divide(relevance, z_neg, self.stabilizer),
+            self.alpha * safe_divide_signed(relevance, z_pos, self.stabilizer, 1),
+            -self.beta * safe_divide_signed(relevance, z_neg, self.stabilizer, -1),
         ], dim=axis)
         return layer.transpose(message, x, w_both).mul_(x)
 
