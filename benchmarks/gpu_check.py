@@ -14,10 +14,12 @@ No Ray needed (a lent machine may lack its wheel): the explain actor is driven i
    max abs difference of the model inputs (resampling of the decoded image differs: docs/pipeline.md);
 3. bfloat16 / float16 forward against float32: relevance error and speed on vgg16 and resnet50;
 4. the zoo on CUDA (issue 13): ``bench_zoo.py`` over its families, against forward, the input gradient, zennit and
-   lxt where they are installed (carried as wheels: a lent machine has neither).
+   lxt where they are installed (carried as wheels: a lent machine has neither);
+5. would kernel fusion pay on CUDA: the epsilon stabilizer as one Triton kernel against the eager engine, whole calls
+   (``bench_fused_divide.py``; on the 2-core CPU it gave 1.0-1.1x).
 
 Steps run in the order of what is missing most (the decode workers, the zoo with recomputed activations, the
-nvJPEG actors, the decode difference, autocast), so that running out of ``--budget`` skips the least needed.
+nvJPEG actors, the decode difference, autocast, fusion), so that running out of ``--budget`` skips the least needed.
 
     python benchmarks/gpu_check.py --budget 540   # on the GPU machine, from the repository root
     python benchmarks/gpu_check.py --quick    # a CPU smoke run of every step, tiny sizes (a minute or two)
@@ -114,12 +116,15 @@ def main() -> None:
         decoding = ["--images", "64", "--size", "64", "--batch-size", "8", "--threads", "2", "--workers", "1",
                     "--repeats", "1"]
         autocast = ["--models", "resnet18", "--batch", "2", "--size", "64", "--repeats", "1"]
+        fusion = ["--models", "convnext_tiny", "--batch", "1", "--size", "64", "--repeats", "1"]
     else:
         images, model, batch, size, limit, procs = "1024", "resnet50", "64", "224", 70, ["--processes", "2", "4"]
         workers = ["--decode-workers", "4", "8"]
         decoding = ["--images", "1024", "--workers", "4", "8", "12", "--repeats", "2"]
         autocast = ["--device", "cuda", "--batch", "64", "--repeats", "5", "--composites", "epsilon_plus",
                     "epsilon_gamma_box"]
+        fusion = ["--device", "cuda", "--batch", "32", "--repeats", "5", "--models", "convnext_tiny", "maxvit_t",
+                  "swin_t", "resnext50_32x4d"]
     pipeline = ["benchmarks/bench_pipeline.py", "--in-process", "--images", images, "--size", size, "--model", model,
                 "--format", "jpg", "--batch-size", batch, "--cpus-per-actor", cpus]
     zoo = (["--models", "resnext50_32x4d", "vit_b_16", "--batch", "1", "--repeats", "1", "--no-memory"]
@@ -149,6 +154,8 @@ def main() -> None:
          ["benchmarks/gpu_check.py", "--decode-difference", "64" if args.quick else "512", "375", "500", model, batch],
          cap(60))
     step("3. reduced-precision forward: error and speed", ["benchmarks/bench_autocast.py", *autocast], cap(80))
+    step("5. the epsilon stabilizer fused (Triton) against eager", ["benchmarks/bench_fused_divide.py", *fusion],
+         cap(90))
 
 
 if __name__ == "__main__":
