@@ -75,18 +75,28 @@ def engine_relevance(tmp_path: Path, path: str, target: int, **setting) -> tuple
 
 # ---- failures of processes: a FIFO in the dataset holds an actor at a known row --------------------------
 def holders(path: Path) -> list[int]:
-    """Processes (other than this one) with ``path`` open."""
+    """Processes (other than this one) reading ``path``: holding it open read-only.
+
+    Only readers count: a child this process forks to spawn a worker holds a copy of the test's own read-write
+    descriptor of the FIFO until its exec, and killing that child would break a pool the row did not break."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == os.getpid():
             continue
         try:
             for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) and _read_only(f"/proc/{pid}/fdinfo/{fd}"):
                     found.append(int(pid))
+                    break
         except OSError:
             continue
     return found
+
+
+def _read_only(fdinfo: str) -> bool:
+    with open(fdinfo) as info:
+        flags = next(line for line in info if line.startswith("flags:"))
+    return int(flags.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY
 
 
 def wait_for(condition, timeout=60.0):
