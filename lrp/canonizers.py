@@ -9,7 +9,8 @@ passes (:data:`PASSES`, run in order by :class:`lrp.graph.Network`) then rewrite
   ReLU. A BatchNorm that does not directly follow a Conv/Linear (DenseNet's after a concatenation) becomes an
   ``affine`` step (elementwise ``x * s + t``) with its own rule.
 * :func:`mark_nonnegative`: which values cannot be negative by construction (after a ReLU), so rules skip their
-  ``x^-`` branches without a per-batch check.
+  ``x^-`` branches without a per-batch check, and which take both signs (an affine map's output with no rectifier
+  after it), so rules take the signed form without one either.
 
 Residual sums (``a + b``) are ``sum`` steps (a proportional ``Norm`` rule instead of the gradient's copy, which would
 double the relevance); concatenations, chunks and splits are ``structural`` (relevance split back exactly).
@@ -166,17 +167,31 @@ def fold_batchnorms(steps: list) -> None:
 
 
 def mark_nonnegative(steps: list) -> None:
-    """Decide from the graph alone which values cannot be negative, so rules need no per-batch ``(x >= 0).all()``."""
+    """Decide from the graph alone which values cannot be negative, and which take both signs, so that rules check a
+    layer input's sign per batch (``amin``: on a GPU, a host synchronisation each) only where the graph cannot tell.
+
+    Signed: the output of an affine map with no rectifier after it (a BatchNorm-folded Conv or Linear, an unfolded
+    BatchNorm, a LayerNorm, attention), and what pooling, reshapes, sums, scales, shifts, gates and the smooth
+    activations with a negative range (SiLU, GELU, Hardswish, Tanh) make of it. In a trained network such a value has
+    negative entries in every batch, so a check would cost a synchronisation to answer "signed"; where it has none,
+    the signed form gives the same relevance (its x^- terms are zeros), only more slowly. Left unknown, and checked:
+    the model's input (images in [0, 1]) and what the graph cannot see through."""
     keeps_sign = (Kind.MAXPOOL, Kind.AVGPOOL, Kind.IDENTITY, Kind.STRUCTURAL, Kind.SUM)
+    makes_signed = (Kind.LINEAR, Kind.AFFINE, Kind.LAYERNORM, Kind.ATTENTION, Kind.WINDOW_ATTENTION)
+    keeps_signed = (*keeps_sign, Kind.SCALE, Kind.SHIFT, Kind.GATE, Kind.POINTWISE)
     for step in steps:
         inputs = [steps[j] for j in step.inputs]
         step.inputs_nonnegative = bool(inputs) and all(s.nonnegative for s in inputs)
+        step.inputs_signed = any(s.signed for s in inputs)
         step.nonnegative = (
             step.kind == Kind.ACTIVATION
             or (step.kind in keeps_sign and step.inputs_nonnegative)
             or (step.kind == Kind.POINTWISE and _matches(step.target, _NONNEGATIVE_POINTWISE))
             or (step.kind == Kind.GATE and inputs[0].nonnegative)  # gate values are >= 0
         )
+        step.signed = not step.nonnegative and (
+            step.kind in makes_signed
+            or (step.kind in keeps_signed and step.inputs_signed))
 
 
 #: the passes Network runs after tracing, in order

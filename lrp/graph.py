@@ -68,6 +68,8 @@ class Step:
     element: int | None = None  # for a call returning a tuple (chunk, attention): the element this step is
     nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, through pools, reshapes and sums)
     inputs_nonnegative: bool = False  # every tensor input is; rules then skip their x^- branches without a check
+    signed: bool = False  # the output takes both signs: an affine map's, not rectified since (mark_nonnegative)
+    inputs_signed: bool = False  # some tensor input is; rules then take their signed form without a check
 
     def arguments(self, lookup: Callable[[int], Any]) -> tuple[tuple, dict]:
         """The call's positional and keyword arguments with the values of earlier steps filled in."""

@@ -14,10 +14,11 @@ compared with it; ``include_bias=False`` leaves biases out (zennit's ``zero_para
 naive z and alpha-beta conserve relevance exactly: :math:`\sum_i R_i = \sum_j R_j`.
 The stabilizer of each denominator is described in :mod:`lrp.stabilize`.
 
-Fast paths: after a ReLU the inputs are non-negative (known from the graph, see ``Step.inputs_nonnegative``, else
-checked per batch), so the :math:`x^-` terms vanish and z+, gamma and alpha-beta need one (alpha-beta: one
-concatenated) modified affine map instead of two or four; gamma also drops its output-sign masks when no relevance
-reaches neurons with non-positive output (the usual case below a ReLU).
+Fast paths: after a ReLU the inputs are non-negative (known from the graph, see ``Step.inputs_nonnegative``; checked
+per batch only where the graph cannot tell, see :func:`lrp.canonizers.mark_nonnegative`), so the :math:`x^-` terms
+vanish and z+, gamma and alpha-beta need one (alpha-beta: one concatenated) modified affine map instead of two or
+four; gamma also drops its output-sign masks when no relevance reaches neurons with non-positive output (the usual
+case below a ReLU).
 """
 from __future__ import annotations
 
@@ -493,13 +494,17 @@ def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, f
 
 
 def _nonnegative(ctx: StepContext) -> bool:
-    """Whether the layer's input has no negative entry: known from the graph (after a ReLU), else checked.
+    """Whether the layer's input has no negative entry: known from the graph (after a ReLU: yes; an affine map's
+    output not rectified since: no, see :func:`lrp.canonizers.mark_nonnegative`), else checked.
 
     The check is one reduction (``amin``, 20x cheaper on CPU than ``(x >= 0).all()``, which writes a boolean tensor
-    first); a NaN fails it, as it fails ``x >= 0``. Either answer gives the same relevance, the x^- terms of the
-    signed form being exact zeros on a non-negative input; the non-negative form is only faster."""
-    x = ctx.inputs[0]
-    return ctx.step.inputs_nonnegative or x.numel() == 0 or bool(x.amin() >= 0)
+    first), and on a GPU a host synchronisation; a NaN fails it, as it fails ``x >= 0``. Either answer gives the same
+    relevance, the x^- terms of the signed form being exact zeros on a non-negative input; the non-negative form is
+    only faster."""
+    x, step = ctx.inputs[0], ctx.step
+    if step.inputs_nonnegative or x.numel() == 0:
+        return True
+    return not step.inputs_signed and bool(x.amin() >= 0)
 
 
 def bound_image(bound, x: torch.Tensor) -> torch.Tensor:

@@ -509,6 +509,66 @@ def test_a_shift_after_relu_is_not_taken_as_nonnegative():
     assert not any(s.inputs_nonnegative for s in network.steps if s.layer is not None)
 
 
+class _Stacked(nn.Module):
+    """Linear -> an activation -> Linear: what the graph can tell of the second layer's input sign."""
+
+    def __init__(self, middle):
+        super().__init__()
+        self.a, self.b, self.middle = nn.Linear(4, 6), nn.Linear(6, 3), middle
+
+    def forward(self, x):
+        return self.b(self.middle(self.a(x)))
+
+
+@pytest.mark.parametrize("middle, signed", [(nn.Identity(), True), (nn.SiLU(), True), (nn.Tanh(), True),
+                                            (nn.Sigmoid(), False), (nn.ReLU6(), False)])
+def test_an_affine_output_not_rectified_since_is_known_signed_and_needs_no_check(middle, signed):
+    steps = [s for s in lrp.Explainer(_Stacked(middle), "epsilon_plus").network.steps if s.layer is not None]
+    assert [s.inputs_signed for s in steps] == [False, signed]  # the model's input stays unknown: checked
+    assert not any(s.inputs_signed and s.inputs_nonnegative for s in steps)
+
+
+def test_a_signed_input_that_happens_to_be_nonnegative_gives_the_checked_relevance():
+    """The graph's "signed" skips the check; on a batch with no negative entry the signed form must still give the
+    relevance of the non-negative form (its x^- terms are zeros)."""
+    torch.manual_seed(0)
+    model = _Stacked(nn.Identity()).double()
+    with torch.no_grad():
+        model.a.weight.abs_(), model.a.bias.abs_()  # a non-negative input gives a non-negative hidden layer
+    x, target = torch.rand(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    explainer = lrp.Explainer(model, "epsilon_plus", recompute=False)
+    second = next(s for s in explainer.network.steps if s.name == "b")
+    assert second.inputs_signed
+    signed = explainer(x, target)
+    second.inputs_signed = False  # checked instead: amin >= 0, the non-negative form
+    checked = explainer(x, target)
+    torch.testing.assert_close(signed, checked, rtol=1e-12, atol=1e-14)
+
+
+def test_the_zoo_checks_only_the_model_input_sign_per_batch():
+    """Each per-batch sign check is a host synchronisation on a GPU; these families had 17-48 per call."""
+    torchvision = pytest.importorskip("torchvision")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.count += func.overloadpacket.__name__ == "_local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+
+    for name in ("mobilenet_v3_small", "shufflenet_v2_x0_5"):
+        torch.manual_seed(0)
+        explainer = lrp.Explainer(getattr(torchvision.models, name)().eval(), "epsilon_plus")
+        checked = [s.name for s in explainer.network.steps
+                   if s.layer is not None and not s.inputs_nonnegative and not s.inputs_signed]
+        assert len(checked) == 1, (name, checked)  # the first layer, on the model's input
+        Syncs.count = 0
+        with Syncs():
+            explainer(torch.randn(1, 3, 64, 64), torch.tensor([3]))
+        assert Syncs.count <= 2, name  # that check and the target check
+
+
 def test_tf32_switch_is_accepted_and_changes_nothing_on_cpu(model, x):
     full = lrp.Explainer(model, "epsilon_gamma_box", low=-3.0, high=3.0)(x, 1).relevance
     rough = lrp.Explainer(model, "epsilon_gamma_box", low=-3.0, high=3.0, tf32=True)(x, 1).relevance
