@@ -20,7 +20,9 @@ CUDA the peak allocated memory of one call, in this process.
 ``--census`` times nothing: it counts what one call dispatches (ATen operators other than views, each at least one
 kernel launch on a GPU) and the bytes those operators read and write (their tensor arguments and results), a
 device-free account of launch count and memory traffic, the two things that set a GPU's time on the elementwise
-parts of an explanation. Deterministic, so it can be compared across commits on any machine.
+parts of an explanation, and the host synchronisations among them (a tensor read as a Python number, or a result
+whose shape depends on the values: each drains a GPU's launch queue). Deterministic, so it can be compared across
+commits on any machine.
 """
 from __future__ import annotations
 
@@ -183,18 +185,23 @@ def _child_memory(name: str, args) -> dict:
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select",
           "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "_reshape_alias", "lift_fresh",
           "_local_scalar_dense"}
+# operators whose result the host must wait for on a GPU: a tensor read as a Python number, or an output whose shape
+# depends on the values (each one a device synchronisation that drains the launch queue)
+_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
 
 
 class _Census(TorchDispatchMode):
-    """Counts the non-view operators dispatched inside it, and the bytes of their tensor arguments and results."""
+    """Counts the non-view operators dispatched inside it, the bytes of their tensor arguments and results, and the
+    host synchronisations (``_SYNCS``) among them."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.bytes = 0, 0
+        self.ops, self.bytes, self.syncs = 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        self.syncs += name in _SYNCS
         if name not in _VIEWS:
             self.ops += 1
             # new_full, zeros_like and the like read only their argument's shape
@@ -216,17 +223,19 @@ def census(name: str, args, device: torch.device) -> list[tuple]:
         _measure(fn, context, None)
         with _Census() as counted:
             _measure(fn, context, None)
-        rows.append((method, counted.ops, counted.bytes / 1e9))
+        rows.append((method, counted.ops, counted.bytes / 1e9, counted.syncs))
     return rows
 
 
 def print_census(name: str, rows):
     base = next(row for row in rows if row[0] == BASE)
     print(f"\n{name}")
-    print(f"| {'method':<46} | {'operators':>9} | {'/ fwd+grad':>10} | {'GB moved':>8} | {'/ fwd+grad':>10} |")
-    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 12}|")
-    for method, ops, moved in rows:
-        print(f"| {method:<46} | {ops:>9} | {ops / base[1]:>9.2f}x | {moved:>8.3f} | {moved / base[2]:>9.2f}x |")
+    print(f"| {'method':<46} | {'operators':>9} | {'/ fwd+grad':>10} | {'GB moved':>8} | {'/ fwd+grad':>10} "
+          f"| {'host syncs':>10} |")
+    print(f"|{'-' * 48}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 12}|{'-' * 12}|")
+    for method, ops, moved, syncs in rows:
+        print(f"| {method:<46} | {ops:>9} | {ops / base[1]:>9.2f}x | {moved:>8.3f} | {moved / base[2]:>9.2f}x "
+              f"| {syncs:>10} |")
     sys.stdout.flush()
 
 

@@ -542,7 +542,7 @@ def test_a_signed_input_that_happens_to_be_nonnegative_gives_the_checked_relevan
     signed = explainer(x, target)
     second.inputs_signed = False  # checked instead: amin >= 0, the non-negative form
     checked = explainer(x, target)
-    torch.testing.assert_close(signed, checked, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(signed.relevance, checked.relevance, rtol=1e-12, atol=1e-14)
 
 
 def test_the_zoo_checks_only_the_model_input_sign_per_batch():
