@@ -9,7 +9,9 @@ give the same map (the twins of ``tests/helpers/zoo_twins.py``: residual sums as
 scales, checked equal to ours in tests/test_lrp_zoo_zennit.py), and on ViT ours against lxt with the same relevance
 (tests/test_lrp_vit_lxt.py: the ``z`` composite with the position embedding as a bias, CP-LRP or AttnLRP attention);
 where lxt is not installed, against its rules rebuilt in tests/helpers/lxt_recipe.py ("lxt-recipe": the same patched
-torch model, so the same arithmetic; checked equal to ours in that test).
+torch model, so the same arithmetic; checked equal to ours in that test). Where the graph knows some layer inputs to
+be signed, "sign checked per batch" is ours as it was before it knew (an ``amin`` check per such layer, a host
+synchronisation each on CUDA), side by side with the engine as it is.
 Times are medians of ``--repeats`` interleaved rounds after a warm-up (``bench_engine.Timer``), in this process with
 the allocator as every user has it. Memory is the peak resident set size above the resident size before one call
 (Linux ``/proc/self/clear_refs``), measured in a child process (``--memory-only``) whose glibc mmap threshold is fixed
@@ -98,6 +100,12 @@ def methods(name: str, model, x, target, device) -> dict:
     found["ours epsilon_plus"] = (lambda: ours(x, target), None)
     keeping = lrp.Explainer(model, "epsilon_plus", recompute=False)
     found["ours epsilon_plus, recompute=False"] = (lambda: keeping(x, target), None)
+    checking = lrp.Explainer(model, "epsilon_plus")
+    signed = [s for s in checking.network.steps if s.layer is not None and s.inputs_signed]
+    if signed:  # the engine before the graph knew signed values: a per-batch amin (a sync on CUDA) per such layer
+        for step in signed:
+            step.inputs_signed = False
+        found["ours epsilon_plus, sign checked per batch"] = (lambda: checking(x, target), None)
     if name in ZENNIT:
         from helpers.zennit_reference import zennit_composite
         from helpers.zoo_twins import module_pools, with_twin_rules, zennit_twin
