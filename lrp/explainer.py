@@ -132,7 +132,9 @@ class Explainer:
         batch, classes = logits.shape
         if target is None:  # explain the prediction
             return logits.argmax(1)
-        target = torch.as_tensor(target, device=logits.device)
+        # checked where it lives: targets from the host (ints, lists, numpy, CPU tensors: a pipeline's labels) are
+        # checked there and then copied without waiting; a device tensor's check is a host synchronisation
+        target = torch.as_tensor(target)
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError("target must hold integer class indices")
         target = target.long().reshape(-1)
@@ -142,7 +144,9 @@ class Explainer:
             raise ValueError(f"target has {target.numel()} entries for a batch of {batch}")
         if bool(((target < 0) | (target >= classes)).any()):
             raise ValueError(f"target {target.tolist()} outside the model's {classes} classes (0..{classes - 1})")
-        return target
+        # pageable host memory is staged at once, so the copy need not wait; a pinned tensor the caller still owns
+        # would be read later by the device, so that copy waits
+        return target.to(logits.device, non_blocking=not target.is_pinned())
 
     # -- the backward walk --------------------------------------------------------------------------------------
     def _backward(self, values: list, seed: torch.Tensor, composite: Composite) -> torch.Tensor:

@@ -3,7 +3,7 @@
 One actor per GPU (or per ``cpus_per_actor`` CPUs). A task is one shard of the store (or, while a shard that
 kills its actor is bisected, a part of one): the actor decodes the shard's images a bounded window ahead of the
 model (:class:`pipeline.batches.ShardReader`), explains them batch by batch with every configured setting
-(:func:`explain_batch`, a pure function of the model and the batch), and writes the shard to each group itself
+(:func:`explain_batch`, a pure function of the explainers and the batch), and writes the shard to each group itself
 (:class:`ShardBuffers`): the driver never touches pixels or relevance.
 
 The stages overlap: a thread stages the next batches (:class:`pipeline.prefetch.Ahead`: decode, preprocessing,
@@ -196,7 +196,7 @@ class ExplainActor:
             fallbacks += staged.fallbacks
             if staged.x is None:
                 continue
-            explained = explain_batch(self.model, explainers, staged.x, buffers.target[staged.batch.rows],
+            explained = explain_batch(explainers, staged.x, buffers.target[staged.batch.rows],
                                       job.target_mode == "prediction", job.config.per_channel)
             buffers.add(staged.batch, explained)
         return fallbacks
@@ -213,25 +213,31 @@ class Explained(NamedTuple):
     channels: dict[str, np.ndarray] | None  # (B, C, H, W) float32 with per_channel
 
 
-def explain_batch(model: torch.nn.Module, explainers: dict[str, lrp.Explainer], x: torch.Tensor,
-                  target: np.ndarray, predict: bool, per_channel: bool) -> Explained:
-    """Explain a batch with every explainer; ``predict``: the targets are the model's predictions."""
-    if predict:
-        with torch.no_grad():
-            target = model(x).argmax(1).cpu().numpy()
-    batch_target = torch.as_tensor(np.asarray(target, np.int64), device=x.device)
-    relevance, sums, outputs, channels, prediction = {}, {}, {}, {} if per_channel else None, None
+def explain_batch(explainers: dict[str, lrp.Explainer], x: torch.Tensor, target: np.ndarray, predict: bool,
+                  per_channel: bool) -> Explained:
+    """Explain a batch with every explainer; ``predict``: the targets are the model's predictions, those of the
+    first explainer's forward pass (no forward pass of their own).
+
+    Nothing is read back to the host until every explainer has been queued: on a GPU the device then runs the
+    settings back to back, and the targets (host arrays, checked and copied by the explainer without waiting) add no
+    synchronisation either."""
+    batch_target = None if predict else torch.as_tensor(np.asarray(target, np.int64))
+    on_device, prediction = {}, None
     for name, explainer in explainers.items():
         result = explainer(x, batch_target)
-        maps = result.relevance
-        relevance[name] = maps.sum(1).float().cpu().numpy()
-        sums[name] = maps.double().flatten(1).sum(1).cpu().numpy()
-        outputs[name] = result.output.double().cpu().numpy()
-        if per_channel:
-            channels[name] = maps.float().cpu().numpy()
+        if batch_target is None:
+            batch_target = result.target
         if prediction is None:
-            prediction = result.logits.argmax(1).cpu().numpy()
-    return Explained(np.asarray(target, np.int64), prediction, relevance, sums, outputs, channels)
+            prediction = result.logits.argmax(1)
+        maps = result.relevance
+        on_device[name] = (maps.sum(1).float(), maps.double().flatten(1).sum(1), result.output.double(),
+                           maps.float() if per_channel else None)
+    host = {name: [None if t is None else t.cpu().numpy() for t in tensors] for name, tensors in on_device.items()}
+    prediction = prediction.cpu().numpy()
+    return Explained(prediction if predict else np.asarray(target, np.int64), prediction,
+                     {name: h[0] for name, h in host.items()}, {name: h[1] for name, h in host.items()},
+                     {name: h[2] for name, h in host.items()},
+                     {name: h[3] for name, h in host.items()} if per_channel else None)
 
 
 class ShardBuffers:

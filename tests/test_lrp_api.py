@@ -75,6 +75,9 @@ def test_int_and_tensor_targets(model, x):
         torch.testing.assert_close(per_row.relevance[row:row + 1], alone.relevance, rtol=1e-5, atol=1e-7)
     same = explainer(x, 2)
     assert torch.equal(same.relevance, explainer(x, torch.tensor(2)).relevance)
+    # host targets (a pipeline's labels) are checked on the host and copied to the model's device
+    for host in ([4, 0, 2], np.array([4, 0, 2]), np.array([4, 0, 2], np.int32)):
+        assert torch.equal(explainer(x, host).relevance, per_row.relevance)
     assert torch.equal(same.relevance, explainer(x, torch.tensor([2, 2, 2])).relevance)
 
 
@@ -84,6 +87,8 @@ def test_int_and_tensor_targets(model, x):
     (-1, ValueError, "outside the model's 5 classes"),
     (torch.tensor([0, 1, 7]), ValueError, "outside"),
     (torch.tensor([0, 1]), ValueError, "2 entries for a batch of 3"),
+    (np.array([0, 1, 5]), ValueError, r"\[0, 1, 5\] outside the model's 5 classes"),
+    ([0, -2, 1], ValueError, "outside"),
     (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer class indices"),
     (1.5, TypeError, "integer class indices"),
     (True, TypeError, "integer class indices"),

@@ -78,3 +78,21 @@ def test_zoo_conserves_in_float64_without_biases(name):
 def test_layernorm_model_conserves_up_to_its_centred_denominators():
     # ConvNeXt: LayerNorm conserves analytically; its denominators are centred values, some near zero (measured 4e-6)
     assert _conservation("convnext_tiny", lrp.make_composite("z", include_bias=False)) < 1e-4
+
+
+@pytest.mark.parametrize("name", [_param(name) for name in ZOO])
+def test_zoo_explains_on_the_meta_device_reading_nothing_back(name):
+    """A GPU host waits for the device at every value it reads back (a sign check, ``.item()``, a value-dependent
+    shape), which drains the queue of kernels; on the meta device every such read raises. With host targets and the
+    model input's sign given, epsilon_plus explains every model without one: the model input's check, once per
+    call, is the only one the graph cannot answer."""
+    model, size = build(name, meta=True)
+    explainer = lrp.Explainer(model, "epsilon_plus")
+    unknown = [s for s in explainer.network.steps
+               if s.layer is not None and not s.inputs_nonnegative and not s.inputs_signed]
+    assert len(unknown) <= 1, [s.name for s in unknown]  # only the first layer, on the model's input
+    for step in unknown:
+        step.inputs_signed = True
+    x = torch.empty(2, 3, size, size, device="meta")
+    result = explainer(x, [1, 3])
+    assert result.relevance.shape == x.shape and result.relevance.device.type == "meta"

@@ -13,8 +13,23 @@ ZOO = torchvision.models.list_models(module=torchvision.models)
 REFUSED: dict[str, str] = {}
 
 
-def build(name: str, seed: int = 0) -> tuple[nn.Module, int]:
-    """A random-init model with 10 classes in eval mode and the side of the smallest input it takes cheaply."""
+def build(name: str, seed: int = 0, meta: bool = False) -> tuple[nn.Module, int]:
+    """A random-init model with 10 classes in eval mode and the side of the smallest input it takes cheaply.
+
+    ``meta``: on PyTorch's meta device (shapes, no data: nothing is computed, and any read of a value, ``.item()`` or
+    a value-dependent shape, raises); built there directly where the constructor allows it (RegNet's reads its
+    width schedule back as numbers, so it is built on the CPU and moved)."""
+    if meta:
+        try:
+            with torch.device("meta"):
+                return _build(name, seed, fix_zeros=False)
+        except NotImplementedError:  # "Cannot copy out of meta tensor": a constructor that reads values
+            model, size = _build(name, seed, fix_zeros=False)
+            return model.to("meta"), size
+    return _build(name, seed)
+
+
+def _build(name: str, seed: int, fix_zeros: bool = True) -> tuple[nn.Module, int]:
     kwargs, size = {"num_classes": 10}, 64
     if name.startswith("vit"):
         size = kwargs["image_size"] = 28 if name.endswith("14") else 32
@@ -27,6 +42,8 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    if not fix_zeros:
+        return model, size
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.numel() > 1 and not parameter.abs().gt(0).any():
