@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Aggregate a relevance store: class-average heatmaps, conserving region pools, "
                     "context usage and bias flags (Parquet tables + a Zarr group of heatmaps).")
     parser.add_argument("store", help="the relevance store (local path or fsspec URL) written by 'lrp-audit explain'")
-    parser.add_argument("--out", help="output directory (default: beside the store, STORE.aggregates)")
+    parser.add_argument("--out", help="output directory (default: STORE without .zarr + .aggregates)")
     parser.add_argument("--group", action="append", dest="groups", metavar="NAME",
                         help="explanation group to aggregate (repeatable; default: all)")
     parser.add_argument("--grid", default="3x1", help="region pools as ROWSxCOLS (default 3x1: top/middle/bottom)")

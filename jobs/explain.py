@@ -72,7 +72,7 @@ def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None =
     run.add_argument("--store", help=store_help or "output Zarr store: path or fsspec URL (s3://...)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
     run.add_argument("--batch-size", type=int)
-    run.add_argument("--num-actors", type=int, help="default: one per GPU, else CPUs / --cpus-per-actor")
+    run.add_argument("--num-actors", type=int, help="default: --actors-per-gpu per GPU, else CPUs / --cpus-per-actor")
     run.add_argument("--actors-per-gpu", type=int,
                      help="actor processes sharing each GPU (default 1; 2-4 keep a fast GPU busy, memory allowing)")
     run.add_argument("--cpus-per-actor", type=int)

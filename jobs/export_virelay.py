@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", help="the relevance store (path or fsspec URL)")
     p.add_argument("out", help="local output folder for the ViRelAy project")
-    p.add_argument("--spray", metavar="DIR", help="folder holding spray/ (default: STORE.aggregates)")
+    p.add_argument("--spray", metavar="DIR", help="folder holding spray/ (default: STORE without .zarr + .aggregates)")
     p.add_argument("--group", action="append", dest="groups", metavar="NAME",
                    help="explanation group (repeatable; default: every group SpRAy ran on)")
     p.add_argument("--classes", type=int, nargs="+", metavar="C", help="export only these target classes")

@@ -1,6 +1,6 @@
 """``lrp-audit report STORE``: render the self-contained HTML audit report of a relevance store.
 
-Reads the store's aggregates (``STORE.aggregates``, computed with Dask when missing) and writes one HTML
+Reads the store's aggregates (``STORE` without `.zarr` + `.aggregates`: `runs/voc.aggregates``, computed with Dask when missing) and writes one HTML
 file with every image embedded::
 
     lrp-audit report runs/voc.zarr                                  # -> runs/voc.report.html
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a second store of the same dataset explained with another model: shown side by side")
     p.add_argument("--out", help="output HTML file (default: STORE without .zarr + .report.html)")
     p.add_argument("--group", help="the explanation group the report leads with (default: the store's first)")
-    p.add_argument("--aggregates", help="aggregates folder of STORE (default: STORE.aggregates)")
+    p.add_argument("--aggregates", help="aggregates folder of STORE (default: STORE without .zarr + .aggregates)")
     p.add_argument("--compare-aggregates", help="aggregates folder of STORE2 (default: STORE2.aggregates)")
     p.add_argument("--evaluation", metavar="DIR",
                    help="results of 'lrp-audit evaluate' to show "

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         "prediction strategies, e.g. a watermark in any corner. Writes OUT/spray/*.parquet and "
         "OUT/spray/arrays.zarr (docs/spray.md)."))
     p.add_argument("store", help="the relevance store (local path or fsspec URL) written by 'lrp-audit explain'")
-    p.add_argument("--out", help="output directory (default: beside the store, STORE.aggregates)")
+    p.add_argument("--out", help="output directory (default: STORE without .zarr + .aggregates)")
     p.add_argument("--group", action="append", dest="groups", metavar="NAME",
                    help="explanation group (repeatable; default: all)")
     p.add_argument("--classes", type=int, nargs="+", metavar="C", help="target classes to analyse (default: all)")

@@ -5,6 +5,7 @@ fsspec state_dict file (loaded with ``weights_only=True``: a checkpoint cannot r
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import io
@@ -41,7 +42,7 @@ class ModelSpec:
             raise ModelError("set exactly one of model.name (a torchvision model, e.g. resnet50) "
                              "and model.factory ('package.module:function')")
         if self.name and self.name not in torchvision.models.list_models():
-            close = [m for m in torchvision.models.list_models() if self.name.lower()[:3] in m][:8]
+            close = difflib.get_close_matches(self.name.lower(), torchvision.models.list_models(), n=8, cutoff=0.6)
             raise ModelError(f"unknown torchvision model {self.name!r}" + (f"; did you mean one of {close}?" if close
                              else "; see torchvision.models.list_models()"))
         if self.factory and ":" not in self.factory:

@@ -178,8 +178,10 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(ray_cluster, tmp_path):
 # ---- configuration errors: all before any work --------------------------------------------------------
 def test_config_errors_name_the_fix(tmp_path):
     source = manifest(tmp_path, 3)
-    with pytest.raises(ConfigError, match="unknown torchvision model 'resnet5'"):
+    with pytest.raises(ConfigError, match=r"unknown torchvision model 'resnet5'; did you mean one of \['resnet50'"):
         config_from_dict(values(tmp_path, source, model={"name": "resnet5"}))
+    with pytest.raises(ConfigError, match=r"did you mean one of \['efficientnet_b0'"):
+        config_from_dict(values(tmp_path, source, model={"name": "efficientnetb0"}))
     with pytest.raises(ConfigError, match="is not an existing file"):
         plan_run(config_from_dict(values(tmp_path, source, model={"factory": FACTORY, "weights": "nope.pt"})))
     with pytest.raises(ConfigError, match="class count mismatch: the model has 5 outputs .* 3 classes"):
