@@ -1,7 +1,7 @@
 """``lrp-audit report STORE``: render the self-contained HTML audit report of a relevance store.
 
-Reads the store's aggregates (``STORE` without `.zarr` + `.aggregates`: `runs/voc.aggregates``, computed with Dask when missing) and writes one HTML
-file with every image embedded::
+Reads the store's aggregates (``runs/voc.aggregates`` for ``runs/voc.zarr``, computed with Dask when missing) and
+writes one HTML file with every image embedded::
 
     lrp-audit report runs/voc.zarr                                  # -> runs/voc.report.html
     lrp-audit report runs/caffenet.zarr --compare runs/googlenet.zarr --out compare.html
