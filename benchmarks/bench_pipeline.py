@@ -126,7 +126,8 @@ def run_values(args, root: Path, **extra) -> dict:
         "model": {"name": args.model, "kwargs": {"num_classes": 10}},
         "preprocess": {"resize": args.size, "pad_to_square": True},
         "explanations": [args.composite], "tf32": args.tf32, "decode": args.decode, "autocast": args.autocast,
-        "batch_size": args.batch_size, "rows_per_shard": 4 * args.batch_size, "progress": False, **extra,
+        "batch_size": args.batch_size, "rows_per_shard": 4 * args.batch_size, "progress": False,
+        "targets": args.targets, **extra,
     }
 
 
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="one explain actor in this process (GPU if any) instead of the Ray job")
     parser.add_argument("--cpus-per-actor", type=int, help="with --in-process: the actor's decoding threads (<= 4)")
+    parser.add_argument("--targets", choices=["label", "prediction"], default="label",
+                        help="what the job explains (the bare engine always explains the labels)")
     parser.add_argument("--tf32", action="store_true", help="GPU: TF32 convolutions for engine and actor")
     parser.add_argument("--decode", choices=["cpu", "auto"], default="cpu", help="the actors' decode option "
                         "(auto: nvJPEG on a GPU actor; the bare engine's inputs are always decoded on the CPU)")
@@ -340,7 +343,7 @@ def main_in_process(args, cpus: int, config_from_dict) -> None:
     print(f"device: {name}, torch {torch.__version__}, TF32 {'on' if args.tf32 else 'off'}, decode {args.decode}, "
           f"autocast {args.autocast or 'off'}")
     height, width = _image_size(args)
-    print(f"{args.images} {args.format} images {width}x{height} -> {args.size}x{args.size}, "
+    print(f"{args.images} {args.format} images {width}x{height} -> {args.size}x{args.size}, targets {args.targets}, "
           f"{args.model}, {args.composite}, batch {args.batch_size}, decoding threads "
           f"{min(4, max(2, values['cpus_per_actor']))}")
     print(f"| {'what':<52} | {'images/s':>9} | {'vs engine':>9} |")
