@@ -225,19 +225,18 @@ def explain_batch(explainers: dict[str, lrp.Explainer], x: torch.Tensor, target:
     on_device, prediction = {}, None
     for name, explainer in explainers.items():
         result = explainer(x, batch_target)
-        if batch_target is None:
-            batch_target = result.target
-        if prediction is None:
+        if prediction is None:  # the first explainer's forward pass
             prediction = result.logits.argmax(1)
+            if predict:
+                batch_target = prediction  # what the explainer explained for target None
         maps = result.relevance
         on_device[name] = (maps.sum(1).float(), maps.double().flatten(1).sum(1), result.output.double(),
                            maps.float() if per_channel else None)
-    host = {name: [None if t is None else t.cpu().numpy() for t in tensors] for name, tensors in on_device.items()}
+    relevance, sums, outputs, channels = ({name: None if t is None else t.cpu().numpy() for name, t in
+                                           zip(on_device, column)} for column in zip(*on_device.values()))
     prediction = prediction.cpu().numpy()
-    return Explained(prediction if predict else np.asarray(target, np.int64), prediction,
-                     {name: h[0] for name, h in host.items()}, {name: h[1] for name, h in host.items()},
-                     {name: h[2] for name, h in host.items()},
-                     {name: h[3] for name, h in host.items()} if per_channel else None)
+    return Explained(prediction if predict else np.asarray(target, np.int64), prediction, relevance, sums, outputs,
+                     channels if per_channel else None)
 
 
 class ShardBuffers:
