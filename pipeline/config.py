@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .config_types import check_types
 from .models import ModelError, ModelSpec
 from .preprocess import PreprocessSpec
 
@@ -54,10 +55,15 @@ class ExplanationSetting:
     name: str | None = None
 
     def __post_init__(self):
+        if not isinstance(self.composite, str) or not isinstance(self.params, dict):
+            raise ConfigError(f"explanation {self.composite!r} {self.params!r}: 'composite' must be a composite "
+                              "name and its parameters a mapping")
         if not self.name:
             self.name = self.composite + "".join(f"_{key}={value}" for key, value in sorted(self.params.items()))
-        if "/" in self.name:
-            raise ConfigError(f"explanation name {self.name!r} must not contain '/'")
+        if not isinstance(self.name, str) or "/" in self.name or self.name in (".", "..") \
+                or self.name.startswith("__"):
+            raise ConfigError(f"explanation name {self.name!r} cannot name a store group: use a string without '/', "
+                              "not '.' or '..', not starting with '__'")
 
     def to_dict(self) -> dict[str, Any]:
         return {"composite": self.composite, **self.params}
@@ -77,12 +83,15 @@ class ExplanationSetting:
                 params[key.strip()] = yaml.safe_load(text)
             return cls(composite.strip(), params)
         if isinstance(value, dict):
-            value = dict(value)
+            given, value = value, dict(value)
             if "composite" not in value:
                 raise ConfigError(f"explanation {value} needs a 'composite' key (e.g. composite: epsilon)")
             name = value.pop("name", None)
             composite = value.pop("composite")
-            params = dict(value.pop("params", {}) or {})
+            params = value.pop("params", {}) or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"explanation {given}: 'params' must be a mapping, got {params!r}")
+            params = dict(params)
             params.update(value)
             return cls(composite, params, name)
         raise ConfigError(f"explanation {value!r} must be a mapping or 'composite:key=value,...'")
@@ -173,6 +182,7 @@ def _build(cls, values: dict, where: str):
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
     try:
+        check_types(cls, values)
         return cls(**values)
     except (ModelError, ValueError, TypeError) as error:
         raise ConfigError(f"{where}: {error}") from error
@@ -184,14 +194,14 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     for key in ("dataset", "model", "store"):
         if not values.get(key):
             raise ConfigError(f"the config needs '{key}' (see docs/pipeline.md for an example)")
-    dataset = values["dataset"]
-    dataset = {"source": dataset} if isinstance(dataset, str) else dict(dataset)
-    values["dataset"] = _build(DatasetSpec, dataset, "dataset")
-    model = values["model"]
-    values["model"] = _build(ModelSpec, {"name": model} if isinstance(model, str) else dict(model), "model")
-    preprocess = dict(values.get("preprocess") or {})
+    dataset, model = values["dataset"], values["model"]
+    values["dataset"] = _build(DatasetSpec, _section(dataset, "dataset", "source"), "dataset")
+    values["model"] = _build(ModelSpec, _section(model, "model", "name"), "model")
+    preprocess = _section(values.get("preprocess") or {}, "preprocess")
     from_weights = preprocess.pop("from_weights", values.get("preprocess_from_weights", False))
-    values["preprocess_from_weights"] = bool(from_weights)
+    if not isinstance(from_weights, bool):
+        raise ConfigError(f"preprocess.from_weights must be true or false, got {from_weights!r}")
+    values["preprocess_from_weights"] = from_weights
     if values["preprocess_from_weights"]:
         from .models import weights_enum
 
@@ -200,6 +210,7 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
             raise ConfigError("preprocess.from_weights needs model.name with torchvision weights "
                               "(e.g. weights: DEFAULT)")
         try:
+            check_types(PreprocessSpec, preprocess)
             values["preprocess"] = PreprocessSpec.from_weights(enum, **preprocess)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"preprocess: {error}") from error
@@ -210,16 +221,43 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     if "explanations" in values:
         settings = values["explanations"]
         settings = [settings] if isinstance(settings, (str, dict)) else settings
+        if not isinstance(settings, (list, tuple)):
+            raise ConfigError(f"explanations must be a list of settings (e.g. [{{composite: epsilon}}]), "
+                              f"got {settings!r}")
         values["explanations"] = [ExplanationSetting.parse(s) for s in settings]
-    if isinstance(values.get("classes"), (str, int)):
-        values["classes"] = [c.strip() for c in str(values["classes"]).split(",")]
-    values["classes"] = [int(c) if str(c).lstrip("-").isdigit() else c for c in values.get("classes", []) or []]
+    values["classes"] = _classes(values.get("classes"))
     config = _build(RunConfig, values, "config")
     try:
         config.preprocess.output_size()
     except ValueError as error:
         raise ConfigError(f"preprocess: {error}") from error
     return config
+
+
+def _section(value, key: str, shorthand: str | None = None) -> dict:
+    """A config section as a mapping; ``dataset: data/voc`` and ``model: resnet50`` are shorthand for one key."""
+    if shorthand and isinstance(value, str):
+        return {shorthand: value}
+    if not isinstance(value, dict):
+        example = f"a string ({shorthand}) or " if shorthand else ""
+        raise ConfigError(f"{key} must be {example}a mapping of keys, got {value!r}")
+    return dict(value)
+
+
+def _classes(value) -> list[int | str]:
+    """``targets: classes`` as indices or names: ``"3,dog"``, ``[3, "dog"]``; digit strings are indices."""
+    if value is None:
+        return []
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [c.strip() for c in str(value).split(",")]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"classes must be a list of class indices or names, got {value!r}")
+    classes = []
+    for c in value:
+        if isinstance(c, bool) or not isinstance(c, (int, str)):
+            raise ConfigError(f"classes: {c!r} is neither a class index (an integer) nor a class name (a string)")
+        classes.append(int(c) if str(c).lstrip("-").isdigit() else c)
+    return classes
 
 
 def load_yaml(path: str) -> dict[str, Any]:

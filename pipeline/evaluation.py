@@ -32,6 +32,7 @@ import torch
 
 from .actors import claim_cpus
 from .batches import Sample, ShardReader
+from .config_types import check_types
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
 from .dispatch import Part, ShardPool
@@ -139,8 +140,10 @@ def config_from_values(values: dict[str, Any]) -> EvaluationConfig:
         raise ConfigError(f"unknown key(s) {unknown} in evaluation; known keys: "
                           f"{sorted(known + ['out', 'sample_size', 'reductions'])}")
     try:
+        check_types(PerturbationSpec, section)
+        check_types(EvaluationConfig, {"sample_size": sample_size})
         spec = PerturbationSpec(**section)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"evaluation: {error}") from None
     return EvaluationConfig(run, str(out), spec, None if sample_size is None else int(sample_size), reductions)
 

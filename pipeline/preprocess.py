@@ -21,10 +21,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _size(value) -> list[int] | None:
+def _size(value, key: str) -> list[int] | None:
+    """An int or [h, w] as a list of one or two positive ints; anything else (a string, 2.5, [[2]]) is refused."""
     if value is None:
         return None
-    return [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
+    sizes = [value] if isinstance(value, (int, np.integer)) else value
+    if (not isinstance(sizes, (list, tuple)) or len(sizes) not in (1, 2)
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in sizes)):
+        raise ValueError(f"preprocess.{key} must be a positive integer or [height, width], got {value!r}")
+    return [int(v) for v in sizes]
 
 
 @dataclass
@@ -36,15 +41,15 @@ class PreprocessSpec:
     ``mean``/``std``: normalization after scaling to [0, 1].
     """
 
-    resize: list[int] | None = None
-    center_crop: list[int] | None = None
+    resize: int | list[int] | None = None  # an int is kept as [int]
+    center_crop: int | list[int] | None = None
     pad_to_square: bool = False
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        self.resize, self.center_crop = _size(self.resize), _size(self.center_crop)
+        self.resize, self.center_crop = _size(self.resize, "resize"), _size(self.center_crop, "center_crop")
         self.mean, self.std = [float(v) for v in self.mean], [float(v) for v in self.std]
         self.pad_to_square = bool(self.pad_to_square)
         try:

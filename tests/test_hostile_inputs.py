@@ -223,3 +223,53 @@ def test_a_setting_that_fails_on_the_first_batch_fails_in_planning(tmp_path):
     """epsilon_gamma_box with a 2-channel box on 3-channel images builds, and fails only when it runs."""
     refused(tmp_path, manifest(tmp_path, 2), r"explanation 'box' fails on a 2x3x16x16 zero batch .*before any actor",
             explanations=[{"name": "box", "composite": "epsilon_gamma_box", "low": [-1, -1], "high": [1, 1]}])
+
+
+# ---- values of the wrong type in a YAML config: refused with the key, never coerced -----------------------------
+WRONG_TYPES = {  # case -> (overrides of the test config, what the error says)
+    "resize as a quoted string": ({"preprocess": {"resize": "32"}}, r"preprocess: resize must be an integer or a "
+                                  r"list of integers or unset, got the string '32' \(in YAML, drop the quotes\)"),
+    "a quoted boolean": ({"per_channel": "false"}, "per_channel must be true or false, got the string 'false'"),
+    "tf32 as a word": ({"tf32": "no"}, "tf32 must be true or false"),
+    "from_weights as a string": ({"preprocess": {"from_weights": "yes"}}, "from_weights must be true or false"),
+    "a fractional class": ({"targets": "classes", "classes": [1.5]}, "1.5 is neither a class index"),
+    "explanations as a number": ({"explanations": 5}, "explanations must be a list of settings"),
+    "dataset as a list": ({"dataset": ["a", "b"]}, "dataset must be a string .source. or a mapping"),
+    "preprocess as a list": ({"preprocess": [16]}, "preprocess must be a mapping"),
+    "weights as a number": ({"model": {"factory": FACTORY, "weights": 5}}, "model: weights must be a string"),
+    "seed as a word": ({"model": {"factory": FACTORY, "seed": "x"}}, "model: seed must be an integer"),
+    "rows_per_shard quoted": ({"rows_per_shard": "2"}, "rows_per_shard must be an integer, got the string '2'"),
+    "a fractional batch size": ({"batch_size": 2.5}, r"batch_size must be an integer, got 2.5 \(float\)"),
+    "mean as a string": ({"preprocess": {"resize": 16, "pad_to_square": True, "mean": "0.5"}},
+                         "mean must be a list of numbers"),
+    "explanation named '.'": ({"explanations": [{"composite": "epsilon", "name": "."}]}, "cannot name a store group"),
+    "explanation named '..'": ({"explanations": [{"composite": "epsilon", "name": ".."}]}, "cannot name a store group"),
+    "a composite that is a number": ({"explanations": [{"composite": 5}]}, "'composite' must be a composite name"),
+    "params as a list": ({"explanations": [{"composite": "epsilon", "params": [1]}]}, "'params' must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TYPES))
+def test_a_value_of_the_wrong_type(tmp_path, case):
+    overrides, match = WRONG_TYPES[case]
+    with pytest.raises(ConfigError, match=match):
+        plan_run(config_from_dict({**values(tmp_path, manifest(tmp_path, 1)), **overrides}))
+    assert not (tmp_path / "run.zarr").exists()
+
+
+def test_values_of_the_right_type_still_pass(tmp_path):
+    """The shorthands the docs show: one int for resize, classes as text, the dataset and model as strings."""
+    config = config_from_dict(values(tmp_path, manifest(tmp_path, 1), targets="classes", classes="2,dog",
+                                     preprocess={"resize": 16, "pad_to_square": True, "mean": [0, 0, 0]}))
+    assert config.preprocess.resize == [16] and config.classes == [2, "dog"] and config.preprocess.mean == [0.0] * 3
+    assert config_from_dict({**values(tmp_path, "data"), "model": "resnet18"}).model.name == "resnet18"
+
+
+def test_a_store_under_a_file(tmp_path):
+    """The store's parent is a regular file: a configuration error naming the path, not NotADirectoryError."""
+    from pipeline.run import run
+
+    (tmp_path / "plain").write_text("not a folder")
+    config = config_from_dict(values(tmp_path, manifest(tmp_path, 1), store=str(tmp_path / "plain" / "run.zarr")))
+    with pytest.raises(ConfigError, match=r"cannot write the store .*plain/run.zarr': Not a directory"):
+        run(config)
