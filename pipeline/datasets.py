@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import posixpath
+import warnings
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +63,7 @@ class DatasetIndex:
     kind: str
     source: str
     multi_label: bool
+    skipped: tuple[str, ...] = ()  # ImageFolder files that are not images (by extension), warned about
 
     def __len__(self) -> int:
         return self.samples.num_rows
@@ -99,14 +102,16 @@ def load_index(
     readers = {"imagefolder": _image_folder, "manifest": _manifest, "voc": _voc}
     if kind not in readers:
         raise DatasetError(f"unknown dataset kind {kind!r}: use one of {sorted(readers)} or 'auto'")
-    rows, names, multi_label = readers[kind](fs, root, source, list(class_names) if class_names else None, split)
+    skipped: list[str] = []
+    rows, names, multi_label = readers[kind](fs, root, source, list(class_names) if class_names else None, split,
+                                             skipped)
     if not rows:
         raise DatasetError(f"no images found in {source!r} ({kind}); check the path and the layout")
     _refuse_duplicates(rows, source)
     for sample_id, row in enumerate(rows):
         row["sample_id"] = sample_id
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    return DatasetIndex(table, names, kind, str(source), multi_label)
+    return DatasetIndex(table, names, kind, str(source), multi_label, tuple(skipped))
 
 
 def _refuse_duplicates(rows: list[dict], source: str) -> None:
@@ -144,17 +149,47 @@ def _full_path(fs, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def _image_folder(fs, root, source, class_names, split):
+#: what an ImageFolder reads: torchvision's extensions plus .gif (its first frame, as Pillow opens it)
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
+
+
+def _printable(path: str) -> str:
+    """A path as text, with the bytes of a name that is not valid UTF-8 shown as ``\\xe9`` escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a name of bytes that are not UTF-8, decoded by Python with surrogate escapes
+        return False
+
+
+def _image_folder(fs, root, source, class_names, split, skipped):
     classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
         raise DatasetError(f"{source!r} has no class folders: an ImageFolder is root/<class>/<image>")
     by_name = class_names is not None and set(classes) <= set(class_names)
-    rows = []
+    rows, not_utf8 = [], [posixpath.join(root, name) for name in classes if not _utf8(name)]
     for folder_index, name in enumerate(classes):
         label = class_names.index(name) if by_name else folder_index
+        if not _utf8(name):
+            continue
         for path in sorted(fs.find(posixpath.join(root, name))):
-            if path.lower().endswith(IMG_EXTENSIONS):
+            if not _utf8(path):
+                not_utf8.append(path)
+            elif path.lower().endswith(IMAGE_EXTENSIONS):
                 rows.append(_sample(_full_path(fs, path), label))
+            else:
+                skipped.append(path)
+    if not_utf8:  # the store keeps paths as UTF-8 text: such a file could be neither stored nor skipped unseen
+        raise DatasetError(f"{source!r} has {len(not_utf8)} file or folder name(s) that are not valid UTF-8, e.g. "
+                           f"'{_printable(not_utf8[0])}': rename them to UTF-8 (e.g. convmv -f latin1 -t utf8 -r "
+                           "--notest <folder>)")
+    if skipped:
+        warnings.warn(f"{source!r}: skipped {len(skipped)} file(s) that are not images by their extension "
+                      f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {skipped[0]!r}", UserWarning, stacklevel=3)
     return rows, (list(class_names) if by_name else classes), False
 
 
@@ -167,44 +202,139 @@ def _parse_list(value) -> list:
         if not value:
             return []
         if value.startswith("["):
-            return json.loads(value)
-        return [part.strip() for part in value.replace(";", ",").split(",")] if ";" in value else [value]
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"labels {value!r} is not a JSON list ({error})") from None
+        else:
+            return [part.strip() for part in value.replace(";", ",").split(",")] if ";" in value else [value]
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise DatasetError(f"labels {value!r} must be a list of class indices or names")
+    for item in value:
+        if not isinstance(item, (str, int, float, np.integer, np.floating)) and item is not None:
+            raise DatasetError(f"labels {list(value)!r} must be a list of class indices or names")
     return list(value)
 
 
 def _parse_boxes(value) -> list[list[float]]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return []
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else [float(v) for v in value.split(",")]
-    value = list(value)
-    boxes = [value] if value and not isinstance(value[0], (list, tuple, np.ndarray)) else value
-    for box in boxes:
-        if len(box) != 4:
-            raise DatasetError(f"box {list(box)} must have 4 numbers (x0, y0, x1, y1)")
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not np.isfinite([x0, y0, x1, y1]).all() or x1 < x0 or y1 < y0:
-            raise DatasetError(f"box {list(box)} must be finite with x0 <= x1 and y0 <= y1 (x0, y0, x1, y1 in pixels)")
-    return [[float(v) for v in box] for box in boxes]
+    try:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [float(v) for v in value.split(",")]
+        value = list(value)
+        boxes = [value] if value and not isinstance(value[0], (list, tuple, np.ndarray)) else value
+        for box in boxes:
+            if len(box) != 4:
+                raise DatasetError(f"box {list(box)} must have 4 numbers (x0, y0, x1, y1)")
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not np.isfinite([x0, y0, x1, y1]).all() or x1 < x0 or y1 < y0:
+                raise DatasetError(f"box {list(box)} must be finite with x0 <= x1 and y0 <= y1 "
+                                   "(x0, y0, x1, y1 in pixels)")
+        return [[float(v) for v in box] for box in boxes]
+    except DatasetError:
+        raise
+    except (ValueError, TypeError) as error:  # 'three', a bad JSON text, a box that is not a list of numbers
+        raise DatasetError(f"box {value!r} is not 4 numbers x0, y0, x1, y1 (or a list of such boxes): "
+                           f"{error}") from None
 
 
-def _manifest(fs, root, source, class_names, split):
-    with fs.open(root, "rb") as file:
-        data = file.read()
-    if root.lower().endswith(".csv"):
-        table = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(
-            column_types={"path": pa.string(), "mask_path": pa.string(), "label": pa.string()}))
+def _read_table(data: bytes, root: str, source: str) -> pa.Table:
+    """The manifest as an Arrow table; a file pyarrow cannot parse is a DatasetError naming it and why."""
+    if not root.lower().endswith(".csv"):
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as error:
+            raise DatasetError(f"cannot read Parquet manifest {source!r}: {error}") from None
+    if not data.strip():
+        raise DatasetError(f"manifest {source!r} is empty: a CSV manifest needs a header line (path,label,...) and "
+                           "one line per image")
+    if not data.endswith((b"\n", b"\r")):
+        data += b"\n"  # pyarrow reads a last line without its newline, except a header alone
+    ragged = []
+
+    def invalid(row):
+        ragged.append(row)
+        return "skip"
+
+    def read(threads: bool) -> pa.Table:
+        return pa_csv.read_csv(
+            io.BytesIO(data), read_options=pa_csv.ReadOptions(use_threads=threads),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=invalid),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={"path": pa.string(), "mask_path": pa.string(), "label": pa.string()}))
+    try:
+        table = read(True)
+        if ragged and ragged[0].number is None:  # only the serial reader knows the line number
+            ragged.clear()
+            table = read(False)
+    except (pa.ArrowException, OSError) as error:
+        raise DatasetError(f"cannot parse CSV manifest {source!r}: {error}") from None
+    if ragged:
+        row = ragged[0]
+        where = f"line {row.number} (row {row.number - 1})" if row.number is not None else "a line"
+        raise DatasetError(f"CSV manifest {source!r} {where} has {row.actual_columns} fields where the header has "
+                           f"{row.expected_columns} ({row.text[:200]!r}; {len(ragged)} such line(s)): quote a cell "
+                           'that holds commas, e.g. "1,2,3,4"')
+    return table
+
+
+def _label(value, where: str):
+    """A manifest label: a class index (int, or an integral float as pandas writes ints), a class name (str), or
+    None (missing: None, '', NaN). A non-integral number is refused."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
     else:
-        table = pq.read_table(io.BytesIO(data))
+        text = str(value).strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return text  # a class name
+    if math.isnan(number):
+        return None  # pandas writes a missing int as NaN
+    if not math.isfinite(number) or number != int(number):
+        raise DatasetError(f"{where}: label {value!r} is not a class index (a whole number) nor a class name")
+    return int(number)
+
+
+def _manifest(fs, root, source, class_names, split, skipped):
+    try:
+        with fs.open(root, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise DatasetError(f"manifest {source!r} does not exist") from None
+    except OSError as error:  # a folder named .csv, a permission
+        raise DatasetError(f"cannot read manifest {source!r}: {type(error).__name__}: {error}") from None
+    table = _read_table(data, root, source)
     if "path" not in table.column_names:
         raise DatasetError(f"manifest {source!r} needs a 'path' column (found {table.column_names})")
+    if not table.num_rows:
+        raise DatasetError(f"manifest {source!r} has a header but no rows: list one image per line")
     base = posixpath.dirname(root)
     records = table.to_pylist()
     multi_label = "labels" in table.column_names
-    raw_labels = [r.get("label") for r in records]
-    raw_multi = [_parse_list(r.get("labels")) for r in records]
-    named = sorted({str(v) for v in raw_labels + [x for xs in raw_multi for x in xs]
-                    if v not in (None, "") and not _is_int(v)})
+    raw_labels, raw_multi = [], []
+    for number, record in enumerate(records, start=1):
+        where = f"manifest {source!r} row {number} ({record['path']})"
+        if record["path"] is None or not str(record["path"]).strip():
+            raise DatasetError(f"manifest {source!r} row {number} has no path")
+        try:
+            multi = _parse_list(record.get("labels"))
+        except DatasetError as error:
+            raise DatasetError(f"{where}: {error}") from None
+        raw_labels.append(_label(record.get("label"), where))
+        raw_multi.append([x for x in (_label(item, where) for item in multi) if x is not None])
+    named = sorted({v for v in raw_labels + [x for xs in raw_multi for x in xs] if isinstance(v, str)})
     if named and class_names is None:
         class_names = named  # class names come from the manifest itself
     elif named:
@@ -213,9 +343,9 @@ def _manifest(fs, root, source, class_names, split):
             raise DatasetError(f"manifest {source!r} has labels {unknown[:5]} that are not class names of the model")
 
     def index(value) -> int:
-        if value is None or value == "":
+        if value is None:
             return -1
-        return int(value) if _is_int(value) else class_names.index(str(value))
+        return value if isinstance(value, int) else class_names.index(value)
 
     rows = []
     for number, (record, raw, multi) in enumerate(zip(records, raw_labels, raw_multi), start=1):
@@ -234,22 +364,15 @@ def _manifest(fs, root, source, class_names, split):
     return rows, class_names, multi_label
 
 
-def _is_int(value) -> bool:
-    if isinstance(value, (int, np.integer)):
-        return True
-    try:
-        int(str(value))
-        return True
-    except ValueError:
-        return False
-
-
-def _voc(fs, root, source, class_names, split):
+def _voc(fs, root, source, class_names, split, skipped):
     if split:
         listing = posixpath.join(root, "ImageSets", "Main", f"{split}.txt")
         if not fs.exists(listing):
             raise DatasetError(f"VOC split file {listing!r} does not exist")
-        names = fs.cat(listing).decode().split()
+        try:
+            names = fs.cat(listing).decode("utf-8").split()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DatasetError(f"cannot read VOC split file {listing!r}: {error}") from None
         annotations = [posixpath.join(root, "Annotations", f"{name}.xml") for name in names]
     else:
         annotations = sorted(fs.glob(posixpath.join(root, "Annotations", "*.xml")))
@@ -266,7 +389,14 @@ def _voc(fs, root, source, class_names, split):
             if name not in VOC_CLASSES:
                 raise DatasetError(f"{annotation!r}: object class {name!r} is not a VOC class")
             box = obj.find("bndbox")
-            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            if box is None:
+                raise DatasetError(f"VOC annotation {annotation!r}: object {name!r} has no <bndbox>")
+            try:
+                xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (TypeError, ValueError):
+                found = {k: box.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")}
+                raise DatasetError(f"VOC annotation {annotation!r}: object {name!r} has a <bndbox> without 4 numbers "
+                                   f"xmin, ymin, xmax, ymax (found {found})") from None
             boxes.append([xmin - 1, ymin - 1, xmax, ymax])  # 1-based inclusive pixels -> pixel edges
             box_classes.append(VOC_CLASSES.index(name))
         labels = sorted(set(box_classes))
@@ -287,15 +417,20 @@ def _read_bytes(path: str, storage_options: Mapping[str, Any] | None) -> bytes:
 def _decode(data: bytes, mode: str) -> torch.Tensor:
     """Pillow decodes (torchvision's own decoders are deprecated since 0.29); errors name the reason.
 
-    The EXIF orientation is applied (a photo is explained upright, as viewers show it), 16-bit images are scaled
-    to 8 bits (Pillow's own conversion would clip them at 255), CMYK, paletted, grayscale and RGBA images are
-    converted by Pillow (alpha dropped)."""
+    The EXIF orientation is applied (a photo is explained upright, as viewers show it), 16-bit, 32-bit integer and
+    32-bit float images are scaled to 8 bits (:func:`_eight_bit`; Pillow's own conversion would clip them at 255),
+    CMYK, paletted, grayscale and RGBA images are converted by Pillow (alpha dropped), an animated GIF (WebP, PNG)
+    is read as its first frame."""
+    return _decoded(data, lambda image: np.asarray(_eight_bit(image).convert(mode)))
+
+
+def _decoded(data: bytes, to_array) -> torch.Tensor:
     if not data:
         raise ValueError("cannot decode image: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image = ImageOps.exif_transpose(image)
-            array = np.asarray(_eight_bit(image).convert(mode))
+            array = to_array(image)
     except UnidentifiedImageError:
         raise ValueError("cannot decode image: not an image format Pillow reads") from None
     except Exception as error:
@@ -305,11 +440,30 @@ def _decode(data: bytes, mode: str) -> torch.Tensor:
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit (and 32-bit integer) grayscale scaled to 0..255, rounding; other modes as they are."""
-    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    """Grayscale of more than 8 bits to 0..255 (rounding, never clipping a valid value); other modes as they are.
+
+    * 16-bit (``I;16*``): value x 255 / 65535;
+    * 32-bit integer (``I``): the same 16-bit reading when every value is within 0..65535 (Pillow's older mode of
+      16-bit PNGs), else value x 255 / (2**31 - 1); a negative value is refused;
+    * 32-bit float (``F``): values within 0..1 (the float-image convention) x 255; else values within 0..255 as
+      they are; else (or NaN / infinite) refused, naming the range: the range of a float image is not in the file,
+      and a per-image stretch would make a dark image look like a bright one."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return image
     array = np.asarray(image).astype(np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else float(2 ** 31 - 1)
+    if image.mode == "F":
+        if not np.isfinite(array).all():
+            raise ValueError("32-bit float image with NaN or infinite values")
+        low, high = float(array.min(initial=0)), float(array.max(initial=0))
+        if low < 0 or high > 255:
+            raise ValueError(f"32-bit float image with values in [{low:g}, {high:g}], neither within 0..1 nor "
+                             "0..255: convert it to 8 or 16 bits")
+        top = 1.0 if high <= 1 else 255.0
+    elif image.mode == "I" and array.min(initial=0) < 0:
+        raise ValueError(f"32-bit integer image with negative values (min {int(array.min())}): convert it to 8 or "
+                         "16 bits")
+    else:
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else float(2 ** 31 - 1)
     return Image.fromarray(np.clip(np.rint(array * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -318,6 +472,22 @@ def read_image(path: str, storage_options: Mapping[str, Any] | None = None) -> t
     return _decode(_read_bytes(path, storage_options), "RGB")
 
 
+def _mask_array(image: Image.Image) -> np.ndarray:
+    """Inside (True) / outside of a mask image; masks are boolean by design (the store keeps one bit a pixel).
+
+    * paletted (VOC's SegmentationClass/Object PNGs): every palette index but 0 (the background) is inside;
+    * any other mode, read as 8-bit gray: a mask whose values are all 0 or 1 (a label array saved as an image) has
+      1 inside; else a pixel is inside when its value is >= 128 (a soft or anti-aliased mask, a JPEG-compressed
+      one, thresholded at half intensity, not at its faintest non-zero edge)."""
+    if image.mode in ("P", "PA"):
+        index = np.asarray(image)
+        return (index[..., 0] if index.ndim == 3 else index) != 0
+    gray = np.asarray(_eight_bit(image).convert("L"))
+    if gray.max(initial=0) <= 1:
+        return gray == 1
+    return gray >= 128
+
+
 def read_mask(path: str, storage_options: Mapping[str, Any] | None = None) -> torch.Tensor:
-    """Decode a mask image to a (H, W) bool tensor (nonzero = inside)."""
-    return _decode(_read_bytes(path, storage_options), "L")[0] > 0
+    """Decode a mask image to a (H, W) bool tensor (see :func:`_mask_array` for what is inside)."""
+    return _decoded(_read_bytes(path, storage_options), _mask_array)[0]

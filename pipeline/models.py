@@ -8,8 +8,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import inspect
 import io
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,12 +135,14 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu", download: b
     kwargs = dict(spec.kwargs)
     torch.manual_seed(spec.seed)  # random init (no weights) is the same in every actor
     if spec.name:
-        if enum is not None and download:
-            model = torchvision.models.get_model(spec.name, weights=enum, **kwargs)
-        else:
+        if enum is None or not download:
             if enum is not None:
                 kwargs.setdefault("num_classes", len(enum.meta["categories"]))
-            model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
+            enum = None
+        try:
+            model = torchvision.models.get_model(spec.name, weights=enum, **kwargs)
+        except (TypeError, ValueError) as error:  # an unknown keyword; a num_classes the weights do not have
+            raise ModelError(_kwargs_message(spec, kwargs, error)) from error
     else:
         factory = _factory(spec)
         try:
@@ -157,21 +162,71 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu", download: b
     return model.eval().to(device)
 
 
+def _accepted_kwargs(name: str) -> tuple[str, list[str]] | None:
+    """The model class a torchvision builder returns (its annotation) and the keyword names its constructor takes,
+    or None when they cannot be found cheaply."""
+    try:
+        builder = torchvision.models.get_model_builder(name)
+        cls = typing.get_type_hints(builder).get("return")
+        if not isinstance(cls, type):
+            return None
+        names = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return cls.__name__, names
+    except Exception:  # only a hint: never the reason a message is not given
+        return None
+
+
+def _kwargs_message(spec: ModelSpec, kwargs: dict, error: Exception) -> str:
+    accepted = _accepted_kwargs(spec.name)
+    unknown = [key for key in kwargs if accepted and key not in accepted[1]] or \
+        re.findall(r"keyword argument '(\w+)'", str(error))
+    message = f"torchvision model {spec.name!r} rejected model.kwargs {spec.kwargs}"
+    if unknown:
+        message += f": it takes no keyword {', '.join(map(repr, unknown))}"
+    message += f" ({type(error).__name__}: {error})"
+    if accepted and unknown:
+        message += f"; {accepted[0]} takes {', '.join(accepted[1])} (some are set by the {spec.name} builder)"
+    return message
+
+
+def _read_class_names(path: str) -> list[str]:
+    """A class names file: UTF-8 text, a JSON list of names, or one name a line."""
+    try:
+        with fsspec.open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise ModelError(f"class names file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ModelError(f"class names file {path!r} is a directory: give a file (a JSON list or one name a line)") \
+            from None
+    except OSError as error:
+        raise ModelError(f"cannot read class names file {path!r}: {type(error).__name__}: {error}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ModelError(f"class names file {path!r} is not UTF-8 text ({error}): save it as UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ModelError(f"class names file {path!r} starts with '[' but is not a JSON list: {error}") from None
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool)
+                                                  for n in names):
+            raise ModelError(f"class names file {path!r} must be a JSON list of names (strings)")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ModelError(f"class names file {path!r} lists no class names")
+    return [str(name) for name in names]
+
+
 def model_class_names(spec: ModelSpec) -> list[str] | None:
     """Class names from ``spec.class_names`` (a list or a file), else the torchvision weights' meta."""
     if isinstance(spec.class_names, (list, tuple)):
         return [str(name) for name in spec.class_names]
     if isinstance(spec.class_names, str):
-        try:
-            with fsspec.open(spec.class_names, "rt") as file:
-                text = file.read()
-        except FileNotFoundError:
-            raise ModelError(f"class names file {spec.class_names!r} does not exist") from None
-        if text.lstrip().startswith("["):
-            names = json.loads(text)
-        else:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
-        return [str(name) for name in names]
+        return _read_class_names(spec.class_names)
     enum = weights_enum(spec)
     if enum is not None and "categories" in enum.meta:
         return list(enum.meta["categories"])

@@ -7,8 +7,10 @@ The dispatch loop (actor pool, bounded in-flight tasks, retry of a dead actor's 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import platform
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,16 +71,23 @@ def plan_run(config: RunConfig) -> RunPlan:
             lrp.make_composite(setting.composite, **setting.params)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"explanation {setting.name!r}: {error}") from error
+    step = "reading model.weights"
     try:
         digest = weights_digest(config.model)
+        step = "reading model.class_names"
         names = model_class_names(config.model)
+        step = f"indexing the dataset {redact(str(config.dataset.source))!r}"
         index = load_index(config.dataset.source, config.dataset.kind, names, config.dataset.split,
                            config.dataset.storage_options)
+        step = "building the model"
         model = build_model(config.model, "cpu", download=False)
         height, width = config.preprocess.output_size()
         num_classes = count_classes(model, 3, (height, width))
     except (ModelError, DatasetError) as error:
         raise ConfigError(str(error)) from error
+    except (OSError, pa.ArrowException, json.JSONDecodeError, ElementTree.ParseError, UnicodeError) as error:
+        # a file the readers above do not name themselves (their own errors are DatasetError / ModelError)
+        raise ConfigError(f"{step} failed: {type(error).__name__}: {error}") from error
     except RuntimeError as error:  # a forward pass that does not fit the input size or channels
         raise ConfigError(f"the model cannot run on a {3}x{height}x{width} input: {error}") from error
     _dry_run(model, config, height, width)
@@ -194,6 +203,13 @@ def create_store(plan: RunPlan) -> RelevanceStore:
         )
     except StoreError as error:
         raise ConfigError(str(error)) from error
+    except OSError as error:
+        raise ConfigError(f"cannot write the store {config.store!r}: {_os_reason(error)}") from error
+
+
+def _os_reason(error: OSError) -> str:
+    """``Not a directory: '/data/file/run.zarr/zarr.json'``: the reason and the path the system refused."""
+    return f"{error.strerror}: {error.filename!r}" if error.strerror and error.filename else str(error)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -307,12 +323,17 @@ def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
         lease.acquire()  # one driver per store: a second one is refused, naming the first
     except LeaseHeld as error:
         raise ConfigError(str(error)) from None
+    except OSError as error:  # a parent that is a file, no permission, a read-only filesystem
+        raise ConfigError(f"cannot write the store {config.store!r}: {_os_reason(error)}") from error
     try:
         store = create_store(plan)
         lease.renew()  # a store laid out anew cleared its folder, the lease with it
         summary = _explain_pending(plan, store, use_gpu)
     finally:
         lease.release()
+    if plan.index.skipped:  # an ImageFolder's non-image files: said again where the run's outcome is read
+        summary.messages.append(f"warning: skipped {len(plan.index.skipped)} file(s) of the dataset that are not "
+                                f"images by their extension, e.g. {plan.index.skipped[0]!r}")
     if lease.lost is not None:
         summary.messages.append(f"warning: another driver took the store's lease over during this run: "
                                 f"{lease.lost.describe()}")

@@ -22,6 +22,7 @@ def save(path, height=6, width=8, mode="RGB", seed=0):
     return path
 
 
+@pytest.mark.filterwarnings("ignore:.*skipped 1 file.*notes.txt:UserWarning")  # tests/test_hostile_datasets.py
 def test_image_folder_classes_labels_and_fingerprint(tmp_path):
     for name, count in (("dog", 2), ("cat", 3)):
         for i in range(count):
