@@ -7,7 +7,7 @@
     <out>/classes.parquet    one row per (group, class): counts, means, region fractions, context, bias
     <out>/heatmaps.parquet   one row per aggregate heatmap: sum_p E[R_p] beside E[sum R] and E[f(x)]
     <out>/heatmaps.zarr      the aggregate heatmaps E[R_p] (float64), one (G, H, W) array per <group>/<view>
-    <out>/summary.json       counts of excluded rows, settings
+    <out>/summary.json       counts of excluded rows, settings, the store's location and state (store_state)
 
 A class whose hot spot qualifies as a possible cue costs a second read of just its rows
 (aggregations/bias.py). The two tables are built column family by column family in aggregations/tables.py.
@@ -15,6 +15,7 @@ Rows whose status is not ok are excluded from every aggregate and counted.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,8 +33,9 @@ import zarr
 from aggregations import bias, context, pools, scan, tables, views
 from aggregations.views import VIEWS
 from aggregations.tables import FINE_KEYS
-from pipeline.paths import beside, join_url
-from pipeline.store import STATUS_FAILED, STATUS_NONFINITE, STATUS_PENDING, ExplanationGroup, open_store
+from pipeline.paths import beside, join_url, normalise_url
+from pipeline.store import (STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING, ExplanationGroup,
+                            RelevanceStore, canonical_json, open_store)
 
 OUTPUT_FORMAT = 1
 @dataclass
@@ -70,6 +72,61 @@ class AggregateResult:
             if all(values[names.index(name)] == value for name, value in key.items()):
                 return array[index]
         return None
+
+
+def store_state(store: RelevanceStore, names: Sequence[str] | None = None) -> dict:
+    """What aggregates are computed from, to tell later whether the store still holds it (docs/aggregates.md).
+
+    ``config``: a digest of the store's config, class names and layout (another store, or one made anew with
+    other options); per group its rows by status and ``digest``, a digest of every row's status, relevance sum and
+    output (rows written since, a ``--retry-failed`` run, a store rewritten with other values). Reads three (N,)
+    arrays per group: milliseconds next to the scan.
+    """
+    identity = {"config": store.config, "class_names": store.class_names,
+                "layout": [store.n_rows, store.height, store.width, store.group_names]}
+    groups = {}
+    for name in names or store.group_names:
+        group = store.group(name)
+        status = np.asarray(group.read("status"))
+        digest = hashlib.sha256(np.ascontiguousarray(status, np.int8).tobytes())
+        for array in ("relevance_sum", "output"):
+            digest.update(np.ascontiguousarray(group.read(array), np.float64).tobytes())
+        groups[name] = {"rows": int(status.size), "ok": int((status == STATUS_OK).sum()),
+                        "failed": int((status == STATUS_FAILED).sum()),
+                        "nonfinite": int((status == STATUS_NONFINITE).sum()),
+                        "pending": int((status == STATUS_PENDING).sum()), "digest": digest.hexdigest()}
+    return {"config": hashlib.sha256(canonical_json(identity).encode()).hexdigest(), "groups": groups}
+
+
+def state_changes(recorded: Mapping, current: Mapping) -> list[str]:
+    """How the store changed since ``recorded`` (both from :func:`store_state`), one phrase each; [] when not."""
+    if recorded.get("config") != current.get("config"):
+        return ["it was made anew with another configuration, class names or layout"]
+    changes = []
+    for name, then in recorded.get("groups", {}).items():
+        now = current.get("groups", {}).get(name)
+        if now is None:
+            changes.append(f"group {name!r} is gone")
+        elif then != now:
+            counts = ", ".join(f"{then.get(k, 0)} -> {now[k]} {k}" for k in ("ok", "failed", "nonfinite", "pending")
+                               if then.get(k) != now[k])
+            changes.append(f"group {name!r}: " + (counts or "rows rewritten with other values"))
+    return changes
+
+
+def check_settings(settings: bias.BiasSettings) -> None:
+    """Refuse bias settings outside their range, naming the option (``--peak-fraction``), before any work."""
+    option = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    if not 0 < settings.peak_fraction <= 1:
+        raise ValueError(f"{option('peak_fraction')} is a fraction of the peak, in (0, 1], "
+                         f"not {settings.peak_fraction}")
+    for name in ("max_area", "min_image_share", "min_image_fraction", "context_threshold"):
+        value = getattr(settings, name)
+        if not 0 <= value <= 1:
+            raise ValueError(f"{option(name)} is a fraction, in [0, 1], not {value}")
+    for name in ("min_images", "top_images"):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{option(name)} must be >= 0, not {getattr(settings, name)}")
 
 
 def default_out_dir(store_url: str) -> str:
@@ -215,12 +272,14 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
 
     Many parameters because: the keyword options are those of ``lrp-audit aggregate``, passed through one to one.
     """
+    check_settings(settings)
     store = open_store(store_url, storage_options=storage_options)
     out_dir = str(out_dir or default_out_dir(store_url))
     names = list(groups or store.group_names)
     unknown = sorted(set(names) - set(store.group_names))
     if unknown:
         raise ValueError(f"no explanation group(s) {unknown} in {store_url!r}; the store has {store.group_names}")
+    state = store_state(store, names)  # before the scan: rows written while it runs make the outputs stale
     if masks is not None:
         regions = pools.from_masks(masks)
         if (regions.height, regions.width) != (store.height, store.width):
@@ -240,7 +299,8 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
             seconds[name] = dict(per_group[name].seconds, total=time.perf_counter() - start)
 
     summary = {
-        "format": OUTPUT_FORMAT, "store": str(store_url), "class_names": store.class_names,
+        "format": OUTPUT_FORMAT, "store": str(store_url), "store_location": normalise_url(store_url),
+        "store_state": state, "class_names": store.class_names,
         "map_shape": [store.height, store.width], "regions": regions.describe(), "settings": settings.as_dict(),
         "memory_budget": memory_budget,
         "views": {**{k: list(v) for k, v in VIEWS.items()}, "target_positive": ["target"],

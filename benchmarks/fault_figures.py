@@ -1,6 +1,6 @@
 """The figures of issue 14's closing note, from the fault-injection and hostile-input tests themselves.
 
-Runs ``tests/test_faults.py`` (real Ray, real Zarr, slow) ``--repeat`` times and ``tests/test_hostile_inputs.py``
+Runs ``tests/test_faults.py`` (real Ray, real Zarr, slow) ``--repeat`` times and ``tests/test_hostile_*.py``
 once, with ``-s``: every fault test prints one ``FAULT <kind>: lost L, duplicated D, recovered in T s`` line (rows
 lost, rows written twice, seconds from the fault to a whole store), which this script tallies per kind. The
 hostile-input table's cases are the rows of docs/hostile-inputs.md; the documented result is a passing test.
@@ -72,7 +72,8 @@ def main() -> None:
         if args.save:
             Path(f"{args.save}-{n}.txt").write_text(outputs[-1])
     print("\n".join(fault_table(outputs)))
-    print("\n".join(hostile_table(pytest("tests/test_hostile_inputs.py"))))
+    hostile = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_hostile_*.py"))
+    print("\n".join(hostile_table(pytest(*hostile))))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
 from aggregations.views import DEFAULT_MEMORY_BUDGET
 from pipeline.lease import active_lease
+from pipeline.paths import path_problem
 from pipeline.store import StoreError
 
 
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = BiasSettings(**{name: getattr(args, name) for name in BiasSettings().as_dict()})
+    problem = (path_problem(args.store, "store") or (path_problem(args.out, "folder") if args.out else None)
+               or (path_problem(args.masks, "file") if args.masks else None))
+    if problem:
+        print(f"lrp-audit aggregate: {problem}", file=sys.stderr)
+        return 2
     writer = active_lease(args.store)
     if writer is not None and not args.while_writing:
         print(f"lrp-audit aggregate: the store is being written by {writer.describe()}: aggregate it once that run "
@@ -72,9 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, ValueError, FileNotFoundError, KeyError) as error:
         print(f"lrp-audit aggregate: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
+        print(f"lrp-audit aggregate: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
 
     for group, counts in result.summary["groups"].items():
         excluded = counts["rows"] - counts["ok"]
+        if not counts["ok"]:
+            print(f"{group}: nothing could be audited: 0 ok rows of {counts['rows']} ({counts['failed']} failed, "
+                  f"{counts['nonfinite']} nonfinite, {counts['pending']} pending)")
+            continue
         print(f"{group}: {counts['ok']} of {counts['rows']} rows aggregated in {result.seconds[group]['total']:.1f}s "
               f"({excluded} excluded: {counts['failed']} failed, {counts['nonfinite']} nonfinite, "
               f"{counts['pending']} pending); {counts['not_conserved']} rows whose regions do not add up")
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if row["flagged"]:
             print(f"  [{row['group']}] class {row['class']} ({row['class_name']}), bias rank {row['bias_rank']}: "
                   f"{row['reason']}")
-    if not any(result.classes["flagged"].to_pylist()):
+    if not any(result.classes["flagged"].to_pylist()) and any(c["ok"] for c in result.summary["groups"].values()):
         print("  no class flagged")
     print(f"wrote {result.out_dir or default_out_dir(args.store)}")
     if note:
@@ -99,6 +112,7 @@ def _spray(args, out_dir: str) -> int:
     argv = [args.store, "--out", out_dir, *[f"--group={g}" for g in args.groups or []]]
     argv += [f"--scheduler={args.scheduler}"] if args.scheduler else []
     argv += [f"--workers={args.workers}"] if args.workers else []
+    argv += ["--while-writing"] if args.while_writing else []
     return spray.main(argv)
 
 

@@ -8,12 +8,15 @@ writes one HTML file with every image embedded::
     lrp-audit report runs/voc.zarr --group epsilon_0.01             # another explanation setting first
     lrp-audit report runs/voc.zarr --evaluation runs/voc.evaluation # AOPC section (default: beside the store)
 
-Exit status 0 on success, 2 when a store or its aggregates cannot be read.
+Exit status 0 on success, 2 when a store or its aggregates cannot be read, when the aggregates are another store's
+or older than the store and cannot be recomputed, when a path is a file where a folder is needed (or the other way
+round), or when an explain run is still writing the store (unless ``--while-writing``).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,7 +35,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-classes", type=int, default=40, help="classes shown in the galleries (default 40)")
     p.add_argument("--title", help="title of the report")
     p.add_argument("--scheduler", help="Dask scheduler when aggregates must be computed (see lrp-audit aggregate)")
+    p.add_argument("--while-writing", action="store_true",
+                   help="report a store that an explain run is still writing (only the rows ok so far; the output "
+                        "says so); without it such a store is refused")
     return p
+
+
+def _check_paths(args) -> str | None:
+    """The first path that cannot be what it is used as (a store that is a file, an --out that is a folder)."""
+    from pipeline.paths import path_problem
+
+    checks = [(args.store, "store"), (args.compare, "store"), (args.aggregates, "folder"),
+              (args.compare_aggregates, "folder"), (args.evaluation, "folder"), (args.out, "file")]
+    return next((problem for url, kind in checks if url for problem in [path_problem(url, kind)] if problem), None)
+
+
+def _writers(args) -> tuple[str | None, str | None]:
+    """(a refusal, a note) about explain runs writing the store or the compared store now."""
+    from pipeline.lease import active_lease
+
+    held = [(url, lease) for url in (args.store, args.compare) if url for lease in [active_lease(url)] if lease]
+    if not held:
+        return None, None
+    names = "; ".join(("the store" if url == args.store else f"the compared store {url!r}")
+                      + f" is being written by {lease.describe()}" for url, lease in held)
+    if not args.while_writing:
+        return (f"{names}: report it once that run is done, or pass --while-writing to report the rows ok so far"), None
+    return None, (f"note: reported while the store was being written ({names}): only the rows ok at that time are "
+                  "in it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,17 +70,38 @@ def main(argv: list[str] | None = None) -> int:
     from aggregations.report import headline_text, render_report  # matplotlib, torch: after --help
     from pipeline.store import StoreError
 
+    from aggregations.report.runs import AggregatesNote
+
+    problem = _check_paths(args)
+    refusal, note = (None, None) if problem else _writers(args)
+    if problem or refusal:
+        print(f"lrp-audit report: {problem or refusal}", file=sys.stderr)
+        return 2
+    if note:
+        print(note)
     try:
-        out = render_report(args.store, args.out, compare=args.compare, group=args.group,
-                            aggregates_dir=args.aggregates, compare_aggregates_dir=args.compare_aggregates,
-                            max_classes=args.max_classes, title=args.title, scheduler=args.scheduler,
-                            evaluation=args.evaluation)
-        headline = headline_text(args.store, args.aggregates, args.group)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AggregatesNote)
+            out = render_report(args.store, args.out, compare=args.compare, group=args.group,
+                                aggregates_dir=args.aggregates, compare_aggregates_dir=args.compare_aggregates,
+                                max_classes=args.max_classes, title=args.title, scheduler=args.scheduler,
+                                evaluation=args.evaluation)
+            headline = headline_text(args.store, args.aggregates, args.group)
     except (StoreError, FileNotFoundError, KeyError, ValueError) as error:
         print(f"lrp-audit report: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
+        print(f"lrp-audit report: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    for warning in caught:
+        if issubclass(warning.category, AggregatesNote):
+            print(f"note: {warning.message}")
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(f"report: {out}")
     print(headline)
+    if note:
+        print(note)
     return 0
 
 

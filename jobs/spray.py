@@ -10,6 +10,8 @@ import sys
 from aggregations.run import default_out_dir
 from aggregations.spray import RunOptions, SpraySettings, spray
 from aggregations.spray.settings import EMBEDDINGS, METHODS, NORMALISATIONS, PCA_METHODS, parse_clusters
+from pipeline.lease import active_lease
+from pipeline.paths import path_problem
 from pipeline.store import StoreError
 
 
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="threads/processes of the local scheduler")
     p.add_argument("--scratch-dir", help="local folder for the pooled maps while it runs (default: the system's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--while-writing", action="store_true",
+                   help="analyse a store that an explain run is still writing (only the rows ok so far; the output "
+                        "says so); without it such a store is refused")
     return p
 
 
@@ -56,6 +61,19 @@ SETTING_NAMES = ("size", "normalise", "pca", "pca_method", "neighbors", "approxi
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    problem = path_problem(args.store, "store") or (path_problem(args.out, "folder") if args.out else None)
+    if problem:
+        print(f"lrp-audit spray: {problem}", file=sys.stderr)
+        return 2
+    writer = active_lease(args.store)
+    if writer is not None and not args.while_writing:
+        print(f"lrp-audit spray: the store is being written by {writer.describe()}: analyse it once that run is done, "
+              "or pass --while-writing to analyse the rows ok so far", file=sys.stderr)
+        return 2
+    note = (f"note: analysed while the store was being written by {writer.describe()}: only the rows ok at that "
+            "time are in it" if writer is not None else None)
+    if note:
+        print(note)
     try:
         settings = SpraySettings(**{name: getattr(args, name) for name in SETTING_NAMES})
         options = RunOptions(scheduler=args.scheduler, num_workers=args.workers, progress=not args.quiet,
@@ -64,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                        options=options)
     except (StoreError, ValueError, FileNotFoundError, KeyError) as error:
         print(f"lrp-audit spray: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
+        print(f"lrp-audit spray: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     for row in sorted(result.classes.to_pylist(), key=lambda r: (r["group"], r["split_rank"] < 0, r["split_rank"])):
         if row["status"] != "clustered":
@@ -77,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         if row["flagged"]:
             print(f"  flagged [{row['group']}] class {row['target']} cluster {row['cluster']} "
                   f"({row['size']} rows): {row['reason']}")
+    for row in result.classes.to_pylist():
+        if row["status"] == "clustered" and row["chosen_by"].startswith("given") and row["chosen_by"] != "given":
+            print(f"  note: [{row['group']}] class {row['target']}: --clusters {settings.clusters} is more than its "
+                  f"{row['n_ok']} ok rows and {settings.n_eigenvalues} eigenvalues allow (K <= min(eigenvalues, "
+                  f"rows - 1) - 1): {row['n_clusters']} clusters made")
     print(f"wrote {result.out_dir or default_out_dir(args.store)}/spray")
+    if note:
+        print(note)
     return 0
 
 

@@ -84,10 +84,14 @@ def render_report(store_url: str, out: str | None = None, *, compare: str | None
 
 
 def headline_text(store_url: str, aggregates_dir: str | None = None, group: str | None = None) -> str:
-    """One line for the terminal: the top flagged class and why (or that none is flagged)."""
+    """One line for the terminal: the top flagged class and why, that none is flagged, or that nothing could be
+    audited (no ok row in the group)."""
     aggregates = load(aggregates_dir or default_out_dir(store_url))
-    rows = sorted((r for r in aggregates.classes.to_pylist()
-                   if r["group"] == (group or aggregates.classes["group"][0].as_py())), key=lambda r: r["bias_rank"])
+    group = group or next(iter(aggregates.summary.get("groups", {})), None) or aggregates.classes["group"][0].as_py()
+    empty = sections.nothing_audited(aggregates.summary, group)
+    if empty:
+        return empty["text"]
+    rows = sorted((r for r in aggregates.classes.to_pylist() if r["group"] == group), key=lambda r: r["bias_rank"])
     flagged = [r for r in rows if r["flagged"]]
     if not flagged:
         return "no class is flagged: no cue outside the objects and no unusual context use"

@@ -1,17 +1,28 @@
 """One audited run as the report reads it: a store, its aggregates, and the pictures of its rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from aggregations.run import AggregateResult, aggregate, default_out_dir, load
-from pipeline.store import STATUS_OK, RelevanceStore, open_store
+from aggregations.bias import BiasSettings
+from aggregations.run import AggregateResult, aggregate, default_out_dir, load, state_changes, store_state
+from pipeline.paths import local_path, normalise_url
+from pipeline.store import STATUS_OK, RelevanceStore, StoreError, open_store
 
 CLASS_IMAGES = 24  # the class-average image is the mean of at most this many of the class's images
 
+
+class AggregatesMismatch(StoreError):
+    """Aggregates that do not describe the store: another store's, or older than it with compute off."""
+
+
+class AggregatesNote(UserWarning):
+    """Something the reader of a report should know about its aggregates (recomputed, of unknown age)."""
 
 
 class ImageReader:
@@ -113,15 +124,92 @@ def model_label(store: RelevanceStore, url: str) -> str:
 
 def open_run(url: str, aggregates_dir: str | None = None, *, compute: bool = True, label: str | None = None,
              scheduler: str | None = None) -> AuditRun:
-    """A store and its aggregates; the aggregates are computed (and written) when they are missing."""
+    """A store and its aggregates; the aggregates are computed (and written) when they are missing.
+
+    Aggregates of another store are refused (:class:`AggregatesMismatch`). Aggregates older than the store (rows
+    written, retried or rewritten since: ``summary.json``'s ``store_state``) are recomputed with the settings they
+    were made with, or refused when ``compute`` is off or those settings cannot be redone (mask regions).
+    Aggregates from before ``store_state`` was recorded are recomputed the same way; when they cannot be, they are
+    used with an :class:`AggregatesNote` warning that their age is unknown.
+    """
     store = open_store(url)
-    out_dir = aggregates_dir or default_out_dir(url)
+    out_dir = str(aggregates_dir or default_out_dir(url))
     try:
         aggregates = load(out_dir)
     except FileNotFoundError:
         if not compute:
             raise
         aggregates = aggregate(url, out_dir, scheduler=scheduler)
+    else:
+        aggregates = _current(url, store, out_dir, aggregates, compute, scheduler)
     return AuditRun(url, store, aggregates, ImageReader(store), label or model_label(store, url))
+
+
+def _same_location(recorded: dict, url: str) -> bool:
+    """Whether ``summary.json`` names the store at ``url``, however either was spelled (relative, ``file://``,
+    trailing ``/``). Old summaries hold only the spelling given then: a relative one is compared by name."""
+    here = normalise_url(url)
+    if recorded.get("store_location"):
+        return recorded["store_location"] == here
+    spelled = recorded.get("store")
+    if not spelled:
+        return True
+    path = local_path(spelled)
+    if path is not None and not os.path.isabs(path):  # relative to a working directory not known now
+        return os.path.basename(path.rstrip("/")) == os.path.basename(here)
+    return normalise_url(spelled) == here
+
+
+def _redo_options(summary: dict) -> dict | None:
+    """The keyword options of :func:`aggregate` that remake these aggregates, or None (mask regions)."""
+    regions = summary.get("regions", {})
+    if regions.get("kind") != "grid" or "row_edges" not in regions or "col_edges" not in regions:
+        return None
+    known = {f.name for f in fields(BiasSettings)}
+    try:
+        settings = BiasSettings(**{k: v for k, v in summary.get("settings", {}).items() if k in known})
+    except TypeError:
+        return None
+    options = {"grid": (len(regions["row_edges"]) - 1, len(regions["col_edges"]) - 1), "settings": settings,
+               "groups": list(summary.get("groups", {})) or None}
+    if "memory_budget" in summary:
+        options["memory_budget"] = summary["memory_budget"]
+    return options
+
+
+def _current(url: str, store: RelevanceStore, out_dir: str, aggregates: AggregateResult, compute: bool,
+             scheduler: str | None) -> AggregateResult:
+    """``aggregates`` if they describe the store as it is now; else recomputed, refused or warned about.
+
+    Many parameters because: the store (its URL as given and opened), the aggregates (their folder and contents)
+    and what may be done about stale ones (compute, scheduler) are all needed here.
+    """
+    summary = aggregates.summary
+    recorded = summary.get("store_state")
+    changes = None
+    if recorded is not None:
+        names = [name for name in recorded.get("groups", {}) if name in store.group_names]
+        changes = state_changes(recorded, store_state(store, names))
+    if not _same_location(summary, url) and (recorded is None or changes):
+        raise AggregatesMismatch(
+            f"the aggregates in {out_dir!r} belong to another store: {summary.get('store')!r}, not {url!r}; "
+            f"pass the aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' to make them")
+    if changes == []:
+        return aggregates
+    redo = _redo_options(summary) if compute else None
+    if changes:
+        what = f"the aggregates in {out_dir!r} are older than the store {url!r} ({'; '.join(changes)})"
+        if redo is None:
+            raise AggregatesMismatch(f"{what}: run 'lrp-audit aggregate {url} --out {out_dir}' with the options "
+                                     "they were made with, then the report again")
+        warnings.warn(AggregatesNote(f"{what}: recomputed with the settings they were made with"), stacklevel=3)
+        return aggregate(url, out_dir, scheduler=scheduler, **redo)
+    what = f"the aggregates in {out_dir!r} were written by an older lrp-audit that did not record the store's state"
+    if redo is None:
+        warnings.warn(AggregatesNote(f"{what}: whether they are current cannot be told; run 'lrp-audit aggregate "
+                                     f"{url} --out {out_dir}' to be sure"), stacklevel=3)
+        return aggregates
+    warnings.warn(AggregatesNote(f"{what}: recomputed with the settings they were made with"), stacklevel=3)
+    return aggregate(url, out_dir, scheduler=scheduler, **redo)
 
 

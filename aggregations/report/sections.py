@@ -172,8 +172,23 @@ def header_section(run: AuditRun, group: str, title: str | None) -> dict:
     }
 
 
+def nothing_audited(summary: dict, group: str) -> dict | None:
+    """When the group has no ok row: its counts and one sentence saying nothing could be audited; else None.
+
+    "No class is flagged" would be a finding about a model; with no ok row there is no finding at all."""
+    counts = summary.get("groups", {}).get(group)
+    if counts is None or counts.get("ok", 0) > 0:
+        return None
+    rows = counts.get("rows", 0)
+    excluded = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("failed", "nonfinite", "pending") if counts.get(k, 0))
+    text = (f"nothing could be audited in {group!r}: 0 ok rows of {rows}" + (f" ({excluded})" if excluded else "")
+            + "; no class was judged, so this is no evidence that the model has no shortcut")
+    return {"ok": 0, "rows": rows, "excluded": excluded, "text": text}
+
+
 def finding_section(run: AuditRun, group: str, rows: list[dict], max_classes: int) -> dict:
-    """The headline (the top flagged class with its best evidence) and one card per flagged class."""
+    """The headline (the top flagged class with its best evidence) and one card per flagged class; ``empty`` when
+    no row of the group is ok (the page then says that nothing could be audited, not that nothing is flagged)."""
     flagged = [r for r in rows if r["flagged"]]
     cards = []
     for row in flagged[:max_classes]:
@@ -187,7 +202,8 @@ def finding_section(run: AuditRun, group: str, rows: list[dict], max_classes: in
         top = cards[0]
         headline = {"name": top["name"], "flag": top["flag"], "reason": top["reason"], "overlay": top["overlay"],
                     "evidence": top["evidence"][0] if top["evidence"] else None, "others": len(flagged) - 1}
-    return {"headline": headline, "n_flagged": len(flagged), "flagged": cards}
+    return {"headline": headline, "n_flagged": len(flagged), "flagged": cards,
+            "empty": nothing_audited(run.aggregates.summary, group)}
 
 
 def notes_section(notes: Sequence[dict]) -> dict:

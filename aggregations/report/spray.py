@@ -8,11 +8,14 @@ flag and reason, mean heatmap and the prototypes (the rows nearest the cluster's
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow.compute as pc
 
 from aggregations.report import figures as fig
-from aggregations.report.runs import AuditRun
+from aggregations.report.runs import AggregatesNote, AuditRun
+from aggregations.run import state_changes, store_state
 from aggregations.spray.run import SprayResult
 from aggregations.spray.run import load as load_spray
 
@@ -100,6 +103,16 @@ def report_section(run: AuditRun, group: str, max_classes: int) -> dict:
         spray = load_spray(run.aggregates.out_dir)
     except FileNotFoundError:
         return {"spray": None}
+    recorded = spray.summary.get("store_state")
+    if recorded is not None:
+        names = [name for name in recorded.get("groups", {}) if name in run.store.group_names]
+        changes = state_changes(recorded, store_state(run.store, names))
+        if changes:  # older than the store, or another store's: not shown, and the terminal says why
+            warnings.warn(AggregatesNote(
+                f"the SpRAy results in {run.aggregates.out_dir!r} are older than the store {run.url!r} "
+                f"({'; '.join(changes)}): not shown; run 'lrp-audit spray {run.url} --out {run.aggregates.out_dir}' "
+                "to include them"), stacklevel=2)
+            return {"spray": None}
     rows = [r for r in spray.classes.to_pylist() if r["group"] == group]
     if not rows:
         return {"spray": None}

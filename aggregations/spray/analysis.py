@@ -14,11 +14,20 @@ from aggregations.spray.settings import SpraySettings
 
 
 def choose_k(eigenvalues: np.ndarray, settings: SpraySettings, n: int) -> tuple[int, float, str]:
-    """(K, the eigengap after K, how K was chosen)."""
+    """(K, the eigengap after K, how K was chosen).
+
+    A given K is clamped to one less than the eigenvalues computed (min(n_eigenvalues, n - 1)): the eigengap
+    after K needs eigenvalue K + 1, and more clusters than that gave NaN scores. It then reads
+    ``given (clamped from K)``."""
     auto, _ = spectral.eigengap(eigenvalues, settings.max_clusters)
-    k = auto if settings.clusters == "auto" else min(int(settings.clusters), n - 1)
+    if settings.clusters == "auto":
+        k, chosen_by = auto, "eigengap"
+    else:
+        given = int(settings.clusters)
+        k = max(1, min(given, n - 1, len(eigenvalues) - 1))
+        chosen_by = "given" if k == given else f"given (clamped from {given})"
     gap = float(eigenvalues[k] - eigenvalues[k - 1]) if k < len(eigenvalues) else float("nan")
-    return k, gap, "eigengap" if settings.clusters == "auto" else "given"
+    return k, gap, chosen_by
 
 
 def analyse(pooled: np.ndarray, rows: dict, geometry: stats.Geometry, settings: SpraySettings) -> dict:

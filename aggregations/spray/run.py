@@ -33,7 +33,7 @@ from dask.callbacks import Callback
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from aggregations.run import default_out_dir, scheduler_options
+from aggregations.run import default_out_dir, scheduler_options, store_state
 from aggregations.spray import preprocess, read, tables
 from aggregations.spray.analysis import analyse
 from aggregations.spray.settings import SpraySettings
@@ -189,6 +189,7 @@ def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] |
     if unknown:
         raise ValueError(f"no explanation group(s) {unknown} in {store_url!r}; the store has {store.group_names}")
     out_dir = str(out_dir or default_out_dir(store_url))
+    state = store_state(store, names)  # before reading: rows written meanwhile make the results stale (report)
     per_group, seconds = {}, {}
     with scheduler_options(options.scheduler, options.num_workers) as compute_options, \
             tempfile.TemporaryDirectory(prefix="lrp-spray-", dir=options.scratch_dir) as scratch_dir:
@@ -198,6 +199,7 @@ def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] |
             seconds[name] = per_group[name]["seconds"]
     result = tables.build(out_dir, per_group, store, settings)
     result = SprayResult(out_dir, *result, seconds=seconds)
+    result.summary["store_state"] = state
     _write(result, per_group)
     return result
 
