@@ -22,6 +22,7 @@ from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
 from .dispatch import Part, PoolAborted, ShardPool
 from .lease import LeaseHeld, StoreLease
+from .paths import path_problem
 from .secrets import redact
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
@@ -66,6 +67,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     """Validate the config against the model and the dataset, and lay out the rows; raises ConfigError."""
     import lrp
 
+    problem = path_problem(config.store, "store")  # a file where the store goes, or a parent that is a file
+    if problem:
+        raise ConfigError(problem)
     for setting in config.explanations:
         try:
             lrp.make_composite(setting.composite, **setting.params)

@@ -265,11 +265,23 @@ def test_values_of_the_right_type_still_pass(tmp_path):
     assert config_from_dict({**values(tmp_path, "data"), "model": "resnet18"}).model.name == "resnet18"
 
 
-def test_a_store_under_a_file(tmp_path):
-    """The store's parent is a regular file: a configuration error naming the path, not NotADirectoryError."""
+@pytest.mark.parametrize("store, match", [("plain/run.zarr", r"plain/run.zarr' cannot be used: '.*plain' is a file"),
+                                          ("plain", r"plain' is a file, not a relevance store")],
+                         ids=["under a file", "a file"])
+def test_a_store_path_of_the_wrong_kind(tmp_path, store, match):
+    """A regular file where the store or its parent goes: a configuration error before any work, not
+    NotADirectoryError from the lease or the store."""
+    (tmp_path / "plain").write_text("not a folder")
+    refused(tmp_path, manifest(tmp_path, 1), match, store=str(tmp_path / store))
+    assert (tmp_path / "plain").read_text() == "not a folder"
+
+
+def test_a_store_that_cannot_be_written(tmp_path):
+    """An OSError the up-front check cannot foresee (here: the lease's folder is a file) names the store."""
     from pipeline.run import run
 
-    (tmp_path / "plain").write_text("not a folder")
-    config = config_from_dict(values(tmp_path, manifest(tmp_path, 1), store=str(tmp_path / "plain" / "run.zarr")))
-    with pytest.raises(ConfigError, match=r"cannot write the store .*plain/run.zarr': Not a directory"):
+    (tmp_path / "run.zarr").mkdir()
+    (tmp_path / "run.zarr" / "lrp_audit_lease").write_text("in the way")
+    config = config_from_dict(values(tmp_path, manifest(tmp_path, 1)))
+    with pytest.raises(ConfigError, match=r"cannot write the store .*run.zarr': Not a directory"):
         run(config)
