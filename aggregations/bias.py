@@ -45,6 +45,19 @@ class BiasSettings:
     min_images: int = 3  # classes with fewer images are not judged
     top_images: int = 5  # evidence: this many images that show the cue most
 
+    def __post_init__(self):
+        """Refuse a setting outside its range, naming it and its ``lrp-audit aggregate`` option, before any work."""
+        def name(field: str) -> str:
+            return f"{field} (--{field.replace('_', '-')})"
+        if not 0 < self.peak_fraction <= 1:  # NaN too
+            raise ValueError(f"{name('peak_fraction')} is a fraction of the peak, in (0, 1], not {self.peak_fraction}")
+        for field in ("max_area", "min_image_share", "min_image_fraction", "context_threshold"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise ValueError(f"{name(field)} is a fraction, in [0, 1], not {getattr(self, field)}")
+        for field in ("min_images", "top_images"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name(field)} must be >= 0, not {getattr(self, field)}")
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -114,21 +114,6 @@ def state_changes(recorded: Mapping, current: Mapping) -> list[str]:
     return changes
 
 
-def check_settings(settings: bias.BiasSettings) -> None:
-    """Refuse bias settings outside their range, naming the option (``--peak-fraction``), before any work."""
-    option = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
-    if not 0 < settings.peak_fraction <= 1:
-        raise ValueError(f"{option('peak_fraction')} is a fraction of the peak, in (0, 1], "
-                         f"not {settings.peak_fraction}")
-    for name in ("max_area", "min_image_share", "min_image_fraction", "context_threshold"):
-        value = getattr(settings, name)
-        if not 0 <= value <= 1:
-            raise ValueError(f"{option(name)} is a fraction, in [0, 1], not {value}")
-    for name in ("min_images", "top_images"):
-        if getattr(settings, name) < 0:
-            raise ValueError(f"{option(name)} must be >= 0, not {getattr(settings, name)}")
-
-
 def default_out_dir(store_url: str) -> str:
     """``runs/store.zarr`` -> ``runs/store.aggregates``: beside the store, which may be read-only."""
     return beside(store_url, ".aggregates")
@@ -272,7 +257,6 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
 
     Many parameters because: the keyword options are those of ``lrp-audit aggregate``, passed through one to one.
     """
-    check_settings(settings)
     store = open_store(store_url, storage_options=storage_options)
     out_dir = str(out_dir or default_out_dir(store_url))
     names = list(groups or store.group_names)

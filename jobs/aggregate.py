@@ -52,7 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = BiasSettings(**{name: getattr(args, name) for name in BiasSettings().as_dict()})
+    try:
+        settings = BiasSettings(**{name: getattr(args, name) for name in BiasSettings().as_dict()})
+    except ValueError as error:
+        print(f"lrp-audit aggregate: {error}", file=sys.stderr)
+        return 2
     problem = (path_problem(args.store, "store") or (path_problem(args.out, "folder") if args.out else None)
                or (path_problem(args.masks, "file") if args.masks else None))
     if problem:

@@ -218,5 +218,6 @@ def test_spray_clusters_above_a_class_rows_is_clamped_with_a_note(tmp_path, caps
 def test_peak_fraction_out_of_range_is_refused_naming_the_option(tmp_path, capsys, value):
     url = make_store(tmp_path / "s.zarr", maps(), target=TARGET)
     assert aggregate_main([url, "--peak-fraction", value]) == 2
-    assert f"--peak-fraction is a fraction of the peak, in (0, 1], not {float(value)}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"peak_fraction (--peak-fraction) is a fraction of the peak, in (0, 1], not {float(value)}" in error
     assert not (tmp_path / "s.aggregates").exists()

@@ -168,7 +168,7 @@ def _redo_options(summary: dict) -> dict | None:
     known = {f.name for f in fields(BiasSettings)}
     try:
         settings = BiasSettings(**{k: v for k, v in summary.get("settings", {}).items() if k in known})
-    except TypeError:
+    except (TypeError, ValueError):
         return None
     options = {"grid": (len(regions["row_edges"]) - 1, len(regions["col_edges"]) - 1), "settings": settings,
                "groups": list(summary.get("groups", {})) or None}
