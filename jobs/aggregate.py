@@ -13,8 +13,7 @@ import numpy as np
 from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
 from aggregations.views import DEFAULT_MEMORY_BUDGET
-from pipeline.lease import active_lease
-from pipeline.paths import path_problem
+from jobs.store_access import preflight
 from pipeline.store import StoreError
 
 
@@ -57,20 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"lrp-audit aggregate: {error}", file=sys.stderr)
         return 2
-    problem = (path_problem(args.store, "store") or (path_problem(args.out, "folder") if args.out else None)
-               or (path_problem(args.masks, "file") if args.masks else None))
-    if problem:
-        print(f"lrp-audit aggregate: {problem}", file=sys.stderr)
+    paths = [(args.store, "store"), (args.out, "folder"), (args.masks, "file")]
+    refused, note = preflight("lrp-audit aggregate", paths, [args.store], "aggregate", "aggregated", args.while_writing)
+    if refused:
         return 2
-    writer = active_lease(args.store)
-    if writer is not None and not args.while_writing:
-        print(f"lrp-audit aggregate: the store is being written by {writer.describe()}: aggregate it once that run "
-              "is done, or pass --while-writing to aggregate the rows ok so far", file=sys.stderr)
-        return 2
-    note = (f"note: aggregated while the store was being written by {writer.describe()}: only the rows ok at that "
-            "time are in it" if writer is not None else None)
-    if note:
-        print(note)
     try:
         masks = None
         if args.masks:

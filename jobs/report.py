@@ -18,6 +18,8 @@ import argparse
 import sys
 import warnings
 
+from jobs.store_access import preflight
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrp-audit report", description=__doc__.split("\n\n")[0],
@@ -41,30 +43,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_paths(args) -> str | None:
-    """The first path that cannot be what it is used as (a store that is a file, an --out that is a folder)."""
-    from pipeline.paths import path_problem
-
-    checks = [(args.store, "store"), (args.compare, "store"), (args.aggregates, "folder"),
-              (args.compare_aggregates, "folder"), (args.evaluation, "folder"), (args.out, "file")]
-    return next((problem for url, kind in checks if url for problem in [path_problem(url, kind)] if problem), None)
-
-
-def _writers(args) -> tuple[str | None, str | None]:
-    """(a refusal, a note) about explain runs writing the store or the compared store now."""
-    from pipeline.lease import active_lease
-
-    held = [(url, lease) for url in (args.store, args.compare) if url for lease in [active_lease(url)] if lease]
-    if not held:
-        return None, None
-    names = "; ".join(("the store" if url == args.store else f"the compared store {url!r}")
-                      + f" is being written by {lease.describe()}" for url, lease in held)
-    if not args.while_writing:
-        return (f"{names}: report it once that run is done, or pass --while-writing to report the rows ok so far"), None
-    return None, (f"note: reported while the store was being written ({names}): only the rows ok at that time are "
-                  "in it")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from aggregations.report import headline_text, render_report  # matplotlib, torch: after --help
@@ -72,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from aggregations.report.runs import AggregatesNote
 
-    problem = _check_paths(args)
-    refusal, note = (None, None) if problem else _writers(args)
-    if problem or refusal:
-        print(f"lrp-audit report: {problem or refusal}", file=sys.stderr)
+    refused, note = preflight("lrp-audit report", [(args.store, "store"), (args.compare, "store"),
+                                                   (args.aggregates, "folder"), (args.compare_aggregates, "folder"),
+                                                   (args.evaluation, "folder"), (args.out, "file")],
+                              [args.store, args.compare], "report", "reported", args.while_writing)
+    if refused:
         return 2
-    if note:
-        print(note)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AggregatesNote)

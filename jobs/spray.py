@@ -10,8 +10,7 @@ import sys
 from aggregations.run import default_out_dir
 from aggregations.spray import RunOptions, SpraySettings, spray
 from aggregations.spray.settings import EMBEDDINGS, METHODS, NORMALISATIONS, PCA_METHODS, parse_clusters
-from pipeline.lease import active_lease
-from pipeline.paths import path_problem
+from jobs.store_access import preflight
 from pipeline.store import StoreError
 
 
@@ -61,19 +60,10 @@ SETTING_NAMES = ("size", "normalise", "pca", "pca_method", "neighbors", "approxi
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    problem = path_problem(args.store, "store") or (path_problem(args.out, "folder") if args.out else None)
-    if problem:
-        print(f"lrp-audit spray: {problem}", file=sys.stderr)
+    refused, note = preflight("lrp-audit spray", [(args.store, "store"), (args.out, "folder")], [args.store],
+                              "analyse", "analysed", args.while_writing)
+    if refused:
         return 2
-    writer = active_lease(args.store)
-    if writer is not None and not args.while_writing:
-        print(f"lrp-audit spray: the store is being written by {writer.describe()}: analyse it once that run is done, "
-              "or pass --while-writing to analyse the rows ok so far", file=sys.stderr)
-        return 2
-    note = (f"note: analysed while the store was being written by {writer.describe()}: only the rows ok at that "
-            "time are in it" if writer is not None else None)
-    if note:
-        print(note)
     try:
         settings = SpraySettings(**{name: getattr(args, name) for name in SETTING_NAMES})
         options = RunOptions(scheduler=args.scheduler, num_workers=args.workers, progress=not args.quiet,
