@@ -181,6 +181,7 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+    values = _without_nulls(cls, values)
     try:
         check_types(cls, values)
         return cls(**values)
@@ -199,6 +200,7 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     values["model"] = _build(ModelSpec, _section(model, "model", "name"), "model")
     preprocess = _section(values.get("preprocess") or {}, "preprocess")
     from_weights = preprocess.pop("from_weights", values.get("preprocess_from_weights", False))
+    from_weights = False if from_weights is None else from_weights
     if not isinstance(from_weights, bool):
         raise ConfigError(f"preprocess.from_weights must be true or false, got {from_weights!r}")
     values["preprocess_from_weights"] = from_weights
@@ -209,6 +211,7 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
         if enum is None:
             raise ConfigError("preprocess.from_weights needs model.name with torchvision weights "
                               "(e.g. weights: DEFAULT)")
+        preprocess = _without_nulls(PreprocessSpec, preprocess)
         try:
             check_types(PreprocessSpec, preprocess)
             values["preprocess"] = PreprocessSpec.from_weights(enum, **preprocess)
@@ -232,6 +235,13 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     except ValueError as error:
         raise ConfigError(f"preprocess: {error}") from error
     return config
+
+
+def _without_nulls(cls, values: dict) -> dict:
+    """YAML ``key: null`` (or ``key:`` with nothing after it) of a key with a default means that default."""
+    defaults = {f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {key: value for key, value in values.items() if value is not None or key not in defaults}
 
 
 def _section(value, key: str, shorthand: str | None = None) -> dict:

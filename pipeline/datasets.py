@@ -177,12 +177,12 @@ def _image_folder(fs, root, source, class_names, split, skipped):
         if not _utf8(name):
             continue
         for path in sorted(fs.find(posixpath.join(root, name))):
-            if not _utf8(path):
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.append(_printable(path))
+            elif not _utf8(path):
                 not_utf8.append(path)
-            elif path.lower().endswith(IMAGE_EXTENSIONS):
-                rows.append(_sample(_full_path(fs, path), label))
             else:
-                skipped.append(path)
+                rows.append(_sample(_full_path(fs, path), label))
     if not_utf8:  # the store keeps paths as UTF-8 text: such a file could be neither stored nor skipped unseen
         raise DatasetError(f"{source!r} has {len(not_utf8)} file or folder name(s) that are not valid UTF-8, e.g. "
                            f"'{_printable(not_utf8[0])}': rename them to UTF-8 (e.g. convmv -f latin1 -t utf8 -r "
@@ -473,19 +473,18 @@ def read_image(path: str, storage_options: Mapping[str, Any] | None = None) -> t
 
 
 def _mask_array(image: Image.Image) -> np.ndarray:
-    """Inside (True) / outside of a mask image; masks are boolean by design (the store keeps one bit a pixel).
+    """Inside (True) / outside of a mask image: every pixel that is not 0 is inside, read from the file's own values.
 
-    * paletted (VOC's SegmentationClass/Object PNGs): every palette index but 0 (the background) is inside;
-    * any other mode, read as 8-bit gray: a mask whose values are all 0 or 1 (a label array saved as an image) has
-      1 inside; else a pixel is inside when its value is >= 128 (a soft or anti-aliased mask, a JPEG-compressed
-      one, thresholded at half intensity, not at its faintest non-zero edge)."""
-    if image.mode in ("P", "PA"):
-        index = np.asarray(image)
-        return (index[..., 0] if index.ndim == 3 else index) != 0
-    gray = np.asarray(_eight_bit(image).convert("L"))
-    if gray.max(initial=0) <= 1:
-        return gray == 1
-    return gray >= 128
+    Masks are boolean by design (the store keeps one bit a pixel, the aggregations ask "inside the object or not"),
+    and non-zero is the one reading that is right for every kind of mask file: 0/255 and 0/1 masks, class-index masks
+    (VOC ``SegmentationClass`` as gray or paletted, 255 the void border), colour masks (any colour channel not 0;
+    alpha ignored) and 16-bit label PNGs (their raw values, not scaled to 8 bits first). A soft or JPEG-compressed
+    mask has its faint edge inside too: threshold such a mask before the run (docs/pipeline.md)."""
+    array = np.asarray(image)
+    if array.ndim == 3:
+        colour = [i for i, band in enumerate(image.getbands()) if band != "A"]
+        return (array[..., colour] != 0).any(axis=-1)
+    return array != 0
 
 
 def read_mask(path: str, storage_options: Mapping[str, Any] | None = None) -> torch.Tensor:

@@ -37,7 +37,7 @@ class ModelSpec:
     factory: str | None = None
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
-    class_names: str | list[str] | None = None
+    class_names: str | list[str | int] | None = None  # a file, or the names (numbers are names too)
     seed: int = 0
 
     def __post_init__(self):

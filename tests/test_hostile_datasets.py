@@ -117,6 +117,16 @@ def test_a_non_utf8_file_name_in_an_image_folder_is_refused(tmp_path):
     refused(tmp_path, str(tmp_path), "not valid UTF-8")
 
 
+def test_a_non_utf8_name_of_a_file_that_is_no_image_is_only_skipped(tmp_path):
+    (tmp_path / "cat").mkdir()
+    image(tmp_path / "cat", "ok.png")
+    with open(os.path.join(os.fsencode(str(tmp_path / "cat")), b"notes caf\xe9.txt"), "wb") as file:
+        file.write(b"not an image")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) .*notes caf\\\\xe9.txt"):
+        index = load_index(str(tmp_path))
+    assert len(index) == 1 and index.skipped == (str(tmp_path / "cat" / "notes caf\\xe9.txt"),)
+
+
 def test_gif_files_are_read_and_other_files_are_counted_with_a_warning(tmp_path):
     (tmp_path / "a").mkdir()
     frames = [Image.fromarray(np.full((4, 5, 3), value, np.uint8)) for value in (10, 200)]
@@ -209,17 +219,34 @@ def test_32_bit_integer_tiffs_are_scaled_not_clipped(tmp_path):
         read_image(_tiff(tmp_path, "neg.tif", np.array([[-5, 3]], np.int32), "I"))
 
 
-def test_soft_masks_are_thresholded_at_half_intensity(tmp_path):
-    Image.fromarray(np.array([[0, 1, 127], [128, 200, 255]], np.uint8)).save(tmp_path / "soft.png")
-    assert read_mask(str(tmp_path / "soft.png")).tolist() == [[False, False, False], [True, True, True]]
-    Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8)).save(tmp_path / "label.png")  # a 0/1 label array
-    assert read_mask(str(tmp_path / "label.png")).tolist() == [[False, True], [True, False]]
+MASKS = {  # case -> (mode, pixels): each mask has 0 outside, and its other values inside
+    "0/255": ("L", [[0, 255], [255, 0]]),
+    "0/1 label array": ("L", [[0, 1], [1, 0]]),
+    "class indices with a 255 void border": ("L", [[0, 3], [15, 255]]),
+    "soft edge": ("L", [[0, 1], [127, 200]]),
+    "16-bit 0/1 labels": ("I;16", [[0, 1], [1, 0]]),
+    "colour (red, dark blue)": ("RGB", [[[0, 0, 0], [255, 0, 0]], [[0, 0, 1], [0, 0, 0]]]),
+    "RGBA with an opaque background": ("RGBA", [[[0, 0, 0, 255], [9, 0, 0, 255]], [[0, 0, 0, 255], [0, 0, 0, 0]]]),
+}
+
+
+@pytest.mark.parametrize("case", list(MASKS))
+def test_every_non_zero_mask_pixel_is_inside(tmp_path, case):
+    mode, pixels = MASKS[case]
+    array = np.array(pixels, np.uint16 if mode == "I;16" else np.uint8)
+    Image.fromarray(array).save(tmp_path / "mask.png")  # uint16: a 16-bit PNG
+    assert Image.open(tmp_path / "mask.png").mode.startswith(mode[:1])
+    inside = array[..., :3].any(axis=-1) if array.ndim == 3 else array != 0
+    mask = read_mask(str(tmp_path / "mask.png"))
+    assert mask.dtype == torch.bool and mask.tolist() == inside.tolist()
+
+
+def test_a_paletted_mask_has_every_index_but_0_inside(tmp_path):
     paletted = Image.new("P", (2, 2))
     paletted.putdata([0, 1, 2, 0])
     paletted.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])  # VOC: index 0 background, dark class colours
     paletted.save(tmp_path / "voc.png")
     assert read_mask(str(tmp_path / "voc.png")).tolist() == [[False, True], [True, False]]
-    assert read_mask(str(tmp_path / "voc.png")).dtype == torch.bool
 
 
 # ---- the CLI: exit status 2 with the message, no store ---------------------------------------------------------------

@@ -265,6 +265,21 @@ def test_values_of_the_right_type_still_pass(tmp_path):
     assert config_from_dict({**values(tmp_path, "data"), "model": "resnet18"}).model.name == "resnet18"
 
 
+def test_null_means_the_default(tmp_path):
+    """``key: null`` (or an empty value) in YAML is the key's default, as it was before values were type-checked."""
+    model = {"factory": FACTORY, "kwargs": None, "class_names": [0, 1, 2], "seed": None}
+    config = config_from_dict({**values(tmp_path, "data", model=model, storage_options=None, per_channel=None,
+                                        preprocess={"resize": 16, "pad_to_square": None, "center_crop": [16, 16]}),
+                               "dataset": {"source": "data", "storage_options": None, "split": None}})
+    assert config.model.kwargs == {} and config.model.seed == 0 and config.storage_options == {}
+    assert config.per_channel is False and config.preprocess.pad_to_square is False
+    weights = config_from_dict(values(tmp_path, "data", model={"name": "resnet18", "weights": "DEFAULT"},
+                                      preprocess={"from_weights": True, "mean": None, "resize": None}))
+    assert weights.preprocess.resize == [256] and weights.preprocess.mean == [0.485, 0.456, 0.406]
+    with pytest.raises(ConfigError, match="dataset: source must be a string, got None"):  # no default: refused
+        config_from_dict({**values(tmp_path, "data"), "dataset": {"source": None}})
+
+
 @pytest.mark.parametrize("store, match", [("plain/run.zarr", r"plain/run.zarr' cannot be used: '.*plain' is a file"),
                                           ("plain", r"plain' is a file, not a relevance store")],
                          ids=["under a file", "a file"])
