@@ -18,6 +18,7 @@ import io
 import json
 import math
 import posixpath
+import re
 import warnings
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -262,7 +263,8 @@ def _read_table(data: bytes, root: str, source: str) -> pa.Table:
             io.BytesIO(data), read_options=pa_csv.ReadOptions(use_threads=threads),
             parse_options=pa_csv.ParseOptions(invalid_row_handler=invalid),
             convert_options=pa_csv.ConvertOptions(
-                column_types={"path": pa.string(), "mask_path": pa.string(), "label": pa.string()}))
+                column_types={"path": pa.string(), "mask_path": pa.string(), "label": pa.string(),
+                              "labels": pa.string()}))
     try:
         table = read(True)
         if ragged and ragged[0].number is None:  # only the serial reader knows the line number
@@ -279,32 +281,28 @@ def _read_table(data: bytes, root: str, source: str) -> pa.Table:
     return table
 
 
+_INTEGRAL_TEXT = re.compile(r"[+-]?\d+(\.0*)?")  # "3", "-1", "2.0": the text of a class index
+
+
 def _label(value, where: str):
-    """A manifest label: a class index (int, or an integral float as pandas writes ints), a class name (str), or
-    None (missing: None, '', NaN). A non-integral number is refused."""
-    if value is None or isinstance(value, bool):
-        return None if value is None else int(value)
-    if isinstance(value, (int, np.integer)):
+    """A manifest label: a class index (an int; a whole float, as pandas writes an int column with a missing value;
+    or its text, ``3`` or ``2.0``), a class name (any other text: ``cat``, ``1e3``, ``nan``), or None (missing:
+    None, an empty cell, a NaN float). A float that is not whole (1.5, inf) is refused."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
         number = float(value)
-    else:
-        text = str(value).strip()
-        if not text:
+        if math.isnan(number):
             return None
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            number = float(text)
-        except ValueError:
-            return text  # a class name
-    if math.isnan(number):
-        return None  # pandas writes a missing int as NaN
-    if not math.isfinite(number) or number != int(number):
-        raise DatasetError(f"{where}: label {value!r} is not a class index (a whole number) nor a class name")
-    return int(number)
+        if not math.isfinite(number) or number != int(number):
+            raise DatasetError(f"{where}: label {value!r} is not a class index (a whole number) nor a class name")
+        return int(number)
+    text = str(value).strip()
+    if not text:
+        return None
+    return int(float(text)) if _INTEGRAL_TEXT.fullmatch(text) else text
 
 
 def _manifest(fs, root, source, class_names, split, skipped):

@@ -48,6 +48,17 @@ def test_integral_float_text_labels_in_a_csv_are_class_indices(tmp_path):
     assert plan_run(config_from_dict(values(tmp_path, source))).rows["label"].to_pylist() == [2, 1]
 
 
+def test_text_that_only_parses_as_a_float_is_a_class_name(tmp_path):
+    source = csv(tmp_path, f"path,label\n{image(tmp_path, 'a.png')},1e3\n{image(tmp_path, 'b.png')},nan\n")
+    assert load_index(source).class_names == ["1e3", "nan"]
+
+
+def test_a_csv_labels_column_of_single_numbers_is_read_as_text(tmp_path):
+    """pyarrow would infer int64 for a ``labels`` column whose every cell is one number: it is read as text."""
+    source = csv(tmp_path, f"path,labels\n{image(tmp_path, 'a.png')},2\n{image(tmp_path, 'b.png')},0\n")
+    assert load_index(source).samples["labels"].to_pylist() == [[2], [0]]
+
+
 def test_a_non_integral_float_label_is_refused_naming_the_row(tmp_path):
     paths = [image(tmp_path, f"{i}.png") for i in range(2)]
     refused(tmp_path, parquet(tmp_path, path=paths, label=[1.0, 1.5]),
