@@ -264,15 +264,7 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
     if unknown:
         raise ValueError(f"no explanation group(s) {unknown} in {store_url!r}; the store has {store.group_names}")
     state = store_state(store, names)  # before the scan: rows written while it runs make the outputs stale
-    if masks is not None:
-        regions = pools.from_masks(masks)
-        if (regions.height, regions.width) != (store.height, store.width):
-            raise ValueError(f"masks are {regions.height}x{regions.width}, "
-                             f"the store's maps {store.height}x{store.width}")
-    else:
-        rows, cols = pools.parse_grid(grid) if isinstance(grid, str) else grid
-        regions = pools.grid(store.height, store.width, rows, cols)
-
+    regions = _regions(store, grid, masks)
     root = _start_outputs(out_dir, regions, store.class_names, str(store_url))
     per_group, seconds = {}, {}
     with scheduler_options(scheduler, num_workers) as options:
@@ -302,6 +294,18 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
     _write(result)
     seconds["write"] = time.perf_counter() - start
     return result
+
+
+def _regions(store: RelevanceStore, grid: str | tuple[int, int],
+             masks: Mapping[str, np.ndarray] | None) -> pools.Regions:
+    """The region pools: the ``masks`` (of the store's map size), else the ``grid``."""
+    if masks is None:
+        rows, cols = pools.parse_grid(grid) if isinstance(grid, str) else grid
+        return pools.grid(store.height, store.width, rows, cols)
+    regions = pools.from_masks(masks)
+    if (regions.height, regions.width) != (store.height, store.width):
+        raise ValueError(f"masks are {regions.height}x{regions.width}, the store's maps {store.height}x{store.width}")
+    return regions
 
 
 def _heatmap_table(per_group: dict[str, GroupAggregate]) -> pa.Table:

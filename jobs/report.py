@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                               [args.store, args.compare], "report", "reported", args.while_writing)
     if refused:
         return 2
+    caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AggregatesNote)
@@ -65,16 +66,19 @@ def main(argv: list[str] | None = None) -> int:
                                 evaluation=args.evaluation)
             headline = headline_text(args.store, args.aggregates, args.group)
     except (StoreError, FileNotFoundError, KeyError, ValueError) as error:
-        print(f"lrp-audit report: {error}", file=sys.stderr)
-        return 2
+        failure = str(error)
     except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
-        print(f"lrp-audit report: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    for warning in caught:
+        failure = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+    else:
+        failure = None
+    for warning in caught:  # the notes (aggregates recomputed, of unknown age) also when the report then failed
         if issubclass(warning.category, AggregatesNote):
             print(f"note: {warning.message}")
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if failure:
+        print(f"lrp-audit report: {failure}", file=sys.stderr)
+        return 2
     print(f"report: {out}")
     print(headline)
     if note:

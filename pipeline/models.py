@@ -94,7 +94,9 @@ def weights_digest(spec: ModelSpec) -> str:
     if path is None:
         return f"random-init:seed={spec.seed}"
     digest = hashlib.sha256()
-    with fsspec.open(path, "rb") as file:
+    fs, local = fsspec.core.url_to_fs(path)
+    # a local file through open(): fsspec's local opener seeks to the end first, which a FIFO or a device refuses
+    with (open(local, "rb") if "file" in fs.protocol else fs.open(local, "rb")) as file:
         for block in iter(lambda: file.read(1 << 22), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"

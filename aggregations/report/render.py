@@ -14,6 +14,7 @@ from aggregations.report.runs import AuditRun, open_run
 from aggregations.report.spray import report_section as spray_section
 from aggregations.run import default_out_dir, load
 from pipeline.paths import beside
+from pipeline.store import open_store
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_CLASSES = 40  # per-class galleries show at most this many classes (flagged and highest-scored first)
@@ -87,7 +88,9 @@ def headline_text(store_url: str, aggregates_dir: str | None = None, group: str 
     """One line for the terminal: the top flagged class and why, that none is flagged, or that nothing could be
     audited (no ok row in the group)."""
     aggregates = load(aggregates_dir or default_out_dir(store_url))
-    group = group or next(iter(aggregates.summary.get("groups", {})), None) or aggregates.classes["group"][0].as_py()
+    if group is None:  # the store's first group, as the page leads with (summary.json's groups are sorted by name)
+        aggregated = aggregates.summary.get("groups", {})
+        group = next((name for name in open_store(store_url).group_names if name in aggregated), None)
     empty = sections.nothing_audited(aggregates.summary, group)
     if empty:
         return empty["text"]

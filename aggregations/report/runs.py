@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from aggregations.bias import BiasSettings
 from aggregations.run import AggregateResult, aggregate, default_out_dir, load, state_changes, store_state
-from pipeline.paths import local_path, normalise_url
+from pipeline.paths import normalise_url
 from pipeline.store import STATUS_OK, RelevanceStore, StoreError, open_store
 
 CLASS_IMAGES = 24  # the class-average image is the mean of at most this many of the class's images
@@ -147,20 +147,16 @@ def open_run(url: str, aggregates_dir: str | None = None, *, compute: bool = Tru
 
 def _same_location(recorded: dict, url: str) -> bool:
     """Whether ``summary.json`` names the store at ``url``, however either was spelled (relative, ``file://``,
-    trailing ``/``). Old summaries hold only the spelling given then: a relative one is compared by name."""
+    trailing ``/``). A summary from before ``store_location`` was recorded holds only the spelling given then, which a
+    move of the run folder outdates: it is compared by the store's name."""
     here = normalise_url(url)
     if recorded.get("store_location"):
         return recorded["store_location"] == here
     spelled = recorded.get("store")
-    if not spelled:
-        return True
-    path = local_path(spelled)
-    if path is not None and not os.path.isabs(path):  # relative to a working directory not known now
-        return os.path.basename(path.rstrip("/")) == os.path.basename(here)
-    return normalise_url(spelled) == here
+    return not spelled or os.path.basename(str(spelled).rstrip("/")) == os.path.basename(here)
 
 
-def _redo_options(summary: dict) -> dict | None:
+def _redo_options(summary: dict, store: RelevanceStore) -> dict | None:
     """The keyword options of :func:`aggregate` that remake these aggregates, or None (mask regions)."""
     regions = summary.get("regions", {})
     if regions.get("kind") != "grid" or "row_edges" not in regions or "col_edges" not in regions:
@@ -171,7 +167,7 @@ def _redo_options(summary: dict) -> dict | None:
     except (TypeError, ValueError):
         return None
     options = {"grid": (len(regions["row_edges"]) - 1, len(regions["col_edges"]) - 1), "settings": settings,
-               "groups": list(summary.get("groups", {})) or None}
+               "groups": [name for name in store.group_names if name in summary.get("groups", {})] or None}
     if "memory_budget" in summary:
         options["memory_budget"] = summary["memory_budget"]
     return options
@@ -179,37 +175,36 @@ def _redo_options(summary: dict) -> dict | None:
 
 def _current(url: str, store: RelevanceStore, out_dir: str, aggregates: AggregateResult, compute: bool,
              scheduler: str | None) -> AggregateResult:
-    """``aggregates`` if they describe the store as it is now; else recomputed, refused or warned about.
+    """``aggregates`` if they describe the store as it is now; else recomputed, refused or noted.
 
     Many parameters because: the store (its URL as given and opened), the aggregates (their folder and contents)
     and what may be done about stale ones (compute, scheduler) are all needed here.
     """
     summary = aggregates.summary
     recorded = summary.get("store_state")
-    changes = None
-    if recorded is not None:
-        names = [name for name in recorded.get("groups", {}) if name in store.group_names]
-        changes = state_changes(recorded, store_state(store, names))
-    if not _same_location(summary, url) and (recorded is None or changes):
+    if recorded is None:  # an older lrp-audit: used as they are (the folder may be read-only), with a note
+        if not _same_location(summary, url):
+            raise AggregatesMismatch(
+                f"the aggregates in {out_dir!r} were made from {summary.get('store')!r}, not {url!r}; pass the "
+                f"aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' to make them")
+        warnings.warn(AggregatesNote(
+            f"the aggregates in {out_dir!r} were written by an older lrp-audit that did not record the store's state: "
+            f"whether they are current cannot be told; run 'lrp-audit aggregate {url} --out {out_dir}' to be sure"),
+            stacklevel=3)
+        return aggregates
+    names = [name for name in recorded.get("groups", {}) if name in store.group_names]
+    changes = state_changes(recorded, store_state(store, names))
+    if not changes:
+        return aggregates  # the same rows, wherever the store was when they were made (a moved or copied store)
+    if not _same_location(summary, url):
         raise AggregatesMismatch(
-            f"the aggregates in {out_dir!r} belong to another store: {summary.get('store')!r}, not {url!r}; "
-            f"pass the aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' to make them")
-    if changes == []:
-        return aggregates
-    redo = _redo_options(summary) if compute else None
-    if changes:
-        what = f"the aggregates in {out_dir!r} are older than the store {url!r} ({'; '.join(changes)})"
-        if redo is None:
-            raise AggregatesMismatch(f"{what}: run 'lrp-audit aggregate {url} --out {out_dir}' with the options "
-                                     "they were made with, then the report again")
-        warnings.warn(AggregatesNote(f"{what}: recomputed with the settings they were made with"), stacklevel=3)
-        return aggregate(url, out_dir, scheduler=scheduler, **redo)
-    what = f"the aggregates in {out_dir!r} were written by an older lrp-audit that did not record the store's state"
+            f"the aggregates in {out_dir!r} were made from {summary.get('store')!r}, not {url!r}, and do not match "
+            f"it ({'; '.join(changes)}); pass the aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' "
+            "to make them")
+    what = f"the aggregates in {out_dir!r} are older than the store {url!r} ({'; '.join(changes)})"
+    redo = _redo_options(summary, store) if compute else None
     if redo is None:
-        warnings.warn(AggregatesNote(f"{what}: whether they are current cannot be told; run 'lrp-audit aggregate "
-                                     f"{url} --out {out_dir}' to be sure"), stacklevel=3)
-        return aggregates
+        raise AggregatesMismatch(f"{what}: run 'lrp-audit aggregate {url} --out {out_dir}' with the options "
+                                 "they were made with, then the report again")
     warnings.warn(AggregatesNote(f"{what}: recomputed with the settings they were made with"), stacklevel=3)
     return aggregate(url, out_dir, scheduler=scheduler, **redo)
-
-
