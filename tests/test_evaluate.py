@@ -1,6 +1,7 @@
 """AOPC numbers against hand computations, the report section, and `lrp-audit evaluate` end to end on Ray."""
 from __future__ import annotations
 
+import re
 import json
 import math
 import os
@@ -195,3 +196,12 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert main(["--config", str(config), "--steps", "65"]) == 2
     assert "only 64 regions of 4x4" in capsys.readouterr().err
     assert (tmp_path / "x.evaluation").exists() is False  # nothing is written before the plan is valid
+
+
+@pytest.mark.parametrize("key, value, said", [("steps", "5", "steps must be an integer or unset, got the string '5'"),
+                                              ("region_size", 4.5, "region_size must be an integer, got 4.5"),
+                                              ("low", "0", "low must be a number or a list of numbers or unset"),
+                                              ("sample_size", "all", "sample_size must be an integer or unset")])
+def test_evaluation_values_of_the_wrong_type_are_refused(tmp_path, key, value, said):
+    with pytest.raises(ConfigError, match=f"evaluation: {re.escape(said)}"):
+        config_from_values(values(tmp_path, **{key: value}))
