@@ -1,10 +1,10 @@
 """AOPC numbers against hand computations, the report section, and `lrp-audit evaluate` end to end on Ray."""
 from __future__ import annotations
 
-import re
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
