@@ -105,6 +105,7 @@ def _row_identity(meta: GroupMeta, stats: RowStats, evidence: BiasEvidence, sett
     columns = {"group": pa.array([meta.name] * int(ok.sum()), pa.string())}
     columns.update({key: meta[key][ok] for key in ("row", "sample_id", "path", "target", "label", "prediction",
                                                     "correct")})
+    columns["path"] = pa.array(columns["path"].tolist(), pa.string())  # typed: a group without an ok row has none
     return columns
 
 

@@ -224,3 +224,18 @@ def test_peak_fraction_out_of_range_is_refused_naming_the_option(tmp_path, capsy
     error = capsys.readouterr().err
     assert f"peak_fraction (--peak-fraction) is a fraction of the peak, in (0, 1], not {float(value)}" in error
     assert not (tmp_path / "s.aggregates").exists()
+
+
+def test_the_headline_leads_with_the_stores_first_group_as_the_page_does(tmp_path):
+    """summary.json lists groups sorted by name; the terminal headline must still describe the page's group."""
+    from aggregations.report import headline_text
+
+    url = make_store(tmp_path / "s.zarr", maps(), target=TARGET, group=["zeta", "alpha"], rows_per_shard=8)
+    relevance, target = maps(), np.asarray(TARGET)
+    open_store(url, "r+").group("alpha").write_block(  # every row of alpha failed
+        0, relevance=relevance, status=np.full(8, FAILED, np.int8), target=target, label=target, prediction=target,
+        output=relevance.sum(axis=(1, 2)), sample_id=np.arange(8), path=np.array([f"img{i:03d}.png" for i in range(8)]))
+    run.aggregate(url)
+    assert list(summary(tmp_path / "s.aggregates")["groups"]) == ["alpha", "zeta"]
+    assert "nothing could be audited" not in headline_text(url)
+    assert "nothing could be audited in 'alpha'" in headline_text(url, group="alpha")

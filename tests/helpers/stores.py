@@ -25,17 +25,18 @@ def make_store(path, relevance, *, target, label=None, prediction=None, output=N
     if mask is not None:
         arrays["mask"] = np.asarray(mask, bool)
     names = class_names or [f"class{c}" for c in range(int(target.max()) + 1)]
+    groups = [group] if isinstance(group, str) else list(group)  # several: the same rows in each, in this order
     store = RelevanceStore.create(
-        str(path), config={"test": True}, class_names=names, groups=[group], n_rows=n, height=height, width=width,
+        str(path), config={"test": True}, class_names=names, groups=groups, n_rows=n, height=height, width=width,
         rows_per_shard=rows_per_shard, max_boxes=0 if boxes is None else arrays["boxes"].shape[1],
         with_mask=mask is not None,
     )
-    g = store.group(group)
     status = np.ones(n, np.int8) if status is None else np.asarray(status, np.int8)
-    for start in range(0, n, rows_per_shard):
-        stop = min(start + rows_per_shard, n)
-        g.write_block(start, relevance=relevance[start:stop], status=status[start:stop],
-                      **{k: v[start:stop] for k, v in arrays.items()})
+    for g in map(store.group, groups):
+        for start in range(0, n, rows_per_shard):
+            stop = min(start + rows_per_shard, n)
+            g.write_block(start, relevance=relevance[start:stop], status=status[start:stop],
+                          **{k: v[start:stop] for k, v in arrays.items()})
     return str(path)
 
 
