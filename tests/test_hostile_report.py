@@ -226,15 +226,33 @@ def test_peak_fraction_out_of_range_is_refused_naming_the_option(tmp_path, capsy
     assert not (tmp_path / "s.aggregates").exists()
 
 
+def zeta_ok_alpha_failed(path: Path, n: int = 8) -> str:
+    """Two groups, ``zeta`` first (not first by name): every row of zeta ok, every row of alpha failed."""
+    target = np.asarray((TARGET * (n // 8 + 1))[:n])
+    url = make_store(path, maps(n), target=target, group=["zeta", "alpha"], rows_per_shard=n)
+    relevance = maps(n)
+    open_store(url, "r+").group("alpha").write_block(
+        0, relevance=relevance, status=np.full(n, FAILED, np.int8), target=target, label=target, prediction=target,
+        output=relevance.sum(axis=(1, 2)), sample_id=np.arange(n), path=np.array([f"img{i:03d}.png" for i in range(n)]))
+    return url
+
+
+def test_spray_and_the_virelay_export_of_a_group_without_an_ok_row(tmp_path, capsys):
+    from jobs.export_virelay import main as export_main
+
+    url = zeta_ok_alpha_failed(tmp_path / "s.zarr", 16)
+    assert spray_main([url, "--quiet", "--min-rows", "6", "--neighbors", "3", "--embedding", "none"]) == 0
+    assert "[alpha] class 0 (class0): no_rows (0 ok rows of 8" in capsys.readouterr().out
+    assert export_main([url, str(tmp_path / "v")]) == 0
+    printed = capsys.readouterr().out
+    assert "[alpha] 0 clustered classes" in printed and "[zeta] 2 clustered classes" in printed
+
+
 def test_the_headline_leads_with_the_stores_first_group_as_the_page_does(tmp_path):
     """summary.json lists groups sorted by name; the terminal headline must still describe the page's group."""
     from aggregations.report import headline_text
 
-    url = make_store(tmp_path / "s.zarr", maps(), target=TARGET, group=["zeta", "alpha"], rows_per_shard=8)
-    relevance, target = maps(), np.asarray(TARGET)
-    open_store(url, "r+").group("alpha").write_block(  # every row of alpha failed
-        0, relevance=relevance, status=np.full(8, FAILED, np.int8), target=target, label=target, prediction=target,
-        output=relevance.sum(axis=(1, 2)), sample_id=np.arange(8), path=np.array([f"img{i:03d}.png" for i in range(8)]))
+    url = zeta_ok_alpha_failed(tmp_path / "s.zarr")
     run.aggregate(url)
     assert list(summary(tmp_path / "s.aggregates")["groups"]) == ["alpha", "zeta"]
     assert "nothing could be audited" not in headline_text(url)

@@ -46,6 +46,12 @@ def safe_name(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
 
 
+def _chunked(n: int, chunk: tuple[int, ...]) -> dict:
+    """One entry a chunk, gzip'ed; an empty dataset (a group without an ok row) is left contiguous, as HDF5 allows
+    no chunk larger than the data."""
+    return {"chunks": chunk, "compression": "gzip"} if n else {}
+
+
 def exported_rows(store: RelevanceStore, groups: Sequence[str], classes: Sequence[int] | None) -> np.ndarray:
     """The store rows that become dataset entries: every row whose target is an exported class."""
     target = store.group(groups[0]).read("target")
@@ -73,7 +79,7 @@ def write_dataset(path: str, store: RelevanceStore, group: str, rows: np.ndarray
     missing = 0
     with h5py.File(path, "w") as out:
         data = out.create_dataset("data", (len(rows), 3, store.height, store.width), dtype="uint8",
-                                  chunks=(1, 3, store.height, store.width), compression="gzip")
+                                  **_chunked(len(rows), (1, 3, store.height, store.width)))
         out.create_dataset("label", data=_dataset_label(store, group, rows))
         out.create_dataset("row", data=rows.astype(np.int64))
         for start in range(0, len(rows), BLOCK):
@@ -108,7 +114,7 @@ def write_attributions(path: str, store: RelevanceStore, group: str, rows: np.nd
         shape = (store.height, store.width)
         depth = explanation.lazy("relevance_channels").shape[1] if channels else 2
         maps = out.create_dataset("attribution", (len(ok), depth, *shape), dtype="float32",
-                                  chunks=(1, depth, *shape), compression="gzip")
+                                  **_chunked(len(ok), (1, depth, *shape)))
         for start in range(0, len(ok), BLOCK):
             if channels:
                 maps[start:start + BLOCK] = explanation.read_rows("relevance_channels", ok[start:start + BLOCK])
@@ -160,7 +166,8 @@ def write_analysis(path: str, spray: SprayResult, group: str, rows: np.ndarray) 
     position = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
     position[rows] = np.arange(len(rows))
     columns = _group_columns(spray, group)
-    starts = np.flatnonzero(np.r_[True, columns["target"][1:] != columns["target"][:-1]])
+    starts = np.flatnonzero(np.r_[True, columns["target"][1:] != columns["target"][:-1]]) if len(columns["target"]) \
+        else np.zeros(0, np.int64)  # a group without an ok row has no assignments
     bounds = dict(zip(columns["target"][starts].tolist(), zip(starts, np.r_[starts[1:], len(columns["target"])])))
     written = []
     with h5py.File(path, "w") as out:
