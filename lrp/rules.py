@@ -23,6 +23,7 @@ case below a ReLU).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,16 +70,29 @@ def _divide(numerator, fresh_denominator, stabilizer: float, sign: int):
     return safe_divide(numerator, fresh_denominator, stabilizer)
 
 
+NONNEGATIVE = ("epsilon", "stabilizer", "gamma")  # the float rule parameters that cannot be negative
+
+
 class Rule:
     """Base class: ``rule(ctx, relevance) -> list of input relevances`` (None for inputs that get none).
 
-    Subclasses are frozen dataclasses; their ``float`` fields are stored as Python floats whatever number was given.
+    Subclasses are frozen dataclasses; their ``float`` fields are stored as Python floats whatever number was given,
+    and checked: finite, and ``epsilon``, ``stabilizer`` and ``gamma`` not negative (a negative or NaN epsilon would
+    silently be the exact z rule). ``bool`` fields must be booleans: the string ``"false"`` (a quoted YAML value) would
+    be true.
     """
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
             if field.type in (float, "float"):  # a string under `from __future__ import annotations`
-                object.__setattr__(self, field.name, float(getattr(self, field.name)))
+                value = float(value)
+                if not math.isfinite(value) or (field.name in NONNEGATIVE and value < 0):
+                    bound = " and >= 0" if field.name in NONNEGATIVE else ""
+                    raise ValueError(f"{type(self).__name__}: {field.name} must be finite{bound}, got {value}")
+                object.__setattr__(self, field.name, value)
+            elif field.type in (bool, "bool") and not isinstance(value, bool):
+                raise TypeError(f"{type(self).__name__}: {field.name} must be true or false, got {value!r}")
 
     def __call__(self, ctx: StepContext, relevance: torch.Tensor) -> list:
         raise NotImplementedError
@@ -298,6 +312,16 @@ class ZBox(Rule):
     high: object
     stabilizer: float = 1e-6
     include_bias: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        low, high = torch.as_tensor(self.low, dtype=torch.float64), torch.as_tensor(self.high, dtype=torch.float64)
+        try:
+            crossed = bool((low > high).any()) or not bool(torch.isfinite(low).all() and torch.isfinite(high).all())
+        except RuntimeError:  # shapes that do not broadcast: bound_image refuses them on the first batch
+            crossed = False
+        if crossed:
+            raise ValueError(f"ZBox: the box needs finite low <= high, got low {self.low} and high {self.high}")
 
     def __call__(self, ctx, relevance):
         layer, x = ctx.layer, ctx.inputs[0]

@@ -57,8 +57,17 @@ class PreprocessSpec:
         except ValueError:
             options = [mode.value for mode in InterpolationMode]
             raise ValueError(f"preprocess.interpolation {self.interpolation!r} unknown: use one of {options}") from None
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(f"preprocess.mean {self.mean} and std {self.std} need equal lengths and std > 0")
+        if len(self.mean) != len(self.std) or not all(0 < s < float("inf") for s in self.std) \
+                or not all(abs(m) < float("inf") for m in self.mean):
+            raise ValueError(f"preprocess.mean {self.mean} and std {self.std} need equal lengths, finite values and "
+                             "std > 0")
+        if self.resize and self.center_crop:  # a crop beyond the resized image pads it with black, new hard edges
+            crop = (self.center_crop[0], self.center_crop[-1])
+            smallest = (self.resize[0], self.resize[-1]) if len(self.resize) == 2 else (self.resize[0],) * 2
+            if crop[0] > smallest[0] or crop[1] > smallest[1]:
+                raise ValueError(f"preprocess.center_crop {self.center_crop} is larger than the resized image "
+                                 f"(resize {self.resize}: at least {smallest[0]}x{smallest[1]}): the crop would pad "
+                                 "it with black; crop at most the resize")
 
     @classmethod
     def from_weights(cls, weights, **overrides) -> PreprocessSpec:

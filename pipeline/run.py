@@ -167,12 +167,14 @@ def _rows(index: DatasetIndex, mode: str, classes: list, class_names: list[str])
     elif mode == "prediction":
         take, targets = np.arange(len(samples)), np.full(len(samples), -1)
     elif mode == "labels":
-        lengths = pc.list_value_length(samples["labels"]).to_numpy(zero_copy_only=False)
-        first_bad(pa.array(lengths == 0), "have no labels: use targets: label or prediction")
-        take = np.repeat(np.arange(len(samples)), lengths)
-        targets = pc.list_flatten(samples["labels"]).to_numpy()
-        if (targets >= n_classes).any():
-            raise ConfigError(f"a multi-label target is outside the model's {n_classes} classes")
+        lists = samples["labels"].to_pylist()
+        first_bad(pa.array([not labels for labels in lists]), "have no labels: use targets: label or prediction")
+        for path, labels in zip(samples["path"].to_pylist(), lists):
+            if any(not 0 <= label < n_classes for label in labels):
+                raise ConfigError(f"image {path!r} has labels {labels}, not all among the model's {n_classes} classes "
+                                  f"0..{n_classes - 1}")
+        take = np.repeat(np.arange(len(samples)), [len(labels) for labels in lists])
+        targets = np.asarray([label for labels in lists for label in labels], np.int64)
     elif mode == "classes":
         indices = []
         for value in classes:
@@ -182,6 +184,9 @@ def _rows(index: DatasetIndex, mode: str, classes: list, class_names: list[str])
                 value = class_names.index(value)
             if not 0 <= value < n_classes:
                 raise ConfigError(f"classes: target {value} is outside the model's classes 0..{n_classes - 1}")
+            if value in indices:
+                raise ConfigError(f"classes: class {value} ({class_names[value]!r}) is listed twice: every image would "
+                                  "be explained twice for it")
             indices.append(value)
         take = np.repeat(np.arange(len(samples)), len(indices))
         targets = np.tile(np.asarray(indices, np.int64), len(samples))

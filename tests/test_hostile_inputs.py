@@ -7,6 +7,7 @@ the real explain actor in this process (one shard, the real Zarr store): decodin
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import lrp
 
 from pipeline.actors import ExplainActor
 from pipeline.config import ConfigError, config_from_dict
@@ -242,6 +245,12 @@ WRONG_TYPES = {  # case -> (overrides of the test config, what the error says)
     "a fractional batch size": ({"batch_size": 2.5}, r"batch_size must be an integer, got 2.5 \(float\)"),
     "mean as a string": ({"preprocess": {"resize": 16, "pad_to_square": True, "mean": "0.5"}},
                          "mean must be a list of numbers"),
+    "an infinite std": ({"preprocess": {"resize": 16, "pad_to_square": True, "std": [float("inf")] * 3}},
+                        "need equal lengths, finite values and std > 0"),
+    "a NaN mean": ({"preprocess": {"resize": 16, "pad_to_square": True, "mean": [float("nan")] * 3}},
+                   "need equal lengths, finite values and std > 0"),
+    "a crop larger than the resize": ({"preprocess": {"resize": 16, "center_crop": 32}},
+                                      r"center_crop \[32\] is larger than the resized image .*pad it with black"),
     "explanation named '.'": ({"explanations": [{"composite": "epsilon", "name": "."}]}, "cannot name a store group"),
     "explanation named '..'": ({"explanations": [{"composite": "epsilon", "name": ".."}]}, "cannot name a store group"),
     "a composite that is a number": ({"explanations": [{"composite": 5}]}, "'composite' must be a composite name"),
@@ -300,3 +309,42 @@ def test_a_store_that_cannot_be_written(tmp_path):
     config = config_from_dict(values(tmp_path, manifest(tmp_path, 1)))
     with pytest.raises(ConfigError, match=r"cannot write the store .*run.zarr': Not a directory"):
         run(config)
+
+
+# ---- targets ------------------------------------------------------------------------------------------------------
+def test_a_multi_label_list_with_a_label_outside_the_classes(tmp_path):
+    """A -1 (or 7) in one image's labels: refused naming the image, not a failed shard that takes the good rows."""
+    source = csv(tmp_path, f'path,labels\n{image(tmp_path, "a.png")},"[1, 2]"\n{image(tmp_path, "b.png")},"[0, -1]"\n')
+    refused(tmp_path, source, r"image '.*b.png' has labels \[-1, 0\], not all among the model's 3 classes 0..2",
+            targets="labels")
+
+
+def test_a_label_repeated_in_an_images_labels_is_explained_once(tmp_path):
+    """An image's labels are a set (pipeline/datasets.py reads them sorted, each once)."""
+    source = csv(tmp_path, f'path,labels\n{image(tmp_path, "a.png")},"[2, 1, 2]"\n')
+    plan = plan_run(config_from_dict(values(tmp_path, source, targets="labels")))
+    assert plan.rows["target"].to_pylist() == [1, 2]
+
+
+def test_a_class_listed_twice_in_classes(tmp_path):
+    model = {"factory": FACTORY, "weights": save_weights(tmp_path / "w.pt"), "class_names": ["cat", "dog", "car"]}
+    refused(tmp_path, manifest(tmp_path, 1), r"classes: class 1 \('dog'\) is listed twice", targets="classes",
+            classes=["dog", 1], model=model)
+
+
+# ---- explanation parameters out of range -------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, said", [
+    ({"composite": "epsilon", "epsilon": -1}, "Epsilon: epsilon must be finite and >= 0, got -1.0"),
+    ({"composite": "epsilon", "epsilon": float("nan")}, "Epsilon: epsilon must be finite and >= 0, got nan"),
+    ({"composite": "epsilon", "include_bias": "false"}, "include_bias must be true or false, got 'false'"),
+    ({"composite": "alpha_beta", "alpha": 2, "beta": 1, "stabilizer": -1}, "stabilizer must be finite and >= 0"),
+    ({"composite": "epsilon_gamma_box", "gamma": -1, "low": -1, "high": 1}, "Gamma: gamma must be finite and >= 0"),
+    ({"composite": "epsilon_gamma_box", "low": 1, "high": -1}, "ZBox: the box needs finite low <= high"),
+], ids=["negative epsilon", "NaN epsilon", "quoted include_bias", "negative stabilizer", "negative gamma",
+        "crossed box"])
+def test_an_explanation_parameter_out_of_range(tmp_path, setting, said):
+    """Each would have run: a negative or NaN epsilon as the exact z rule, ``"false"`` as true."""
+    refused(tmp_path, manifest(tmp_path, 1), re.escape(said), explanations=[setting])
+    with pytest.raises((ValueError, TypeError), match=re.escape(said)):  # the engine's own API refuses them too
+        lrp.Explainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)),
+                      **{k: v for k, v in setting.items()})
