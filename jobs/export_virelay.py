@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.store_access import preflight
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrp-audit export-virelay", description=__doc__.split("\n\n")[0],
@@ -25,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="explanation group (repeatable; default: every group SpRAy ran on)")
     p.add_argument("--classes", type=int, nargs="+", metavar="C", help="export only these target classes")
     p.add_argument("--name", help="project name shown by ViRelAy (default: lrp-audit)")
+    p.add_argument("--while-writing", action="store_true",
+                   help="export a store that an explain run is still writing (its SpRAy results must still match)")
     return p
 
 
@@ -33,11 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     from aggregations.spray.virelay import export  # h5py, the image reader: after --help
     from pipeline.store import StoreError
 
+    refused, _ = preflight("lrp-audit export-virelay", [(args.store, "store"), (args.out, "folder"),
+                                                         (args.spray, "folder")],
+                           [args.store], "export", "exported", args.while_writing)
+    if refused:
+        return 2
     try:
         written = export(args.store, args.out, spray_dir=args.spray, groups=args.groups, classes=args.classes,
                          name=args.name)
     except (StoreError, ValueError, FileNotFoundError, KeyError) as error:
         print(f"lrp-audit export-virelay: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
+        print(f"lrp-audit export-virelay: {error.strerror or error}: {error.filename or ''}".rstrip(": "),
+              file=sys.stderr)
         return 2
     print(f"wrote {written['rows']} dataset entries ({written['missing_images']} images unreadable, stored black)")
     for group, classes in written["classes"].items():

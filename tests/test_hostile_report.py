@@ -257,3 +257,37 @@ def test_the_headline_leads_with_the_stores_first_group_as_the_page_does(tmp_pat
     assert list(summary(tmp_path / "s.aggregates")["groups"]) == ["alpha", "zeta"]
     assert "nothing could be audited" not in headline_text(url)
     assert "nothing could be audited in 'alpha'" in headline_text(url, group="alpha")
+
+
+# ---- export-virelay ------------------------------------------------------------------------------------------------
+def sprayed(path: Path) -> str:
+    url = make_store(path, maps(16), target=[0] * 8 + [1] * 8, rows_per_shard=8)
+    assert spray_main([url, "--quiet", "--min-rows", "6", "--neighbors", "3", "--embedding", "none"]) == 0
+    return url
+
+
+def test_export_refuses_spray_results_older_than_the_store_or_of_another_store(tmp_path, capsys):
+    from jobs.export_virelay import main as export_main
+
+    url = sprayed(tmp_path / "a.zarr")
+    other = make_store(tmp_path / "b.zarr", maps(16)[::-1], target=[0] * 8 + [1] * 8, rows_per_shard=8)
+    capsys.readouterr()
+    assert export_main([other, str(tmp_path / "vb"), "--spray", str(tmp_path / "a.aggregates")]) == 2
+    assert "do not describe the store" in capsys.readouterr().err and not (tmp_path / "vb").exists()
+    finish(url, status=FAILED, start=0, n=8)  # class 0's rows failed on a retry, after the SpRAy run
+    assert export_main([url, str(tmp_path / "va")]) == 2
+    error = capsys.readouterr().err
+    assert "16 -> 8 ok, 0 -> 8 failed" in error and "run 'lrp-audit spray" in error
+
+
+def test_export_refuses_classes_the_store_has_not_and_out_paths_of_the_wrong_kind(tmp_path, capsys):
+    from jobs.export_virelay import main as export_main
+
+    url = sprayed(tmp_path / "a.zarr")
+    (tmp_path / "plain").write_text("a file")
+    capsys.readouterr()
+    assert export_main([url, str(tmp_path / "v"), "--classes", "7"]) == 2
+    assert "--classes [7]: no row of the store has such a target (targets: 0, 1)" in capsys.readouterr().err
+    for out in ("plain", "plain/v"):
+        assert export_main([url, str(tmp_path / out)]) == 2
+        assert "is a file" in capsys.readouterr().err

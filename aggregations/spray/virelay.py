@@ -55,8 +55,13 @@ def _chunked(n: int, chunk: tuple[int, ...]) -> dict:
 def exported_rows(store: RelevanceStore, groups: Sequence[str], classes: Sequence[int] | None) -> np.ndarray:
     """The store rows that become dataset entries: every row whose target is an exported class."""
     target = store.group(groups[0]).read("target")
-    wanted = np.unique(target[target >= 0]) if classes is None else np.asarray(classes)
-    return np.flatnonzero(np.isin(target, wanted))
+    present = np.unique(target[target >= 0])
+    if classes is not None:
+        missing = sorted(set(int(c) for c in classes) - set(present.tolist()))
+        if missing:
+            raise ValueError(f"--classes {missing}: no row of the store has such a target (targets: "
+                             f"{', '.join(map(str, present.tolist()[:20]))}{', ...' if len(present) > 20 else ''})")
+    return np.flatnonzero(np.isin(target, present if classes is None else np.asarray(classes)))
 
 
 def _dataset_label(store: RelevanceStore, group: str, rows: np.ndarray) -> np.ndarray:
@@ -209,12 +214,20 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
            classes: Sequence[int] | None = None, name: str | None = None) -> dict:
     """Write the ViRelAy project of a store and its SpRAy results (``lrp-audit spray``) into ``out_dir`` (a
     local folder: h5py writes local files). Returns what was written: project files, rows, missing images."""
-    from aggregations.run import default_out_dir
+    from aggregations.run import default_out_dir, state_changes, store_state
     from aggregations.spray.run import load
     from pipeline.store import open_store
 
     store = open_store(store_url)
-    spray = load(spray_dir or default_out_dir(store_url))
+    spray_dir = spray_dir or default_out_dir(store_url)
+    spray = load(spray_dir)
+    recorded = spray.summary.get("store_state")
+    if recorded is not None:  # results of another store, or older than this one, would be attached to its maps
+        changes = state_changes(recorded, store_state(store, [g for g in recorded.get("groups", {})
+                                                             if g in store.group_names]))
+        if changes:
+            raise ValueError(f"the SpRAy results in {spray_dir!r} do not describe the store {store_url!r} as it is "
+                             f"({'; '.join(changes)}): run 'lrp-audit spray {store_url} --out {spray_dir}' again")
     done = sorted(set(spray.classes["group"].to_pylist()))
     names = list(groups or done)
     unknown = sorted(set(names) - set(done))
