@@ -38,6 +38,7 @@ from .datasets import read_image
 from .dispatch import Part, ShardPool
 from .models import build_model
 from .paths import join_url as _join
+from .paths import path_problem
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
 from .run import RunPlan, plan_run, software_versions
@@ -120,6 +121,9 @@ def config_from_values(values: dict[str, Any]) -> EvaluationConfig:
     out = section.pop("out", None)
     if not out:
         raise ConfigError("the evaluation needs an output path: evaluation.out (or --out)")
+    problem = path_problem(str(out), "folder")
+    if problem:
+        raise ConfigError(f"evaluation.out: {problem}")
     values.setdefault("store", out)  # explain's config requires one; the evaluation never writes a store
     values.setdefault("targets", "prediction")
     values.setdefault("rows_per_shard", DEFAULT_ROWS_PER_SHARD)
@@ -288,6 +292,11 @@ def plan_evaluation(config: EvaluationConfig) -> EvaluationPlan:
         config.perturbation.num_steps(run_plan.height, run_plan.width)
     except ValueError as error:
         raise ConfigError(f"evaluation: {error}") from error
+    for name in ("low", "high"):  # the images are RGB (pipeline/datasets.py): one bound, or one per channel
+        bound = getattr(config.perturbation, name)
+        if bound is not None and np.atleast_1d(bound).size not in (1, 3):
+            raise ConfigError(f"evaluation: {name} {bound} needs 1 value or 3 (one per RGB channel), "
+                              f"got {np.atleast_1d(bound).size}")
     rows = run_plan.rows
     if config.sample_size is not None and config.sample_size < rows.num_rows:
         rng = np.random.default_rng(config.perturbation.seed)

@@ -69,12 +69,24 @@ class PerturbationSpec:
             raise ValueError("give both low and high (the input range for uniform noise), or neither")
         if int(self.forward_batch) < 1:
             raise ValueError(f"forward_batch must be at least 1, got {self.forward_batch}")
-        if self.blur_sigma is not None and float(self.blur_sigma) <= 0:
-            raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
+        if self.blur_sigma is not None and not 0 < float(self.blur_sigma) < math.inf:  # NaN too
+            raise ValueError(f"blur_sigma must be positive and finite, got {self.blur_sigma}")
+        if not math.isfinite(float(self.value)):
+            raise ValueError(f"value (the constant perturbation) must be finite, got {self.value}")
+        if int(self.seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         for name in ("low", "high"):  # lists from YAML/JSON become tuples: the spec stays hashable
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.low is not None:
+            low, high = np.atleast_1d(np.asarray(self.low, float)), np.atleast_1d(np.asarray(self.high, float))
+            if not (np.isfinite(low).all() and np.isfinite(high).all()):
+                raise ValueError(f"low {self.low} and high {self.high} must be finite")
+            if low.size != high.size and 1 not in (low.size, high.size):
+                raise ValueError(f"low {self.low} and high {self.high}: give one value or one per channel each")
+            if (low > high).any():
+                raise ValueError(f"low {self.low} must not exceed high {self.high}")
 
     def num_regions(self, height: int, width: int) -> int:
         s = int(self.region_size)

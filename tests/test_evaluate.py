@@ -205,3 +205,32 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
 def test_evaluation_values_of_the_wrong_type_are_refused(tmp_path, key, value, said):
     with pytest.raises(ConfigError, match=f"evaluation: {re.escape(said)}"):
         config_from_values(values(tmp_path, **{key: value}))
+
+
+@pytest.mark.parametrize("evaluation, said", [
+    ({"seed": -1}, "evaluation: seed must be >= 0, got -1"),
+    ({"perturbation": "constant", "value": float("nan")}, "value (the constant perturbation) must be finite"),
+    ({"perturbation": "blur", "blur_sigma": float("nan")}, "blur_sigma must be positive and finite"),
+    ({"low": float("nan"), "high": 1.0}, "must be finite"),
+    ({"low": 1.0, "high": -1.0}, "low 1.0 must not exceed high -1.0"),
+], ids=["negative seed", "NaN value", "NaN blur", "NaN low", "crossed bounds"])
+def test_evaluation_values_out_of_range_are_refused(tmp_path, evaluation, said):
+    """Each passed planning before: every shard then failed (seed -1, recorded so that reruns failed too), or every
+    curve was nonfinite."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        config_from_values(values(tmp_path, **evaluation))
+
+
+def test_evaluation_bounds_of_another_channel_count_are_refused_in_planning(tmp_path):
+    config = config_from_values(values(tmp_path, low=[0.0, 0.0], high=[1.0, 1.0]))
+    with pytest.raises(ConfigError, match=r"low \(0.0, 0.0\) needs 1 value or 3 \(one per RGB channel\), got 2"):
+        plan_evaluation(config)
+
+
+@pytest.mark.parametrize("out, said", [("plain", "'.*plain' is a file, not a folder"),
+                                       ("plain/ev", ".*plain/ev' cannot be used: '.*plain' is a file")],
+                         ids=["a file", "under a file"])
+def test_an_evaluation_out_of_the_wrong_kind_is_refused(tmp_path, out, said):
+    (tmp_path / "plain").write_text("a file")
+    with pytest.raises(ConfigError, match=f"evaluation.out: {said}"):
+        config_from_values({**values(tmp_path), "evaluation": {"out": str(tmp_path / out)}})
