@@ -86,3 +86,22 @@ def test_the_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--quick"]) == 2
     assert "not a demo folder" in capsys.readouterr().err
     assert (tmp_path / "data" / "thesis.tex").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags, said", [(["--epochs", "0"], "--epochs must be at least 1, got 0"),
+                                         (["--train-per-class", "-5"], "--train-per-class must be at least 1, got -5"),
+                                         (["--audit-per-class", "0"], "--audit-per-class must be at least 1, got 0")])
+def test_the_demo_refuses_counts_below_one_before_any_work(tmp_path, capsys, flags, said):
+    """0 was silently the default (``args.x or default``), a negative count a traceback after the data was made."""
+    from jobs.demo import main
+
+    assert main(["--out", str(tmp_path / "d"), "--quick", *flags]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_the_demo_refuses_an_out_under_a_file(tmp_path, capsys):
+    from jobs.demo import main
+
+    (tmp_path / "plain").write_text("a file")
+    assert main(["--out", str(tmp_path / "plain" / "d"), "--quick"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -89,6 +89,15 @@ def tag_finding(aggregates_dir: str, group: str, tag_class: str, tag_box) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from pipeline.paths import path_problem
+
+    problem = path_problem(args.out, "folder") or next(
+        (f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+         for name in ("epochs", "train_per_class", "audit_per_class")
+         if getattr(args, name) is not None and getattr(args, name) < 1), None)
+    if problem:
+        print(f"lrp-audit demo: {problem}", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     if not _claim_folder(out):
         return 2
@@ -99,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     def step(text: str) -> None:
         print(f"[{time.perf_counter() - began:5.0f}s] {text}", flush=True)
 
-    spec = synthetic.SyntheticSpec(train_per_class=args.train_per_class or (150 if args.quick else 250),
-                                   audit_per_class=args.audit_per_class or (30 if args.quick else 60), seed=args.seed)
+    def given(value, default):
+        return default if value is None else value
+
+    spec = synthetic.SyntheticSpec(train_per_class=given(args.train_per_class, 150 if args.quick else 250),
+                                   audit_per_class=given(args.audit_per_class, 30 if args.quick else 60),
+                                   seed=args.seed)
     data = generate_data(out, spec, args.compare, step)
     models = {"tagged": "train"} | ({"clean": "train_clean"} if args.compare else {})
-    accuracy = train_models(out, data, models, args.epochs or 10, args.seed, step)
+    accuracy = train_models(out, data, models, given(args.epochs, 10), args.seed, step)
     settings = SWEEP if args.sweep else SWEEP[:1]
     stores = {}
     for model_name in models:
