@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
          for name in ("epochs", "train_per_class", "audit_per_class")
          if getattr(args, name) is not None and getattr(args, name) < 1), None)
+    if problem is None and args.seed < 0:  # the data's random streams take non-negative seeds only
+        problem = f"--seed must be >= 0, got {args.seed}"
     if problem:
         print(f"lrp-audit demo: {problem}", file=sys.stderr)
         return 2
