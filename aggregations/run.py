@@ -98,6 +98,12 @@ def store_state(store: RelevanceStore, names: Sequence[str] | None = None) -> di
     return {"config": hashlib.sha256(canonical_json(identity).encode()).hexdigest(), "groups": groups}
 
 
+def changes_since(recorded: Mapping, store: RelevanceStore) -> list[str]:
+    """How ``store`` changed since its :func:`store_state` was ``recorded`` (by aggregate or spray); [] when not."""
+    names = [name for name in recorded.get("groups", {}) if name in store.group_names]
+    return state_changes(recorded, store_state(store, names))
+
+
 def state_changes(recorded: Mapping, current: Mapping) -> list[str]:
     """How the store changed since ``recorded`` (both from :func:`store_state`), one phrase each; [] when not."""
     if recorded.get("config") != current.get("config"):

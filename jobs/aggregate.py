@@ -14,6 +14,7 @@ from aggregations.bias import BiasSettings
 from aggregations.run import aggregate, default_out_dir
 from aggregations.views import DEFAULT_MEMORY_BUDGET
 from jobs.store_access import preflight
+from pipeline.paths import os_reason
 from pipeline.store import StoreError
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrp-audit aggregate: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
-        print(f"lrp-audit aggregate: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(f"lrp-audit aggregate: {os_reason(error)}", file=sys.stderr)
         return 2
 
     for group, counts in result.summary["groups"].items():

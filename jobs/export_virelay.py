@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from jobs.store_access import preflight
+from pipeline.paths import os_reason
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrp-audit export-virelay: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
-        print(f"lrp-audit export-virelay: {error.strerror or error}: {error.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+        print(f"lrp-audit export-virelay: {os_reason(error)}", file=sys.stderr)
         return 2
     print(f"wrote {written['rows']} dataset entries ({written['missing_images']} images unreadable, stored black)")
     for group, classes in written["classes"].items():

@@ -19,6 +19,7 @@ import sys
 import warnings
 
 from jobs.store_access import preflight
+from pipeline.paths import os_reason
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, FileNotFoundError, KeyError, ValueError) as error:
         failure = str(error)
     except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
-        failure = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+        failure = os_reason(error)
     else:
         failure = None
     for warning in caught:  # the notes (aggregates recomputed, of unknown age) also when the report then failed

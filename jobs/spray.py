@@ -11,6 +11,7 @@ from aggregations.run import default_out_dir
 from aggregations.spray import RunOptions, SpraySettings, spray
 from aggregations.spray.settings import EMBEDDINGS, METHODS, NORMALISATIONS, PCA_METHODS, parse_clusters
 from jobs.store_access import preflight
+from pipeline.paths import os_reason
 from pipeline.store import StoreError
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrp-audit spray: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path the checks above could not foresee (permissions, a full disk)
-        print(f"lrp-audit spray: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(f"lrp-audit spray: {os_reason(error)}", file=sys.stderr)
         return 2
     for row in sorted(result.classes.to_pylist(), key=lambda r: (r["group"], r["split_rank"] < 0, r["split_rank"])):
         if row["status"] != "clustered":

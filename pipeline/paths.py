@@ -37,6 +37,11 @@ def normalise_url(url: str) -> str:
     return str(url).rstrip("/")
 
 
+def os_reason(error: OSError) -> str:
+    """``Not a directory: '/data/file/run.zarr/zarr.json'``: the reason and the path the system refused, in one line."""
+    return f"{error.strerror}: {error.filename!r}" if error.strerror and error.filename else str(error)
+
+
 def path_problem(url: str, expect: str) -> str | None:
     """Why the local ``url`` cannot be the ``expect`` ("store", "folder" or "file") a job reads or writes, in one
     sentence; None when it can, or when it is not local (other filesystems report their own errors)."""

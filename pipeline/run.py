@@ -22,7 +22,7 @@ from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
 from .dispatch import Part, PoolAborted, ShardPool
 from .lease import LeaseHeld, StoreLease
-from .paths import path_problem
+from .paths import os_reason, path_problem
 from .secrets import redact
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
@@ -213,12 +213,8 @@ def create_store(plan: RunPlan) -> RelevanceStore:
     except StoreError as error:
         raise ConfigError(str(error)) from error
     except OSError as error:
-        raise ConfigError(f"cannot write the store {config.store!r}: {_os_reason(error)}") from error
+        raise ConfigError(f"cannot write the store {config.store!r}: {os_reason(error)}") from error
 
-
-def _os_reason(error: OSError) -> str:
-    """``Not a directory: '/data/file/run.zarr/zarr.json'``: the reason and the path the system refused."""
-    return f"{error.strerror}: {error.filename!r}" if error.strerror and error.filename else str(error)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -333,7 +329,7 @@ def run(config: RunConfig, use_gpu: bool | None = None) -> RunSummary:
     except LeaseHeld as error:
         raise ConfigError(str(error)) from None
     except OSError as error:  # a parent that is a file, no permission, a read-only filesystem
-        raise ConfigError(f"cannot write the store {config.store!r}: {_os_reason(error)}") from error
+        raise ConfigError(f"cannot write the store {config.store!r}: {os_reason(error)}") from error
     try:
         store = create_store(plan)
         lease.renew()  # a store laid out anew cleared its folder, the lease with it

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from aggregations.bias import BiasSettings
-from aggregations.run import AggregateResult, aggregate, default_out_dir, load, state_changes, store_state
+from aggregations.run import AggregateResult, aggregate, changes_since, default_out_dir, load
 from pipeline.paths import normalise_url
 from pipeline.store import STATUS_OK, RelevanceStore, StoreError, open_store
 
@@ -192,8 +192,7 @@ def _current(url: str, store: RelevanceStore, out_dir: str, aggregates: Aggregat
             f"whether they are current cannot be told; run 'lrp-audit aggregate {url} --out {out_dir}' to be sure"),
             stacklevel=3)
         return aggregates
-    names = [name for name in recorded.get("groups", {}) if name in store.group_names]
-    changes = state_changes(recorded, store_state(store, names))
+    changes = changes_since(recorded, store)
     if not changes:
         return aggregates  # the same rows, wherever the store was when they were made (a moved or copied store)
     if not _same_location(summary, url):

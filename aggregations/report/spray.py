@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from aggregations.report import figures as fig
 from aggregations.report.runs import AggregatesNote, AuditRun
-from aggregations.run import state_changes, store_state
+from aggregations.run import changes_since
 from aggregations.spray.run import SprayResult
 from aggregations.spray.run import load as load_spray
 
@@ -105,8 +105,7 @@ def report_section(run: AuditRun, group: str, max_classes: int) -> dict:
         return {"spray": None}
     recorded = spray.summary.get("store_state")
     if recorded is not None:
-        names = [name for name in recorded.get("groups", {}) if name in run.store.group_names]
-        changes = state_changes(recorded, store_state(run.store, names))
+        changes = changes_since(recorded, run.store)
         if changes:  # older than the store, or another store's: not shown, and the terminal says why
             warnings.warn(AggregatesNote(
                 f"the SpRAy results in {run.aggregates.out_dir!r} are older than the store {run.url!r} "

@@ -214,7 +214,7 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
            classes: Sequence[int] | None = None, name: str | None = None) -> dict:
     """Write the ViRelAy project of a store and its SpRAy results (``lrp-audit spray``) into ``out_dir`` (a
     local folder: h5py writes local files). Returns what was written: project files, rows, missing images."""
-    from aggregations.run import default_out_dir, state_changes, store_state
+    from aggregations.run import changes_since, default_out_dir
     from aggregations.spray.run import load
     from pipeline.store import open_store
 
@@ -223,8 +223,7 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     spray = load(spray_dir)
     recorded = spray.summary.get("store_state")
     if recorded is not None:  # results of another store, or older than this one, would be attached to its maps
-        changes = state_changes(recorded, store_state(store, [g for g in recorded.get("groups", {})
-                                                             if g in store.group_names]))
+        changes = changes_since(recorded, store)
         if changes:
             raise ValueError(f"the SpRAy results in {spray_dir!r} do not describe the store {store_url!r} as it is "
                              f"({'; '.join(changes)}): run 'lrp-audit spray {store_url} --out {spray_dir}' again")
