@@ -11,8 +11,9 @@ but Gradient x Input keeps it in the denominator). Float64, random init, 32x32 i
 lxt is not a dev dependency: lxt 2.1 pulls in accelerate, bitsandbytes, open_clip_torch and timm (``pip install
 --dry-run lxt==2.1``), and its ``lxt.efficient`` package does not import with transformers 5; the test skips without it.
 The same rules rebuilt without lxt (``tests/helpers/lxt_recipe.py``) are checked always, and against lxt where it is.
-captum (a dev dependency) checks the gradient baselines only: captum's LRP has no rules for SiLU, Hardswish,
-LayerNorm or attention and hooks modules, so residual sums would get a gradient. Measured: lxt agreement 4.8e-8
+captum (a dev dependency) checks the gradient baselines here: captum's LRP has no rules for SiLU, Hardswish,
+LayerNorm or attention and hooks modules, so residual sums would get a gradient (its LRP is compared on the models it
+explains in ``tests/test_lrp_captum.py``). Measured: lxt agreement 4.8e-8
 (AttnLRP) and 4.6e-8 (CP-LRP), the difference being lxt's 1e-10 in its identity rule on GELU.
 """
 from __future__ import annotations
