@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from aggregations.bias import BiasSettings
-from aggregations.run import AggregateResult, aggregate, changes_since, default_out_dir, load
+from aggregations.run import AggregateResult, aggregate, default_out_dir, load, state_changes, store_state
 from pipeline.paths import normalise_url
 from pipeline.store import STATUS_OK, RelevanceStore, StoreError, open_store
 
@@ -76,13 +76,18 @@ class ImageReader:
 
 @dataclass
 class AuditRun:
-    """A store, its aggregates and a way to read its images: everything one report column needs."""
+    """A store, its aggregates and a way to read its images: everything one report column needs.
+
+    ``state``: the store's :func:`~aggregations.run.store_state`, read once when the run is opened, against which
+    the aggregates and the SpRAy results are checked.
+    """
 
     url: str
     store: RelevanceStore
     aggregates: AggregateResult
     images: ImageReader
     label: str
+    state: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
 
     def rows(self, group: str) -> pa.Table:
@@ -133,6 +138,7 @@ def open_run(url: str, aggregates_dir: str | None = None, *, compute: bool = Tru
     used with an :class:`AggregatesNote` warning that their age is unknown.
     """
     store = open_store(url)
+    state = store_state(store)
     out_dir = str(aggregates_dir or default_out_dir(url))
     try:
         aggregates = load(out_dir)
@@ -141,8 +147,8 @@ def open_run(url: str, aggregates_dir: str | None = None, *, compute: bool = Tru
             raise
         aggregates = aggregate(url, out_dir, scheduler=scheduler)
     else:
-        aggregates = _current(url, store, out_dir, aggregates, compute, scheduler)
-    return AuditRun(url, store, aggregates, ImageReader(store), label or model_label(store, url))
+        aggregates = _current(url, state, out_dir, aggregates, compute, scheduler)
+    return AuditRun(url, store, aggregates, ImageReader(store), label or model_label(store, url), state=state)
 
 
 def _same_location(recorded: dict, url: str) -> bool:
@@ -156,7 +162,7 @@ def _same_location(recorded: dict, url: str) -> bool:
     return not spelled or os.path.basename(str(spelled).rstrip("/")) == os.path.basename(here)
 
 
-def _redo_options(summary: dict, store: RelevanceStore) -> dict | None:
+def _redo_options(summary: dict, group_names: list[str]) -> dict | None:
     """The keyword options of :func:`aggregate` that remake these aggregates, or None (mask regions)."""
     regions = summary.get("regions", {})
     if regions.get("kind") != "grid" or "row_edges" not in regions or "col_edges" not in regions:
@@ -167,17 +173,18 @@ def _redo_options(summary: dict, store: RelevanceStore) -> dict | None:
     except (TypeError, ValueError):
         return None
     options = {"grid": (len(regions["row_edges"]) - 1, len(regions["col_edges"]) - 1), "settings": settings,
-               "groups": [name for name in store.group_names if name in summary.get("groups", {})] or None}
+               "groups": [name for name in group_names if name in summary.get("groups", {})] or None}
     if "memory_budget" in summary:
         options["memory_budget"] = summary["memory_budget"]
     return options
 
 
-def _current(url: str, store: RelevanceStore, out_dir: str, aggregates: AggregateResult, compute: bool,
+def _current(url: str, state: dict, out_dir: str, aggregates: AggregateResult, compute: bool,
              scheduler: str | None) -> AggregateResult:
-    """``aggregates`` if they describe the store as it is now; else recomputed, refused or noted.
+    """``aggregates`` if they describe the store as it is now (``state``: its :func:`store_state`); else
+    recomputed, refused or noted.
 
-    Many parameters because: the store (its URL as given and opened), the aggregates (their folder and contents)
+    Many parameters because: the store (its URL and its state), the aggregates (their folder and contents)
     and what may be done about stale ones (compute, scheduler) are all needed here.
     """
     summary = aggregates.summary
@@ -192,7 +199,7 @@ def _current(url: str, store: RelevanceStore, out_dir: str, aggregates: Aggregat
             f"whether they are current cannot be told; run 'lrp-audit aggregate {url} --out {out_dir}' to be sure"),
             stacklevel=3)
         return aggregates
-    changes = changes_since(recorded, store)
+    changes = state_changes(recorded, state)
     if not changes:
         return aggregates  # the same rows, wherever the store was when they were made (a moved or copied store)
     if not _same_location(summary, url):
@@ -201,7 +208,7 @@ def _current(url: str, store: RelevanceStore, out_dir: str, aggregates: Aggregat
             f"it ({'; '.join(changes)}); pass the aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' "
             "to make them")
     what = f"the aggregates in {out_dir!r} are older than the store {url!r} ({'; '.join(changes)})"
-    redo = _redo_options(summary, store) if compute else None
+    redo = _redo_options(summary, list(state["groups"])) if compute else None
     if redo is None:
         raise AggregatesMismatch(f"{what}: run 'lrp-audit aggregate {url} --out {out_dir}' with the options "
                                  "they were made with, then the report again")

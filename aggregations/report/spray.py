@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from aggregations.report import figures as fig
 from aggregations.report.runs import AggregatesNote, AuditRun
-from aggregations.run import changes_since
+from aggregations.run import state_changes
 from aggregations.spray.run import SprayResult
 from aggregations.spray.run import load as load_spray
 
@@ -105,7 +105,7 @@ def report_section(run: AuditRun, group: str, max_classes: int) -> dict:
         return {"spray": None}
     recorded = spray.summary.get("store_state")
     if recorded is not None:
-        changes = changes_since(recorded, run.store)
+        changes = state_changes(recorded, run.state)
         if changes:  # older than the store, or another store's: not shown, and the terminal says why
             warnings.warn(AggregatesNote(
                 f"the SpRAy results in {run.aggregates.out_dir!r} are older than the store {run.url!r} "
