@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config_types import check_types
+from .config_types import check_types, paths_as_text
 from .models import ModelError, ModelSpec
 from .preprocess import PreprocessSpec
 
@@ -190,8 +190,9 @@ def _build(cls, values: dict, where: str):
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """A RunConfig from plain values (parsed YAML merged with CLI flags)."""
-    values = dict(values)
+    """A RunConfig from plain values (parsed YAML merged with CLI flags, or a dict built in Python: paths may be
+    ``pathlib.Path``)."""
+    values = paths_as_text(dict(values))
     for key in ("dataset", "model", "store"):
         if not values.get(key):
             raise ConfigError(f"the config needs '{key}' (see docs/pipeline.md for an example)")

@@ -7,6 +7,7 @@ what it should be, before anything runs; values built in Python (``RunConfig(...
 """
 from __future__ import annotations
 
+import os
 import types
 import typing
 from typing import Any, Union
@@ -20,6 +21,18 @@ def check_types(cls, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key in hints and not _fits(value, hints[key]):
             raise TypeError(f"{key} must be {_describe(hints[key])}, got {_shown(value, hints[key])}")
+
+
+def paths_as_text(values):
+    """``values`` with every ``os.PathLike`` (a ``pathlib.Path`` from Python callers) as its string, nested too:
+    the config holds paths as text (URLs and local paths alike), and a Path is a path, not a wrong type."""
+    if isinstance(values, os.PathLike):
+        return os.fspath(values)
+    if isinstance(values, dict):
+        return {key: paths_as_text(value) for key, value in values.items()}
+    if isinstance(values, (list, tuple)):
+        return type(values)(paths_as_text(value) for value in values)
+    return values
 
 
 def _fits(value, hint) -> bool:

@@ -32,7 +32,7 @@ import torch
 
 from .actors import claim_cpus
 from .batches import Sample, ShardReader
-from .config_types import check_types
+from .config_types import check_types, paths_as_text
 from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
 from .dispatch import Part, ShardPool
@@ -116,7 +116,7 @@ def config_from_values(values: dict[str, Any]) -> EvaluationConfig:
     and :data:`DEFAULT_METHODS`. Missing input bounds (uniform noise, ``epsilon_gamma_box``'s low/high) come
     from the preprocessing: the range of normalized [0, 1] pixels.
     """
-    values = dict(values)
+    values = paths_as_text(dict(values))
     section = dict(values.pop("evaluation", None) or {})
     out = section.pop("out", None)
     if not out:

@@ -274,6 +274,20 @@ def test_values_of_the_right_type_still_pass(tmp_path):
     assert config_from_dict({**values(tmp_path, "data"), "model": "resnet18"}).model.name == "resnet18"
 
 
+def test_pathlib_paths_from_python_callers_are_paths(tmp_path):
+    """A dict built in Python may hold ``pathlib.Path`` values (the store, the manifest, the weights): they are the
+    same config as their strings, not a wrong type; ``evaluate``'s config too."""
+    from pipeline.evaluation import config_from_values
+
+    text = values(tmp_path, manifest(tmp_path, 1))
+    as_paths = {**text, "store": tmp_path / "run.zarr", "dataset": {"source": Path(text["dataset"]["source"])},
+                "model": {**text["model"], "weights": Path(text["model"]["weights"])}}
+    assert config_from_dict(as_paths) == config_from_dict(text)
+    assert isinstance(config_from_dict(as_paths).store, str)
+    evaluation = config_from_values({**as_paths, "evaluation": {"out": tmp_path / "eval"}})
+    assert evaluation == config_from_values({**text, "evaluation": {"out": str(tmp_path / "eval")}})
+
+
 def test_null_means_the_default(tmp_path):
     """``key: null`` (or an empty value) in YAML is the key's default, as it was before values were type-checked."""
     model = {"factory": FACTORY, "kwargs": None, "class_names": [0, 1, 2], "seed": None}
