@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .kinds import Kind
+from torch import nn
+
+from .kinds import NO_RELEVANCE, Kind
 from .windows import WindowAttention
 from .rules import (
     Affine,
@@ -32,6 +35,7 @@ from .rules import (
     Rule,
     ZBox,
     ZPlus,
+    number,
 )
 
 
@@ -66,16 +70,34 @@ class Composite:
     def first_layer(self, network) -> int | None:
         """Index of the step the first-layer rule applies to (execution order).
 
-        Refuses ``by_name`` names the network does not have: a misspelt override would otherwise be ignored silently.
+        Refuses ``by_name`` names the network does not have: a misspelt override would otherwise be ignored silently;
+        and rules given to steps they cannot compute (:meth:`check_rules`).
         """
         unknown = sorted(set(self.by_name) - {step.name for step in network.steps})
         if unknown:
             raise ValueError(f"composite {self.name!r} names steps the network does not have: {', '.join(unknown)} "
                              "(step names are module paths, as in model.named_modules())")
+        first = next((step.index for step in network.steps if step.kind == Kind.LINEAR
+                      and (step.layer.is_conv or not self.first_conv_only)), None)
+        self.check_rules(network, first)
+        return first
+
+    def check_rules(self, network, first_index: int | None) -> None:
+        """Every step the backward walk rules gets a :class:`Rule` made for its kind (``Rule.applies_to``): a Conv
+        rule on a ReLU or a folded BatchNorm, say, would fail deep inside the walk with no step named."""
         for step in network.steps:
-            if step.kind == Kind.LINEAR and (step.layer.is_conv or not self.first_conv_only):
-                return step.index
-        return None
+            if step.kind in (Kind.INPUT, Kind.TUPLE) or step.kind in NO_RELEVANCE:  # no rule is ever asked
+                continue
+            rule = self.rule_for(step, first_index)
+            if not isinstance(rule, Rule):
+                raise TypeError(f"composite {self.name!r} gives step {step.name!r} ({step.kind}) {rule!r}, "
+                                "which is not an lrp.rules.Rule")
+            if rule.applies_to is not None and step.kind not in rule.applies_to:
+                what = ", ".join(sorted(map(str, rule.applies_to)))
+                folded = ": a BatchNorm folded into the layer before it, give that layer the rule" \
+                    if isinstance(step.target, nn.modules.batchnorm._BatchNorm) else ""
+                raise ValueError(f"composite {self.name!r} gives step {step.name!r} ({step.kind}{folded}) the rule "
+                                 f"{rule!r}, which applies to {what} steps only")
 
     def prepare(self, network, first_index: int | None, x) -> Composite:
         """The composite for the batch ``x``: the first-layer rule may adapt to the steps in front of its layer.
@@ -90,6 +112,9 @@ class Composite:
 
     def with_names(self, by_name: dict) -> Composite:
         """This composite with the rules of ``by_name`` (step name -> rule) overriding its own for those steps."""
+        if not isinstance(by_name, Mapping) or not all(isinstance(name, str) for name in by_name):
+            raise TypeError(f"by_name must be a dict of step names (module paths, strings) to lrp.rules.Rule objects, "
+                            f"got {by_name!r}")
         wrong = sorted(name for name, rule in by_name.items() if not isinstance(rule, Rule))
         if wrong:
             raise TypeError(
@@ -112,7 +137,7 @@ class Shared:
     def __post_init__(self):
         if self.stabilizer is None:
             object.__setattr__(self, "stabilizer", 1e-6 if self.include_bias else 0.0)
-        object.__setattr__(self, "stabilizer", float(self.stabilizer))
+        object.__setattr__(self, "stabilizer", number(self.stabilizer, "stabilizer"))
 
     def kinds(self) -> dict:
         """The one set of rules for sums, pools, unfoldable BatchNorms, LayerNorms and attention."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,10 +58,18 @@ class Explainer:
     forward pass has used them and computes them again when the backward walk reaches their consumers: the same
     values bit for bit, in less memory (measured in benchmarks/RESULTS.md). ``recompute=False`` keeps every value.
     With ``autocast`` every value is kept.
+
+    ``x`` is not checked for NaN or infinite values (on a GPU that check would be a host synchronisation per call):
+    such a row gets a NaN logit and NaN relevance, and the other rows of the batch are explained as without it.
     """
 
     def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_plus", *, tf32: bool = False,
                  autocast: str | None = None, recompute: bool = True, **params):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (an instance), got {model!r}")
+        for name, flag in (("tf32", tf32), ("recompute", recompute)):
+            if not isinstance(flag, bool):  # "false" or "no" would be true: TF32 on, silently
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if isinstance(composite, Composite):
             if params:
                 raise TypeError("parameters are given to make_composite(), not with a Composite instance")
@@ -81,6 +90,11 @@ class Explainer:
 
     def __call__(self, x: torch.Tensor, target) -> Explanation:
         refuse_hooks(self.model)  # hooks registered after the explainer was built are refused too
+        replaced = self.network.replaced_modules()
+        if replaced:
+            raise ValueError(
+                f"the model's modules changed since this explainer traced it ({', '.join(map(repr, replaced[:5]))} "
+                "replaced, added or removed): it would explain the old ones; build a new lrp.Explainer for the model")
         x = self._check_input(x)
         with _precision(x, self.tf32):
             return self._explain(x, target)
@@ -93,7 +107,7 @@ class Explainer:
                 x = x.clone()
             values = self._forward(x)
             logits = values[self.network.output_index]
-            target = self._check_target(target, logits)
+            target = self._check_target(target, logits, len(x))
             rows = torch.arange(logits.shape[0], device=logits.device)
             output = logits[rows, target]
             seed = torch.zeros_like(logits)
@@ -123,21 +137,23 @@ class Explainer:
                 f"x is {x.dtype} on {x.device} but the model is {param.dtype} on {param.device}; "
                 "move both to the same dtype and device (model.double() and x.double() for float64)"
             )
+        if x.dim() == 0:
+            raise ValueError("x must be a batch with the batch axis first, got a 0-d tensor")
         return x.detach()
 
     @staticmethod
-    def _check_target(target, logits: torch.Tensor) -> torch.Tensor:
+    def _check_target(target, logits: torch.Tensor, rows: int) -> torch.Tensor:
         if logits.dim() != 2:
             raise ValueError(f"the model must return logits of shape (batch, classes), got {tuple(logits.shape)}")
         batch, classes = logits.shape
+        if batch != rows:  # a model that mixes the rows of its batch (x.reshape(1, -1)) has no per-row explanation
+            raise ValueError(f"the model returns logits of shape {tuple(logits.shape)} for a batch of {rows}: LRP "
+                             "needs one row of logits per row of x")
         if target is None:  # explain the prediction
             return logits.argmax(1)
         # checked where it lives: targets from the host (ints, lists, numpy, CPU tensors: a pipeline's labels) are
         # checked there and then copied without waiting; a device tensor's check is a host synchronisation
-        target = torch.as_tensor(target)
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TypeError("target must hold integer class indices")
-        target = target.long().reshape(-1)
+        target = _target_tensor(target)
         if target.numel() == 1:
             target = target.expand(batch)
         if target.numel() != batch:
@@ -167,9 +183,38 @@ class Explainer:
             rule = composite.rule_for(step, self._first)
             for j, r_in in zip(step.inputs, rule(ctx, r)):
                 if r_in is not None:
+                    _check_shape(rule, step, r_in, values[j])
                     relevance[j] = relevance[j] + r_in if j in relevance else r_in
             values[step.index] = None  # every consumer of this value has been processed
         raise AssertionError("the input step was not reached")
+
+
+def _target_tensor(target) -> torch.Tensor:
+    """``target`` as a 1-D int64 tensor (not yet expanded to the batch); a clear error for what is no class index."""
+    given = target
+    if not isinstance(target, torch.Tensor) and hasattr(target, "__array__"):
+        target = np.ascontiguousarray(target)  # torch refuses numpy's negative strides (labels[::-1])
+    try:
+        target = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"target must be None, an int, a sequence of ints or an integer tensor of class indices, "
+                        f"got {type(given).__name__} {given!r:.80} ({error})") from None
+    if target.numel() == 0:
+        return target.long().reshape(-1)  # [] is read as float; an empty target has no value of a wrong type
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    if sum(size != 1 for size in target.shape) > 1:
+        raise ValueError(f"target has shape {tuple(target.shape)}: give one class index per row, shape (batch,) "
+                         "(a one-hot or score matrix: .argmax(1))")
+    return target.long().reshape(-1)
+
+
+def _check_shape(rule, step, r_in: torch.Tensor, value) -> None:
+    """The Rule contract: an input's relevance is shaped like that input (a Pass on a Conv would hand its output's
+    relevance on as the input's, and the map would not have the shape of x)."""
+    if isinstance(value, torch.Tensor) and r_in.shape != value.shape:
+        raise ValueError(f"rule {rule!r} at step {step.name!r} ({step.kind}) returned relevance of shape "
+                         f"{tuple(r_in.shape)} for an input of shape {tuple(value.shape)}: it does not fit that step")
 
 
 AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # forward-pass autocast dtypes

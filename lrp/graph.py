@@ -216,7 +216,18 @@ class Network:
         if not linear:
             raise UnsupportedLayerError(f"{type(model).__name__} has no Conv or Linear layer to explain")
         self.first_linear = linear[0].index
+        self._modules = list(model.named_modules())  # what was traced: see replaced_modules
         self._plan_recompute()
+
+    def replaced_modules(self) -> list[str]:
+        """Paths of the model's modules that are not those traced: replaced, added or removed since (the steps would
+        still compute the traced ones, e.g. an old classifier head after ``model.fc = nn.Linear(...)``)."""
+        now = list(self.model.named_modules())
+        if len(now) == len(self._modules) and all(
+                name == old_name and module is old for (name, module), (old_name, old) in zip(now, self._modules)):
+            return []
+        traced, current = dict(self._modules), dict(now)
+        return sorted(name for name in traced.keys() | current.keys() if traced.get(name) is not current.get(name))
 
     def _plan_recompute(self) -> None:
         """Which values a lean forward drops after their last use, to be recomputed in the backward walk.
@@ -261,7 +272,12 @@ class Network:
             if step.kind == Kind.OUTPUT:
                 values[step.index] = values[step.args[0].index]
                 continue
-            values[step.index] = step.call(values.__getitem__)
+            try:
+                values[step.index] = step.call(values.__getitem__)
+            except RuntimeError as error:  # PyTorch's message names no layer: say which step, on which input
+                error.add_note(f"(lrp: in step {step.name!r} ({step.kind}) of the traced model, explaining x of "
+                               f"shape {tuple(x.shape)})")
+                raise
             for j in drop.get(step.index, ()):
                 values[j] = None
         return values

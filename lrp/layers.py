@@ -72,8 +72,10 @@ class LinearLayer:
         return [t for t in tensors if t is not None]
 
     def _key(self):
-        # data_ptr: ``param.data = new`` swaps the storage without bumping _version
-        return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in self._tensors())
+        # data_ptr: ``param.data = new`` swaps the storage without bumping _version; a folded BatchNorm's eps is a
+        # float attribute that enters the folded weights too
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in self._tensors())
+        return key if self.batchnorm is None else (*key, self.batchnorm.eps)
 
     def variant(self, name, make: Callable[[torch.Tensor, torch.Tensor | None], tuple]) -> tuple:
         """Parameters ``make(weight, bias)`` derived from the folded ones, cached until the model changes."""
@@ -110,6 +112,11 @@ class LinearLayer:
                     "than its output features and cannot be folded")
             return F.linear(x, weight, bias)
         m = self.module
+        if x.dim() != len(m.kernel_size) + 2:  # F.conv2d would take a 3-D input as one unbatched image
+            raise ValueError(
+                f"layer {self.name!r} ({type(m).__name__}) got a {x.dim()}-D input of shape {tuple(x.shape)}; the "
+                f"explainer needs a batch, {len(m.kernel_size) + 2}-D (batch, channels, ...): x[None] explains one "
+                "image")
         return self._conv(x, weight, bias, m.stride, self._padding, m.dilation, m.groups)
 
     def transpose(self, message: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

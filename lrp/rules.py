@@ -76,17 +76,23 @@ NONNEGATIVE = ("epsilon", "stabilizer", "gamma")  # the float rule parameters th
 class Rule:
     """Base class: ``rule(ctx, relevance) -> list of input relevances`` (None for inputs that get none).
 
-    Subclasses are frozen dataclasses; their ``float`` fields are stored as Python floats whatever number was given,
-    and checked: finite, and ``epsilon``, ``stabilizer`` and ``gamma`` not negative (a negative or NaN epsilon would
+    Subclasses are frozen dataclasses; their ``float`` fields are stored as Python floats whatever number was given
+    (a number's text too: YAML reads ``1e-6`` as a string; a boolean is refused, ``True`` would silently be 1.0), and
+    checked: finite, and ``epsilon``, ``stabilizer`` and ``gamma`` not negative (a negative or NaN epsilon would
     silently be the exact z rule). ``bool`` fields must be booleans: the string ``"false"`` (a quoted YAML value) would
     be true.
+
+    ``applies_to``: the step kinds the rule can be given (None: any); a composite that gives it another step is
+    refused when the explainer is built (:meth:`lrp.Composite.first_layer`), naming the step.
     """
+
+    applies_to = None  # not a field: frozenset of Kinds, or None for any step
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type in (float, "float"):  # a string under `from __future__ import annotations`
-                value = float(value)
+                value = number(value, f"{type(self).__name__}: {field.name}")
                 if not math.isfinite(value) or (field.name in NONNEGATIVE and value < 0):
                     bound = " and >= 0" if field.name in NONNEGATIVE else ""
                     raise ValueError(f"{type(self).__name__}: {field.name} must be finite{bound}, got {value}")
@@ -104,6 +110,22 @@ class Rule:
         the composite calls it for its first-layer rule once per batch.
         """
         return self
+
+
+def number(value, what: str) -> float:
+    """``value`` as a Python float: a real number, a one-element tensor or a number's text; else a TypeError
+    naming ``what``. Booleans are refused (``epsilon=True`` would silently be 1.0)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or (
+            isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what} must be a number, got {value!r}") from None
+
+
+#: the kinds a rule that computes with the step's Conv/Linear layer (``ctx.layer``) can be given
+LAYER_STEPS = frozenset({Kind.LINEAR})
 
 
 #: Parameters of a layer as a rule modifies them: ``layer -> (weight, bias)``, cached by the layer (``variant``).
@@ -202,6 +224,8 @@ class Epsilon(Rule):
     contradictory neurons (Binder et al. 2016 compare 0.01 and 100): relevance is never created, only absorbed.
     """
 
+    applies_to = LAYER_STEPS
+
     epsilon: float = 1e-6
     include_bias: bool = True
 
@@ -217,6 +241,8 @@ class Epsilon(Rule):
 @dataclass(frozen=True)
 class ZPlus(Rule):
     r"""z+ rule: :math:`R_i = \sum_j (x^+_i w^+_{ij} + x^-_i w^-_{ij}) / z^+_j\, R_j` (alpha=1, beta=0)."""
+
+    applies_to = LAYER_STEPS
 
     stabilizer: float = 1e-6
     include_bias: bool = True
@@ -234,6 +260,8 @@ class AlphaBeta(Rule):
     paper's beta=-1). The paper's convention (:math:`\alpha + \beta = 1`, :math:`\beta \le 0`) is accepted and
     converted (the fields hold the common form); see :func:`alpha_beta_params`.
     """
+
+    applies_to = LAYER_STEPS
 
     alpha: float | None = 2.0
     beta: float | None = 1.0
@@ -274,6 +302,8 @@ class Gamma(Rule):
     r"""Gamma rule: favours positive contributions, :math:`w' = w + \gamma w^+` for neurons with positive output
     (and :math:`w + \gamma w^-` for negative outputs, zennit's generalized form for signed inputs)."""
 
+    applies_to = LAYER_STEPS
+
     gamma: float = 0.25
     stabilizer: float = 1e-6
     include_bias: bool = True
@@ -308,6 +338,8 @@ class ZBox(Rule):
     ``low``/``high`` bound the pixels given to the model; :meth:`prepare` carries them to the first layer's input
     through the elementwise steps in front of it (GoogLeNet's ``transform_input``)."""
 
+    applies_to = LAYER_STEPS
+
     low: object
     high: object
     stabilizer: float = 1e-6
@@ -315,7 +347,11 @@ class ZBox(Rule):
 
     def __post_init__(self):
         super().__post_init__()
-        low, high = torch.as_tensor(self.low, dtype=torch.float64), torch.as_tensor(self.high, dtype=torch.float64)
+        try:
+            low, high = (torch.as_tensor(b, dtype=torch.float64) for b in (self.low, self.high))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"ZBox: low and high must be numbers or tensors (per-channel (C,) or broadcastable to "
+                            f"the input), got low {self.low!r} and high {self.high!r}") from None
         try:
             crossed = bool((low > high).any()) or not bool(torch.isfinite(low).all() and torch.isfinite(high).all())
         except RuntimeError:  # shapes that do not broadcast: bound_image refuses them on the first batch
@@ -364,6 +400,8 @@ class Flat(Rule):
 
     No bias enters (all weights are ones, the bias is dropped), so it takes no ``include_bias``."""
 
+    applies_to = LAYER_STEPS
+
     stabilizer: float = 1e-6
 
     def __call__(self, ctx, relevance):
@@ -377,6 +415,8 @@ class Flat(Rule):
 @dataclass(frozen=True)
 class WSquare(Rule):
     r"""w^2 rule: :math:`R_i = \sum_j w_{ij}^2 / \sum_{i'} w_{i'j}^2\, R_j` (first layer, unbounded inputs)."""
+
+    applies_to = LAYER_STEPS
 
     stabilizer: float = 1e-6
     include_bias: bool = True
@@ -434,6 +474,8 @@ class Affine(Rule):
     the z rule on it, :math:`R_x = s x / (s x + t) R_z` (``include_bias=False``: :math:`t` left out, relevance passes
     unchanged where :math:`s x \ne 0`; a zero input, e.g. after a ReLU, gets none: the shift alone explains it)."""
 
+    applies_to = frozenset({Kind.AFFINE})
+
     stabilizer: float = 1e-6
     include_bias: bool = True
 
@@ -452,6 +494,8 @@ class LayerNorm(Rule):
     r"""AttnLRP's LayerNorm rule: the standard deviation is a constant, so :math:`y = (x - \bar x) w / \sigma + b` is
     linear in :math:`x` and gets the epsilon rule, :math:`R_x = x \odot J^T (R / z)` with :math:`z = y` (``b`` left out
     when ``include_bias=False``). Conserves exactly with ``include_bias=False`` and exact division."""
+
+    applies_to = frozenset({Kind.LAYERNORM})
 
     stabilizer: float = 1e-6
     include_bias: bool = True
@@ -485,6 +529,8 @@ class Attention(Rule):
     """Self-attention: AttnLRP (softmax rule, uniform rule on both products, epsilon on the projections), or CP-LRP
     with ``cp=True`` (attention weights constant: relevance through the values only). See :mod:`lrp.attention`."""
 
+    applies_to = frozenset({Kind.ATTENTION})
+
     epsilon: float = 1e-6
     include_bias: bool = True
     cp: bool = False
@@ -500,6 +546,7 @@ def alpha_beta_params(alpha: float | None, beta: float | None) -> tuple[float, f
     Accepted: the common convention (e.g. alpha=2, beta=1), the paper's (alpha + beta = 1, beta <= 0, e.g. beta=-1),
     or one of the two alone (beta <= 0 is read as the paper's convention). Anything else is an error.
     """
+    alpha, beta = (None if value is None else number(value, name) for value, name in ((alpha, "alpha"), (beta, "beta")))
     if alpha is None and beta is None:
         return 2.0, 1.0
     if alpha is None:
@@ -536,4 +583,10 @@ def bound_image(bound, x: torch.Tensor) -> torch.Tensor:
     bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
     if bound.dim() == 1 and x.dim() > 2 and bound.numel() == x.shape[1]:
         bound = bound.reshape((1, -1) + (1,) * (x.dim() - 2))
-    return bound.expand_as(x)
+    try:
+        return bound.expand_as(x)
+    except RuntimeError:  # PyTorch's message names neither the rule nor what would fit
+        channels = f"a per-channel tensor of {x.shape[1]} values, " if x.dim() > 2 else ""
+        raise ValueError(f"ZBox: a bound (low or high) of shape {tuple(bound.shape)} does not fit the first layer's "
+                         f"input of shape {tuple(x.shape)}: give a float, {channels}or a tensor broadcastable to "
+                         "that shape") from None

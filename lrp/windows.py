@@ -97,6 +97,8 @@ def _normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
 class WindowAttention(Rule):
     """AttnLRP (or CP-LRP with ``cp=True``) on a ``window_attention`` step; see the module docstring."""
 
+    applies_to = frozenset({Kind.WINDOW_ATTENTION})
+
     epsilon: float = 1e-6
     cp: bool = False
 
