@@ -184,8 +184,7 @@ class GroupJob:
     memory_budget: int | None
 
 
-def _aggregate_group(group: ExplanationGroup, job: GroupJob) -> GroupAggregate:
-    meta = tables.GroupMeta.read(group, job.class_names)
+def _aggregate_group(group: ExplanationGroup, meta: tables.GroupMeta, job: GroupJob) -> GroupAggregate:
     stats, view_tables, spots, seconds = _scan_passes(group, meta, job)
     seconds["spot_check"] = _spot_check(group, meta, stats, spots, job.compute_options)
     evidence = tables.BiasEvidence.judge(meta, stats, spots, dict(view_tables)["target"], job.settings)
@@ -214,6 +213,9 @@ def _scan_passes(group: ExplanationGroup, meta: tables.GroupMeta, job: GroupJob)
         clock = time.perf_counter()
         (done,) = dask.compute(lazy, **job.compute_options)
         seconds["scan"] += time.perf_counter() - clock
+        scanned = np.flatnonzero(meta["ok"] & in_block)  # before any map is kept: a missing shard reads as NaN
+        total, positive = done.stats[scanned, scan.TOTAL], done.stats[scanned, scan.POSITIVE_TOTAL]
+        group.check_maps(scanned, total, 2 * positive - total)
         merged = done.stats if merged is None else np.where(np.isnan(merged), done.stats, merged)
         writer.add(done, scan.RowStats.from_array(done.stats, job.regions.names))
         shares.update(bias.share_maps(done.positive, done.outside, job.settings))
@@ -271,13 +273,16 @@ def aggregate(store_url: str, out_dir: str | None = None, *, groups: Sequence[st
         raise ValueError(f"no explanation group(s) {unknown} in {store_url!r}; the store has {store.group_names}")
     state = store_state(store, names)  # before the scan: rows written while it runs make the outputs stale
     regions = _regions(store, grid, masks)
+    # every group's rows, read and checked (a damaged store is refused) before an output is touched; the maps are
+    # checked as the scan reads them
+    metas = {name: tables.GroupMeta.read(store.group(name), store.class_names) for name in names}
     root = _start_outputs(out_dir, regions, store.class_names, str(store_url))
     per_group, seconds = {}, {}
     with scheduler_options(scheduler, num_workers) as options:
         for name in names:
             start = time.perf_counter()
             job = GroupJob(regions, settings, options, store.class_names, root.require_group(name), memory_budget)
-            per_group[name] = _aggregate_group(store.group(name), job)
+            per_group[name] = _aggregate_group(store.group(name), metas.pop(name), job)
             seconds[name] = dict(per_group[name].seconds, total=time.perf_counter() - start)
 
     summary = {

@@ -50,7 +50,7 @@ class GroupMeta:
     @classmethod
     def read(cls, group: ExplanationGroup, class_names: Sequence[str]) -> GroupMeta:
         """The row columns from the store, and which rows are ok, correct and of the class they explain."""
-        rows = group.rows()
+        rows = group.checked_rows()  # a damaged store is refused here, not audited as it reads
         meta = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
         meta["ok"] = meta["status"] == STATUS_OK
         label, prediction, target = meta["label"], meta["prediction"], meta["target"]

@@ -116,18 +116,72 @@ def _refuse_foreign_content(url: str, storage_options: Mapping[str, Any] | None)
 
 def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> RelevanceStore:
     """Open an existing store at a local path or any fsspec URL (``s3://...``); read-only by default."""
+    from zarr.errors import ContainsArrayError
+
     try:
         root = _open_root(url, mode, storage_options)
     except FileNotFoundError as error:
-        raise StoreError(f"no relevance store at {url!r}: run 'lrp-audit explain' to create it") from error
+        raise StoreError(_no_store(url, storage_options)) from error
+    except ContainsArrayError as error:
+        raise StoreError(f"{url!r} is a Zarr array, not an lrp-audit relevance store (a Zarr group)") from error
+    except (ValueError, TypeError, KeyError) as error:  # zarr.json truncated, not JSON, or not Zarr metadata
+        raise StoreError(f"{url!r}: its zarr.json cannot be read ({_reason(error)}): "
+                         "not a relevance store, or a damaged one") from error
     version = root.attrs.get("lrp_audit_format")
     if version is None:
         raise StoreError(f"{url!r} is a Zarr group but not an lrp-audit relevance store (no 'lrp_audit_format')")
-    if int(version) > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StoreError(f"store {url!r} has format {version!r}, not a format version (1, 2, ...): a damaged store")
+    if version > FORMAT_VERSION:
         raise StoreError(
             f"store {url!r} has format {version}, this lrp-audit reads up to {FORMAT_VERSION}: upgrade lrp-audit"
         )
     return RelevanceStore(root, str(url))
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _no_store(url: str, storage_options: Mapping[str, Any] | None) -> str:
+    """Why there is no store at ``url``: nothing there, or a folder of something else (a Zarr v2 store, files)."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+        entries = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+    except (OSError, ValueError):  # nothing there (or unlistable): the plain message
+        entries = []
+    if ".zgroup" in entries or ".zarray" in entries:
+        return f"{url!r} is a Zarr v2 store, not an lrp-audit relevance store (Zarr v3, with a zarr.json)"
+    if entries:
+        listed = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        return f"{url!r} is a folder without a zarr.json ({listed}): not an lrp-audit relevance store"
+    return f"no relevance store at {url!r}: run 'lrp-audit explain' to create it"
+
+
+def _check_root(attrs: Mapping[str, Any], url: str) -> None:
+    """Refuse root attributes that are not those of docs/store-format.md (an edited or damaged zarr.json) before
+    anything reads by them: a layout of the wrong kind, class names that are not a list of names."""
+    layout = attrs.get("layout")
+    kind = "missing" if layout is None else f"a {type(layout).__name__}, not a mapping"
+    problem = None if isinstance(layout, Mapping) else f"'layout' is {kind}"
+    for key, least in (("n_rows", 0), ("height", 1), ("width", 1), ("rows_per_shard", 1), ("max_boxes", 0)):
+        value = layout.get(key, 0) if problem is None else 0
+        if problem is None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            problem = f"layout {key!r} is {value!r}, not an integer >= {least}"
+    groups = layout.get("groups") if problem is None else []
+    if problem is None and (not isinstance(groups, list) or not groups
+                            or not all(isinstance(g, str) and g and "/" not in g for g in groups)):
+        problem = f"layout 'groups' is {groups!r}, not a list of group names"
+    names = attrs.get("class_names", [])
+    if problem is None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        problem = f"'class_names' is {names!r:.60}, not a list of names"
+    if problem is None and not isinstance(attrs.get("config", {}), Mapping):
+        problem = f"'config' is a {type(attrs['config']).__name__}, not a mapping"
+    if problem:
+        raise StoreError(f"store {url!r}: the root attribute {problem}: the store's zarr.json is damaged or was "
+                         "edited (docs/store-format.md)")
 
 
 class RelevanceStore:
@@ -137,6 +191,7 @@ class RelevanceStore:
         self._group = root
         self.url = url
         attrs = root.attrs.asdict()
+        _check_root(attrs, url)
         self.format_version = int(attrs["lrp_audit_format"])
         self.config: dict = attrs.get("config", {})
         self.class_names: list[str] = list(attrs.get("class_names", []))
@@ -147,6 +202,7 @@ class RelevanceStore:
         self.width = int(layout["width"])
         self.rows_per_shard = int(layout["rows_per_shard"])
         self.group_names: list[str] = list(layout["groups"])
+        self.layout: dict = dict(layout)
 
     @classmethod
     def create(
@@ -242,28 +298,12 @@ class RelevanceStore:
     @staticmethod
     def _create_group(group: zarr.Group, setting: dict, layout: dict) -> None:
         group.attrs["setting"] = json.loads(canonical_json(setting))
-        n, h, w, s = layout["n_rows"], layout["height"], layout["width"], layout["rows_per_shard"]
-        rows = max(min(s, n), 1)  # zarr wants chunks >= 1 even for an empty array
-
-        def make(name, shape, dtype, fill, dims, inner=None):
+        rows = _shard_rows(layout)
+        for name, shape, dtype, fill, dims, inner in _array_specs(layout):
             kwargs = dict(chunks=(rows, *shape[1:]))
             if inner is not None:  # many small chunks packed into one shard object per row block
                 kwargs = dict(chunks=inner, shards=(rows, *shape[1:]))
             group.create_array(name, shape=shape, dtype=dtype, fill_value=fill, dimension_names=dims, **kwargs)
-
-        make("relevance", (n, h, w), "float32", np.nan, ("row", "y", "x"), inner=(1, h, w))
-        for name, (dtype, fill) in _ROW_ARRAYS.items():
-            make(name, (n,), dtype, fill, ("row",))
-        if layout["channels"]:
-            c = layout["channels"]
-            make("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"),
-                 inner=(1, c, h, w))
-        if layout["num_labels"]:
-            make("labels", (n, layout["num_labels"]), "bool", False, ("row", "class"))
-        if layout["max_boxes"]:
-            make("boxes", (n, layout["max_boxes"], 4), "float32", np.nan, ("row", "box", "corner"))
-        if layout["with_mask"]:
-            make("mask", (n, h, w), "bool", False, ("row", "y", "x"), inner=(1, h, w))
 
     # ---- shards -------------------------------------------------------------------------------------
     @property
@@ -278,9 +318,22 @@ class RelevanceStore:
         return start, min(start + self.rows_per_shard, self.n_rows)
 
     def group(self, name: str) -> ExplanationGroup:
+        """The group ``name``, its arrays checked against the layout (:func:`_check_group`): one metadata read each."""
         if name not in self.group_names:
             raise KeyError(f"no explanation group {name!r} in {self.url!r}; groups: {self.group_names}")
-        return ExplanationGroup(self._group[f"{EXPLANATIONS}/{name}"], name, self.rows_per_shard)
+        where = f"{EXPLANATIONS}/{name}"
+        try:
+            node = self._group[where]
+        except KeyError as error:
+            raise StoreError(f"store {self.url!r}: the group {where!r} of its layout is missing (no {where}/zarr.json)"
+                             ": the store is damaged") from error
+        except (ValueError, TypeError) as error:
+            raise StoreError(f"store {self.url!r}: {where}/zarr.json cannot be read ({_reason(error)}): the store is "
+                             "damaged") from error
+        if not isinstance(node, zarr.Group):
+            raise StoreError(f"store {self.url!r}: {where!r} is a Zarr array, not a group: the store is damaged")
+        _check_group(node, self.layout, self.url)
+        return ExplanationGroup(node, name, self.rows_per_shard, url=self.url)
 
     def groups(self) -> list[ExplanationGroup]:
         return [self.group(name) for name in self.group_names]
@@ -288,6 +341,68 @@ class RelevanceStore:
     def __repr__(self) -> str:
         return (f"RelevanceStore({self.url!r}, rows={self.n_rows}, map={self.height}x{self.width}, "
                 f"groups={self.group_names})")
+
+
+def _shard_rows(layout: Mapping[str, Any]) -> int:
+    """Rows of one shard (chunk along ``row``) of every array: zarr wants chunks >= 1 even for an empty array."""
+    return max(min(int(layout["rows_per_shard"]), int(layout["n_rows"])), 1)
+
+
+def _array_specs(layout: Mapping[str, Any]) -> list[tuple]:
+    """(name, shape, dtype, fill value, dimension names, inner chunk or None) of every array a group of this layout
+    has: what :meth:`RelevanceStore.create` makes and what opening a group checks."""
+    n, h, w = (int(layout[key]) for key in ("n_rows", "height", "width"))
+    specs = [("relevance", (n, h, w), "float32", np.nan, ("row", "y", "x"), (1, h, w))]
+    specs += [(name, (n,), dtype, fill, ("row",), None) for name, (dtype, fill) in _ROW_ARRAYS.items()]
+    if layout.get("channels"):
+        c = int(layout["channels"])
+        specs.append(("relevance_channels", (n, c, h, w), "float32", np.nan, ("row", "channel", "y", "x"),
+                      (1, c, h, w)))
+    if layout.get("num_labels"):
+        specs.append(("labels", (n, int(layout["num_labels"])), "bool", False, ("row", "class"), None))
+    if layout.get("max_boxes"):
+        specs.append(("boxes", (n, int(layout["max_boxes"]), 4), "float32", np.nan, ("row", "box", "corner"), None))
+    if layout.get("with_mask"):
+        specs.append(("mask", (n, h, w), "bool", False, ("row", "y", "x"), (1, h, w)))
+    return specs
+
+
+def _array_problem(array: zarr.Array, shape: tuple, dtype: Any, fill: Any, rows: int) -> str | None:
+    """How ``array`` differs from what the layout makes it (shape, data type, rows per shard, fill value), or None."""
+    if tuple(array.shape) != shape:
+        return f"has shape {tuple(array.shape)}, the store's layout says {shape}"
+    have = np.dtype(array.dtype)
+    if (have.kind not in "TUO") if dtype is str else (have != np.dtype(dtype)):
+        return f"has data type {array.dtype}, the store's format says {'string' if dtype is str else dtype}"
+    if (array.shards or array.chunks)[0] != rows:
+        return f"is cut into shards of {(array.shards or array.chunks)[0]} rows, the store's layout says {rows}"
+    if dtype is not str:
+        stored, wanted = np.asarray(array.fill_value, have), np.asarray(fill, have)
+        if not (stored == wanted or (have.kind == "f" and np.isnan(wanted) and np.isnan(stored))):
+            return f"has fill value {stored.item()!r}, the store's format says {fill!r}"
+    return None
+
+
+def _check_group(node: zarr.Group, layout: Mapping[str, Any], url: str) -> None:
+    """Refuse a group whose arrays are not those its layout makes: one missing (its zarr.json deleted), unreadable,
+    or of another shape, data type, shard size or fill value (an edited zarr.json, or arrays of different lengths).
+    zarr would read such arrays as other values, or read a missing chunk as a fill value that is not the format's
+    (NaN relevance, pending status), so the read side would audit wrong numbers instead of failing."""
+    rows = _shard_rows(layout)
+    for name, shape, dtype, fill, _, _ in _array_specs(layout):
+        where = f"{node.path}/{name}"
+        try:
+            array = node[name]
+        except KeyError:
+            raise StoreError(f"store {url!r}: the array {where!r} is missing (no {where}/zarr.json): the store is "
+                             "damaged") from None
+        except (ValueError, TypeError) as error:
+            raise StoreError(f"store {url!r}: {where}/zarr.json cannot be read ({_reason(error)}): the store is "
+                             "damaged") from error
+        problem = "is a group, not an array" if not isinstance(array, zarr.Array) else _array_problem(
+            array, shape, dtype, fill, rows)
+        if problem:
+            raise StoreError(f"store {url!r}: the array {where!r} {problem}: its zarr.json is damaged or was edited")
 
 
 class RowReader:
@@ -309,7 +424,7 @@ class RowReader:
         single rows, so this decompresses nothing else (zarr's ``oindex`` is slower for scattered rows)."""
         indices = np.asarray(indices, np.int64)
         runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1) if len(indices) else []
-        parts = [self.array[run[0]:run[-1] + 1] for run in runs]
+        parts = [_read(self.array, slice(run[0], run[-1] + 1)) for run in runs]
         return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
@@ -384,8 +499,49 @@ class ShardReader:
                 raise StoreError(f"shard {key!r} changed while it was read (rewritten by a writer?)")
             pieces = [piece.as_numpy_array() for piece in got]
         out[~present] = self.array.fill_value
-        for row, piece in zip(np.flatnonzero(present), pieces):
-            self._zstd.decode(piece, out=out[row])
+        try:
+            for row, piece in zip(np.flatnonzero(present), pieces):
+                self._zstd.decode(piece, out=out[row])
+        except Exception as error:  # an inner chunk overwritten under an intact index
+            raise StoreError(f"store {str(store)!r}: shard {key!r} cannot be read ({_reason(error)}): the store is "
+                             "damaged (an overwritten object); restore it from a copy") from error
+
+
+def _read(array: zarr.Array, rows: slice, url: str | None = None) -> np.ndarray:
+    """``array[rows]``; a chunk zarr cannot decode (truncated, overwritten) is a :class:`StoreError` naming it and
+    the store ``url`` (by default as the array's store spells it)."""
+    try:
+        return array[rows]
+    except Exception as error:  # zarr and numcodecs raise RuntimeError, ValueError, ... for a damaged object
+        raise _damaged(array, rows, error, url) from error
+
+
+def _damaged(array: zarr.Array, rows: slice, error: Exception, url: str | None) -> StoreError:
+    """The StoreError of a read of ``rows`` that failed with ``error``: it names the first shard object of those rows
+    that cannot be read alone (found on this error path only)."""
+    step = (array.shards or array.chunks)[0]
+    start, stop, _ = rows.indices(array.shape[0])
+    key = None
+    for shard in range(start // step, -(-stop // step)):
+        try:
+            array[shard * step:min((shard + 1) * step, array.shape[0])]
+        except Exception:
+            key = _shard_key(array, shard)
+            break
+    where = f"the object {key!r}" if key else f"rows [{start}, {stop}) of {array.path!r}"
+    store = url or str(array.store)
+    return StoreError(f"store {store!r}: {where} cannot be read ({_reason(error)}): the store is damaged (a truncated "
+                      "or overwritten object); restore it from a copy, or explain the images into a new store")
+
+
+def _exists(array: zarr.Array, key: str) -> bool | None:
+    """Whether the object ``key`` is in the array's store (None when the store cannot tell)."""
+    from zarr.core.sync import sync
+
+    try:
+        return bool(sync(array.store.exists(key)))
+    except Exception:
+        return None
 
 
 def _fast_layout(array: zarr.Array):
@@ -513,10 +669,11 @@ def _clear_shards(array: zarr.Array, shards: range) -> None:
 class ExplanationGroup:
     """The rows of one explanation setting: lazy relevance (dask) plus per-row metadata."""
 
-    def __init__(self, group: zarr.Group, name: str, rows_per_shard: int):
+    def __init__(self, group: zarr.Group, name: str, rows_per_shard: int, url: str | None = None):
         self._group = group
         self.name = name
         self.rows_per_shard = rows_per_shard
+        self.url = url or str(group.store)
         self.setting: dict = dict(group.attrs.get("setting", {}))
         self.n_rows: int = group["status"].shape[0]
 
@@ -557,7 +714,7 @@ class ExplanationGroup:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of the array ``name`` (all rows by default)."""
-        return self._group[name][start:stop]
+        return _read(self._group[name], slice(start, stop), self.url)
 
     def read_shard(self, name: str, shard: int) -> np.ndarray:
         """All rows of one shard of the array ``name``, in one store request when the array has the layout this
@@ -574,7 +731,7 @@ class ExplanationGroup:
         out = np.zeros(len(columns), bool)
         step = self.rows_per_shard
         for start in range(0, len(columns), step):
-            block, picked = labels[start:start + step], columns[start:start + step]
+            block, picked = _read(labels, slice(start, start + step), self.url), columns[start:start + step]
             valid = (picked >= 0) & (picked < block.shape[1])
             out[start:start + step][valid] = block[np.flatnonzero(valid), picked[valid]]
         return out
@@ -593,24 +750,91 @@ class ExplanationGroup:
 
     @property
     def boxes(self) -> np.ndarray | None:
-        return self._group["boxes"][...] if "boxes" in self._group else None
+        return _read(self._group["boxes"], slice(None), self.url) if "boxes" in self._group else None
 
     @property
     def labels(self) -> np.ndarray | None:
-        return self._group["labels"][...] if "labels" in self._group else None
+        return _read(self._group["labels"], slice(None), self.url) if "labels" in self._group else None
 
     @property
     def status(self) -> np.ndarray:
-        return self._group["status"][...]
+        return _read(self._group["status"], slice(None), self.url)
 
     def rows(self) -> pa.Table:
         """Per-row metadata as one Arrow table (no relevance), e.g. to select rows for aggregation."""
         columns = {"row": pa.array(np.arange(self.n_rows, dtype=np.int64))}
         for name in _ROW_ARRAYS:
-            values = self._group[name][...]
+            values = _read(self._group[name], slice(None), self.url)
             columns[name] = pa.array(values.astype(object) if values.dtype.kind in "TUO" else values,
                                      type=pa.string() if values.dtype.kind in "TUO" else None)
         return pa.table(columns)
+
+    def checked_rows(self) -> pa.Table:
+        """:meth:`rows`, refused (a :class:`StoreError` naming the rows) where they break what every writer of the
+        store guarantees: a status that is no status code, an ok row without a target, or ok rows without a sample
+        id, prediction, path, finite output or residual where the other ok rows have them (``write_block`` lets a
+        caller leave an array out, for every row), or a residual that is not relevance_sum - output. That is what a
+        deleted or edited chunk of a row array looks like (zarr reads a missing chunk as its fill value: -1, NaN,
+        ""), and the read side (aggregate, spray, export) would otherwise audit those rows as they read. Vectorised
+        over the (N,) columns :meth:`rows` reads anyway."""
+        table = self.rows()
+        column = {name: table[name].to_numpy(zero_copy_only=False) for name in _ROW_ARRAYS}
+        status, ok = column["status"], column["status"] == STATUS_OK
+        codes = ~np.isin(status, list(STATUS_NAMES))
+        if codes.any():
+            raise self._rows_error(codes, f"a status that is no status code ({sorted(set(status[codes].tolist()))[:5]}"
+                                          "; 0 pending, 1 ok, 2 failed, 3 nonfinite)", "status")
+        out, total, residual = column["output"], column["relevance_sum"], column["residual"]
+        with np.errstate(invalid="ignore"):
+            off = np.abs(residual - (total - out)) > 1e-6 * (np.abs(total) + np.abs(out)) + 1e-12
+        for name, missing, what in (("target", column["target"] < 0, "no target (a negative one)"),
+                                    ("relevance_sum", ~np.isfinite(total), "no finite relevance_sum"),
+                                    ("sample_id", column["sample_id"] < 0, "no sample id"),
+                                    ("prediction", column["prediction"] < 0, "no prediction"),
+                                    ("path", column["path"] == "", "no path"),
+                                    ("output", ~np.isfinite(out), "no finite output f(x)"),
+                                    ("residual", ~np.isfinite(residual), "no finite residual"),
+                                    ("residual", off & np.isfinite(residual), "a residual that is not "
+                                                                              "relevance_sum - output")):
+            always = name in ("target", "relevance_sum") or what.startswith("a residual")  # the others: when mixed
+            if (ok & missing).any() and (always or (ok & ~missing).any()):
+                rest = "" if always else " where the other ok rows have one"
+                raise self._rows_error(ok & missing, f"status ok but {what}{rest}", name)
+        return table
+
+    def check_maps(self, rows: np.ndarray, totals: np.ndarray, magnitudes: np.ndarray, name: str = "relevance") -> None:
+        """Refuse ok ``rows`` whose map of ``name``, as read, sums (``totals``, float64) to something not finite, or
+        not to the ``relevance_sum`` the writer stored for it beyond float32 rounding (1e-3 of its ``magnitudes``,
+        sum |R|, and of the stored sum). A missing shard object or inner chunk reads as NaN (its fill value), so an
+        ok row without a finite map is a damaged store, never a map to audit; a map whose sum moved is one whose
+        bytes changed. Cheap: a comparison of the (n,) sums the reader computes anyway."""
+        rows = np.asarray(rows, np.int64)
+        if not rows.size:
+            return
+        first, last = int(rows.min()), int(rows.max()) + 1  # one read of the span: a shard, or the scanned rows
+        stored = self.read("relevance_sum", first, last)[rows - first]
+        with np.errstate(invalid="ignore"):
+            moved = np.abs(totals - stored) > 1e-3 * (np.abs(magnitudes) + np.abs(stored)) + 1e-30
+        lost = ~np.isfinite(totals)
+        for bad, what in ((lost, "no finite relevance map (NaN: its shard object or inner chunk is missing, or "
+                                 "holds NaN)"),
+                          (moved & ~lost, "a relevance map that does not add up to its stored relevance_sum")):
+            if bad.any():
+                mask = np.zeros(self.n_rows, bool)
+                mask[rows[bad]] = True
+                raise self._rows_error(mask, f"status ok but {what}", name)
+
+    def _rows_error(self, bad: np.ndarray, what: str, array: str) -> StoreError:
+        """A StoreError for the rows ``bad`` (a mask over the group's rows) of ``array``, with the shard objects that
+        hold the first of them."""
+        rows = np.flatnonzero(bad)
+        shard = int(rows[0]) // self.rows_per_shard
+        key = _shard_key(self._group[array], shard)
+        there = "missing" if _exists(self._group[array], key) is False else "present"
+        listed = ", ".join(map(str, rows[:5].tolist())) + (", ..." if rows.size > 5 else "")
+        return StoreError(f"store {self.url!r}, group {self.name!r}: {rows.size} row(s) with {what}: rows {listed} "
+                          f"(shard {shard}: its object {key!r} is {there}): the store is damaged (a deleted, truncated "
+                          "or edited object); restore it from a copy, or explain the images into a new store")
 
     def shard_status(self, shard: int) -> np.ndarray | None:
         """Status of one shard's rows; None when its status chunk is unreadable (a write cut by a kill)."""

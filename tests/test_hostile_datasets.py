@@ -172,7 +172,7 @@ def _class_names(tmp_path: Path, case: str) -> str:
     ("invalid JSON", r"names.txt' starts with '\[' but is not a JSON list"),
     ("a directory", r"names.txt' is a directory"),
     ("Latin-1 text", r"names.txt' is not UTF-8 text .*save it as UTF-8"),
-])
+], ids=["invalid JSON", "a directory", "Latin-1 text"])
 def test_a_bad_class_names_file_is_refused(tmp_path, case, match):
     path = _class_names(tmp_path, case)
     with pytest.raises(ModelError, match=match):

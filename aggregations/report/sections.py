@@ -92,6 +92,8 @@ def _evidence(run: AuditRun, group: str, row: dict) -> list[dict]:
     evidence = []
     for index, share in picks[:EVIDENCE_IMAGES]:
         relevance = np.asarray(explanation.relevance[index].compute())
+        explanation.check_maps(np.array([index]), relevance.sum(dtype=np.float64)[None],  # damaged since aggregated?
+                               np.abs(relevance).sum(dtype=np.float64)[None])
         image = run.images(paths[index])
         row_boxes = boxes[index] if boxes is not None else None
         evidence.append({

@@ -46,8 +46,9 @@ def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes
     explanations = open_store(store_url, storage_options=storage_options).group(group)
     start, keep = shard * explanations.rows_per_shard, np.flatnonzero(wanted)
     block = explanations.shard_reader("relevance").rows(start + keep)
-    if not np.isfinite(block).all():  # never for ok rows; kept as a guard so that NaN cannot spread
-        block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+    # ok rows are finite and add up to their relevance_sum: NaN here is a missing shard object, refused, never pooled
+    explanations.check_maps(start + keep, block.sum(axis=(1, 2), dtype=np.float64),
+                            np.abs(block).sum(axis=(1, 2), dtype=np.float64))
     pooled = np.zeros((len(wanted), int(np.prod(preprocess.grid_shape(*block.shape[1:], size)))), np.float32)
     stats = np.full((len(wanted), 3), np.nan)
     for at in range(0, len(keep), ROWS_AT_ONCE):

@@ -150,7 +150,7 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
     options and the scratch folder are distinct inputs of one run, none derivable from the others.
     """
     group = store.group(name)
-    table = group.rows()
+    table = group.checked_rows()  # a damaged store is refused here, not clustered as it reads
     meta = {k: table[k].to_numpy(zero_copy_only=False) for k in table.column_names}
     universe = tables.class_universe(meta["target"], classes, len(store.class_names))
     ok = meta["status"] == STATUS_OK

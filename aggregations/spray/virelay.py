@@ -100,6 +100,22 @@ def write_dataset(path: str, store: RelevanceStore, group: str, rows: np.ndarray
     return missing
 
 
+def check_maps(store: RelevanceStore, groups: Sequence[str], rows: np.ndarray) -> None:
+    """Refuse a store whose rows or maps to export are damaged (``ExplanationGroup.checked_rows``, ``check_maps``: a
+    missing shard reads as NaN), before any file is written: one read of the maps, a shard at a time."""
+    for group in groups:
+        explanation = store.group(group)
+        explanation.checked_rows()
+        ok = rows[explanation.read("status")[rows] == STATUS_OK]
+        name = "relevance_channels" if explanation.has("relevance_channels") else "relevance"
+        reader = explanation.shard_reader(name)
+        for start in range(0, len(ok), BLOCK):
+            block = reader.rows(ok[start:start + BLOCK])
+            axes = tuple(range(1, block.ndim))
+            explanation.check_maps(ok[start:start + BLOCK], block.sum(axis=axes, dtype=np.float64),
+                                   np.abs(block).sum(axis=axes, dtype=np.float64), name)
+
+
 def write_attributions(path: str, store: RelevanceStore, group: str, rows: np.ndarray) -> np.ndarray:
     """The ok rows' relevance maps; ``index`` is their dataset entry. Returns the store rows written."""
     explanation = store.group(group)
@@ -232,8 +248,9 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     unknown = sorted(set(names) - set(done))
     if unknown:
         raise ValueError(f"no SpRAy results for group(s) {unknown}: the SpRAy run has {done}")
-    os.makedirs(out_dir, exist_ok=True)
     rows = exported_rows(store, names, classes)
+    check_maps(store, names, rows)  # a damaged store is refused before anything is written
+    os.makedirs(out_dir, exist_ok=True)
     write_label_map(os.path.join(out_dir, "label-map.json"), store.class_names)
     missing = write_dataset(os.path.join(out_dir, "dataset.h5"), store, names[0], rows)
     projects, analysed = [], {}
