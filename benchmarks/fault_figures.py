@@ -23,8 +23,10 @@ SHORT_FAILURE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+)", re.M)
 RESULT = re.compile(r"^(tests/\S+::\S+(?:\[.*?\])?) (PASSED|FAILED|ERROR|XFAIL|XPASS|SKIPPED)", re.M)
 
 
-def pytest(*args: str) -> str:
-    command = [sys.executable, "-m", "pytest", "-s", "-v", "-p", "no:cacheprovider", *args]
+def pytest(*args: str, capture: bool = False) -> str:
+    """pytest -v's output; ``-s`` (the fault tests' FAULT lines) unless ``capture``: with ``-s`` a test's own output
+    can split its result line, which RESULT would then miss."""
+    command = [sys.executable, "-m", "pytest", *([] if capture else ["-s"]), "-v", "-p", "no:cacheprovider", *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     return done.stdout + done.stderr
 
@@ -73,7 +75,7 @@ def main() -> None:
             Path(f"{args.save}-{n}.txt").write_text(outputs[-1])
     print("\n".join(fault_table(outputs)))
     hostile = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_hostile_*.py"))
-    print("\n".join(hostile_table(pytest(*hostile))))
+    print("\n".join(hostile_table(pytest(*hostile, capture=True))))
 
 
 if __name__ == "__main__":
