@@ -16,7 +16,7 @@ from torch import nn
 
 from .composites import Composite, make_composite
 from . import structural
-from .graph import Network, Ref, refuse_hooks
+from .graph import Network, Ref
 from .kinds import NO_RELEVANCE, Kind
 from .rules import StepContext
 
@@ -89,12 +89,7 @@ class Explainer:
         return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"
 
     def __call__(self, x: torch.Tensor, target) -> Explanation:
-        refuse_hooks(self.model)  # hooks registered after the explainer was built are refused too
-        replaced = self.network.replaced_modules()
-        if replaced:
-            raise ValueError(
-                f"the model's modules changed since this explainer traced it ({', '.join(map(repr, replaced[:5]))} "
-                "replaced, added or removed): it would explain the old ones; build a new lrp.Explainer for the model")
+        self.network.check_unchanged()  # hooks added or modules replaced since the explainer was built are refused
         x = self._check_input(x)
         with _precision(x, self.tf32):
             return self._explain(x, target)

@@ -802,17 +802,18 @@ class ExplanationGroup:
                 raise self._rows_error(ok & missing, f"status ok but {what}{rest}", name)
         return table
 
-    def check_maps(self, rows: np.ndarray, totals: np.ndarray, magnitudes: np.ndarray, name: str = "relevance") -> None:
+    def check_maps(self, rows: np.ndarray, totals: np.ndarray, magnitudes: np.ndarray, stored: np.ndarray,
+                   name: str = "relevance") -> None:
         """Refuse ok ``rows`` whose map of ``name``, as read, sums (``totals``, float64) to something not finite, or
-        not to the ``relevance_sum`` the writer stored for it beyond float32 rounding (1e-3 of its ``magnitudes``,
-        sum |R|, and of the stored sum). A missing shard object or inner chunk reads as NaN (its fill value), so an
-        ok row without a finite map is a damaged store, never a map to audit; a map whose sum moved is one whose
-        bytes changed. Cheap: a comparison of the (n,) sums the reader computes anyway."""
+        not to the ``relevance_sum`` the writer stored for it (``stored``, from the :meth:`checked_rows` the caller
+        read) beyond float32 rounding (1e-3 of its ``magnitudes``, sum |R|, and of the stored sum). A missing shard
+        object or inner chunk reads as NaN (its fill value), so an ok row without a finite map is a damaged store,
+        never a map to audit; a map whose sum moved is one whose bytes changed. Free: a comparison of (n,) sums the
+        reader computes and holds anyway, no read."""
         rows = np.asarray(rows, np.int64)
         if not rows.size:
             return
-        first, last = int(rows.min()), int(rows.max()) + 1  # one read of the span: a shard, or the scanned rows
-        stored = self.read("relevance_sum", first, last)[rows - first]
+        stored = np.asarray(stored, np.float64)
         with np.errstate(invalid="ignore"):
             moved = np.abs(totals - stored) > 1e-3 * (np.abs(magnitudes) + np.abs(stored)) + 1e-30
         lost = ~np.isfinite(totals)

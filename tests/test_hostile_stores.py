@@ -160,6 +160,8 @@ def test_a_missing_relevance_shard_is_refused_not_audited(tmp_path, capsys):
     as zero maps, and exported to ViRelAy as NaN."""
     url = store(tmp_path / "s.zarr")
     assert spray_main([str(url)] + SPRAY) == 0  # SpRAy results of the store before the damage
+    assert export_main([str(url), str(tmp_path / "v")]) == 0  # and its export, which a refused one must not touch
+    before = {path.name: path.read_bytes() for path in (tmp_path / "v").iterdir()}
     capsys.readouterr()
     (url / GROUP / "relevance/c/1/0/0").unlink()
     said = ("8 row(s) with status ok but no finite relevance map (NaN: its shard object or inner chunk is missing, or "
@@ -169,7 +171,9 @@ def test_a_missing_relevance_shard_is_refused_not_audited(tmp_path, capsys):
     refused(capsys, report_main, [str(url), "--out", str(tmp_path / "r.html")], said)
     # the export's SpRAy results still match the store's status and sums: the maps themselves are checked
     refused(capsys, export_main, [str(url), str(tmp_path / "v")], said)
-    assert not (tmp_path / "v" / "lrp-attribution.h5").exists()
+    assert {path.name: path.read_bytes() for path in (tmp_path / "v").iterdir()} == before  # no partial file left
+    refused(capsys, export_main, [str(url), str(tmp_path / "w")], said)
+    assert not list((tmp_path / "w").iterdir())
     shutil.rmtree(tmp_path / "s.aggregates")
     refused(capsys, spray_main, [str(url)] + SPRAY, said, tmp_path / "s.aggregates" / "spray")
 

@@ -339,13 +339,19 @@ def test_forward_hooks_and_pre_hooks_are_refused_naming_the_module(x, where, hoo
     torch.testing.assert_close(result.output, nested(x)[:, 0])
 
 
-def test_global_forward_hooks_are_refused(x):
-    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+@pytest.mark.parametrize("register", [nn.modules.module.register_module_forward_hook,
+                                      nn.modules.module.register_module_forward_pre_hook])
+def test_global_forward_hooks_are_refused(x, register):
+    earlier = lrp.Explainer(small_cnn().eval(), "epsilon_plus")  # built before the hook: refused when called with it
+    handle = register(lambda m, *args: None)
     try:
         with pytest.raises(lrp.UnsupportedLayerError, match="global forward hook"):
             lrp.Explainer(small_cnn().eval(), "epsilon_plus")
+        with pytest.raises(lrp.UnsupportedLayerError, match="global forward hook"):
+            earlier(x, 0)
     finally:
         handle.remove()
+    earlier(x, 0)
 
 
 def test_full_float32_settings_are_restored_whatever_api_set_them():

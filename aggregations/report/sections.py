@@ -75,6 +75,7 @@ def _evidence(run: AuditRun, group: str, row: dict) -> list[dict]:
     """The images that show the class's cue most: the aggregation's top rows, else most context."""
     rows_table = run.rows(group)
     paths = rows_table["path"].to_pylist()
+    stored = rows_table["relevance_sum"].to_numpy()
     picks = list(zip(row.get("top_rows") or [], row.get("top_spot_shares") or []))
     caption = "{:.0%} of its positive relevance in the spot"
     if not picks:  # a context flag: the images with the most positive relevance outside the object
@@ -93,7 +94,7 @@ def _evidence(run: AuditRun, group: str, row: dict) -> list[dict]:
     for index, share in picks[:EVIDENCE_IMAGES]:
         relevance = np.asarray(explanation.relevance[index].compute())
         explanation.check_maps(np.array([index]), relevance.sum(dtype=np.float64)[None],  # damaged since aggregated?
-                               np.abs(relevance).sum(dtype=np.float64)[None])
+                               np.abs(relevance).sum(dtype=np.float64)[None], stored[index:index + 1])
         image = run.images(paths[index])
         row_boxes = boxes[index] if boxes is not None else None
         evidence.append({

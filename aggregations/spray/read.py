@@ -31,10 +31,11 @@ def create_scratch(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes: np.ndarray | None, size: int,
-               scratch: str, storage_options: dict | None = None) -> np.ndarray:
+def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, sums: np.ndarray, boxes: np.ndarray | None,
+               size: int, scratch: str, storage_options: dict | None = None) -> np.ndarray:
     """Pool one shard's ``wanted`` rows into its scratch file; return the shard's (n, 3) row stats
-    (preprocess.row_stats; NaN for the other rows, which no class reads).
+    (preprocess.row_stats; NaN for the other rows, which no class reads). ``sums``: the shard's stored
+    ``relevance_sum`` per row, from the rows the run checked, that each map read must add up to.
 
     Only the wanted rows (ok rows of clustered classes, finite by the store's status rules) are read and pooled,
     batched per shard by the store's ``ShardReader`` (the whole object when most rows are wanted, else the index
@@ -48,7 +49,7 @@ def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes
     block = explanations.shard_reader("relevance").rows(start + keep)
     # ok rows are finite and add up to their relevance_sum: NaN here is a missing shard object, refused, never pooled
     explanations.check_maps(start + keep, block.sum(axis=(1, 2), dtype=np.float64),
-                            np.abs(block).sum(axis=(1, 2), dtype=np.float64))
+                            np.abs(block).sum(axis=(1, 2), dtype=np.float64), sums[keep])
     pooled = np.zeros((len(wanted), int(np.prod(preprocess.grid_shape(*block.shape[1:], size)))), np.float32)
     stats = np.full((len(wanted), 3), np.nan)
     for at in range(0, len(keep), ROWS_AT_ONCE):
@@ -61,8 +62,8 @@ def pool_shard(store_url: str, group: str, shard: int, wanted: np.ndarray, boxes
     return stats
 
 
-def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | None, size: int, scratch: str,
-                  storage_options: dict | None = None) -> list:
+def pooling_tasks(store, group: str, wanted: np.ndarray, sums: np.ndarray, boxes: np.ndarray | None, size: int,
+                  scratch: str, storage_options: dict | None = None) -> list:
     """Lazy (start, stats) per shard that holds a wanted row; shards without one are not read.
 
     Many parameters because: it forwards :func:`pool_shard`'s plain-value arguments, which every task needs.
@@ -72,7 +73,8 @@ def pooling_tasks(store, group: str, wanted: np.ndarray, boxes: np.ndarray | Non
         start, stop = store.shard_rows(shard)
         if wanted[start:stop].any():
             task = dask.delayed(pool_shard, pure=True)(
-                store.url, group, shard, wanted[start:stop], None if boxes is None else boxes[start:stop], size,
+                store.url, group, shard, wanted[start:stop], sums[start:stop],
+                None if boxes is None else boxes[start:stop], size,
                 scratch, storage_options, dask_key_name=f"spray-pool-{group}-{shard}")
             tasks.append((start, task))
     return tasks

@@ -160,7 +160,8 @@ def _spray_group(store, name: str, classes: Sequence[int] | None, settings: Spra
     geometry = Geometry(store.height, store.width, *preprocess.grid_shape(store.height, store.width, settings.size))
     read.create_scratch(scratch)
     boxes = group.boxes
-    pooling = dict(read.pooling_tasks(store, name, wanted, boxes, settings.size, scratch, options.storage_options))
+    pooling = dict(read.pooling_tasks(store, name, wanted, meta["relevance_sum"], boxes, settings.size, scratch,
+                                        options.storage_options))
     jobs = []
     for c in clustered:
         rows = np.flatnonzero(wanted & (meta["target"] == c))

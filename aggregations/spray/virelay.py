@@ -100,27 +100,16 @@ def write_dataset(path: str, store: RelevanceStore, group: str, rows: np.ndarray
     return missing
 
 
-def check_maps(store: RelevanceStore, groups: Sequence[str], rows: np.ndarray) -> None:
-    """Refuse a store whose rows or maps to export are damaged (``ExplanationGroup.checked_rows``, ``check_maps``: a
-    missing shard reads as NaN), before any file is written: one read of the maps, a shard at a time."""
-    for group in groups:
-        explanation = store.group(group)
-        explanation.checked_rows()
-        ok = rows[explanation.read("status")[rows] == STATUS_OK]
-        name = "relevance_channels" if explanation.has("relevance_channels") else "relevance"
-        reader = explanation.shard_reader(name)
-        for start in range(0, len(ok), BLOCK):
-            block = reader.rows(ok[start:start + BLOCK])
-            axes = tuple(range(1, block.ndim))
-            explanation.check_maps(ok[start:start + BLOCK], block.sum(axis=axes, dtype=np.float64),
-                                   np.abs(block).sum(axis=axes, dtype=np.float64), name)
-
-
 def write_attributions(path: str, store: RelevanceStore, group: str, rows: np.ndarray) -> np.ndarray:
-    """The ok rows' relevance maps; ``index`` is their dataset entry. Returns the store rows written."""
+    """The ok rows' relevance maps; ``index`` is their dataset entry. Returns the store rows written.
+
+    Each block of maps is checked as it is read (``ExplanationGroup.check_maps``: a missing shard reads as NaN, an
+    edited one no longer adds up to its ``relevance_sum``), so a damaged store raises a StoreError here, never an
+    export of NaN maps, and the maps are read once."""
     explanation = store.group(group)
     status = explanation.read("status")[rows]
     ok = rows[status == STATUS_OK]
+    stored = explanation.read("relevance_sum")[ok]
     entry = np.flatnonzero(status == STATUS_OK)
     prediction = explanation.read("prediction")[ok]
     with h5py.File(path, "w") as out:
@@ -136,15 +125,20 @@ def write_attributions(path: str, store: RelevanceStore, group: str, rows: np.nd
         depth = explanation.lazy("relevance_channels").shape[1] if channels else 2
         maps = out.create_dataset("attribution", (len(ok), depth, *shape), dtype="float32",
                                   **_chunked(len(ok), (1, depth, *shape)))
+        name = "relevance_channels" if channels else "relevance"
+        reader = explanation.shard_reader(name)  # batched per shard, as the store's other readers
         for start in range(0, len(ok), BLOCK):
+            block, part = reader.rows(ok[start:start + BLOCK]), slice(start, start + BLOCK)
+            axes = tuple(range(1, block.ndim))
+            explanation.check_maps(ok[part], block.sum(axis=axes, dtype=np.float64),
+                                   np.abs(block).sum(axis=axes, dtype=np.float64), stored[part], name)
             if channels:
-                maps[start:start + BLOCK] = explanation.read_rows("relevance_channels", ok[start:start + BLOCK])
+                maps[part] = block
                 continue
             # ViRelAy sums an attribution's channels and cannot render a single one (an IndexError in its
             # image_processing): the map goes in channel 0 beside a zero channel, so the sum is the map exactly
-            block = explanation.read_rows("relevance", ok[start:start + BLOCK])
-            maps[start:start + len(block), 0] = block
-            maps[start:start + len(block), 1] = 0.0
+            maps[part, 0] = block
+            maps[part, 1] = 0.0
     return ok
 
 
@@ -249,15 +243,30 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     if unknown:
         raise ValueError(f"no SpRAy results for group(s) {unknown}: the SpRAy run has {done}")
     rows = exported_rows(store, names, classes)
-    check_maps(store, names, rows)  # a damaged store is refused before anything is written
-    os.makedirs(out_dir, exist_ok=True)
-    write_label_map(os.path.join(out_dir, "label-map.json"), store.class_names)
-    missing = write_dataset(os.path.join(out_dir, "dataset.h5"), store, names[0], rows)
-    projects, analysed = [], {}
     for group in names:
-        stem = os.path.join(out_dir, safe_name(group))
-        write_attributions(f"{stem}-attribution.h5", store, group, rows)
-        analysed[group] = write_analysis(f"{stem}-analysis.h5", spray, group, rows)
-        write_project(f"{stem}.yaml", store, group, f"{name or 'lrp-audit'}: {group}")
-        projects.append(f"{stem}.yaml")
+        store.group(group).checked_rows()  # damaged row arrays are refused before anything is written
+    files = ["label-map.json", "dataset.h5"] + [safe_name(group) + end for group in names
+                                                for end in ("-attribution.h5", "-analysis.h5", ".yaml")]
+    os.makedirs(out_dir, exist_ok=True)
+    # each file is written beside its final name and renamed once all are: an export refused midway (a damaged map
+    # found while writing) or interrupted leaves an earlier export in out_dir as it was, and no half-written file
+    partial = {file: os.path.join(out_dir, f".{file}.partial") for file in files}
+    try:
+        write_label_map(partial["label-map.json"], store.class_names)
+        for group in names:  # the maps first: a damaged one is found before the images are decoded
+            write_attributions(partial[f"{safe_name(group)}-attribution.h5"], store, group, rows)
+        missing = write_dataset(partial["dataset.h5"], store, names[0], rows)
+        analysed = {}
+        for group in names:
+            stem = safe_name(group)
+            analysed[group] = write_analysis(partial[f"{stem}-analysis.h5"], spray, group, rows)
+            write_project(partial[f"{stem}.yaml"], store, group, f"{name or 'lrp-audit'}: {group}")
+    except BaseException:
+        for path in partial.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    for file, path in partial.items():
+        os.replace(path, os.path.join(out_dir, file))
+    projects = [os.path.join(out_dir, f"{safe_name(group)}.yaml") for group in names]
     return {"projects": projects, "rows": len(rows), "missing_images": missing, "classes": analysed}
