@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from jobs.explain import EXPLAIN_ONLY, add_run_options, add_target_options, base_parser, config_values
-from pipeline.config import ConfigError
+from pipeline.config import EVALUATION_ROWS_PER_SHARD, ConfigError
 
 
 def _steps(text: str) -> int | str:
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
                                     "classes (with --classes), labels (every label of a multi-label image)",
                        hide_explain_only=True)
     add_run_options(p, store_help="the explain run's store: the default --out is beside it (<store>.evaluation)",
-                    hide_explain_only=True)
+                    hide_explain_only=True, rows_per_shard=EVALUATION_ROWS_PER_SHARD)
     e = p.add_argument_group("evaluation (region perturbation, AOPC)")
     e.add_argument("--out", help="output directory or URL for curves and AOPC tables")
     e.add_argument("--method", action="append", dest="explanations", metavar="NAME[:KEY=VALUE,...]",

@@ -19,7 +19,7 @@ from pipeline.config import TARGET_MODES, ConfigError, config_from_dict, load_ya
 
 
 #: explain options that the evaluation parses (to reject them with a clear message) but hides
-EXPLAIN_ONLY = ("per_channel", "retry_failed")
+EXPLAIN_ONLY = ("per_channel", "retry_failed", "decode_workers")
 TARGETS_HELP = ("auto (true label(s), default), label, prediction, classes (with --classes), "
                 "labels (every label of a multi-label image)")
 
@@ -66,8 +66,8 @@ def add_target_options(parser: argparse.ArgumentParser, *, composite_help: str |
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None = None,
-                    hide_explain_only: bool = False) -> None:
-    """Output store, cluster and actor options, as explain uses them."""
+                    hide_explain_only: bool = False, rows_per_shard: int = 256) -> None:
+    """Output store, cluster and actor options, as explain uses them (``rows_per_shard``: the job's default)."""
     run = parser.add_argument_group("run")
     run.add_argument("--store", help=store_help or "output Zarr store: path or fsspec URL (s3://...)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
@@ -79,7 +79,7 @@ def add_run_options(parser: argparse.ArgumentParser, *, store_help: str | None =
     run.add_argument("--decode-workers", type=int,
                      help=argparse.SUPPRESS if hide_explain_only else "processes per actor that decode and preprocess "
                      "(default 0: threads in the actor), fewer than --cpus-per-actor; see docs/pipeline.md")
-    run.add_argument("--rows-per-shard", type=int, help="rows per store shard = per task (default 256)")
+    run.add_argument("--rows-per-shard", type=int, help=f"rows per store shard = per task (default {rows_per_shard})")
     run.add_argument("--max-attempts", type=int, help="tries per shard when an actor dies (default 3)")
     run.add_argument("--retry-failed", action="store_true", default=None,
                      help=argparse.SUPPRESS if hide_explain_only else "also redo failed/nonfinite rows")

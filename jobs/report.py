@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output HTML file (default: STORE without .zarr + .report.html)")
     p.add_argument("--group", help="the explanation group the report leads with (default: the store's first)")
     p.add_argument("--aggregates", help="aggregates folder of STORE (default: STORE without .zarr + .aggregates)")
-    p.add_argument("--compare-aggregates", help="aggregates folder of STORE2 (default: STORE2.aggregates)")
+    p.add_argument("--compare-aggregates",
+                   help="aggregates folder of STORE2 (default: STORE2 without .zarr + .aggregates)")
     p.add_argument("--evaluation", metavar="DIR",
                    help="results of 'lrp-audit evaluate' to show "
                         "(default: STORE without .zarr + .evaluation, if present)")

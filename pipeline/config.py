@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to change."""
 
 
+#: the evaluation's default shard: a row costs (methods x steps) forwards, so smaller shards than explain's
+EVALUATION_ROWS_PER_SHARD = 32
+
+
 @dataclass
 class DatasetSpec:
     """``source``: folder, manifest file or VOC root (local or fsspec URL); ``kind``: imagefolder, manifest,

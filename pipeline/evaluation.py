@@ -33,7 +33,7 @@ import torch
 from .actors import claim_cpus
 from .batches import Sample, ShardReader
 from .config_types import check_types, paths_as_text
-from .config import ConfigError, ExplanationSetting, RunConfig, config_from_dict
+from .config import EVALUATION_ROWS_PER_SHARD, ConfigError, ExplanationSetting, RunConfig, config_from_dict
 from .datasets import read_image
 from .dispatch import Part, ShardPool
 from .models import build_model
@@ -49,7 +49,7 @@ from .store import canonical_json, config_differences
 #: et al. (2016, sec. 3). ``random`` (the reference ordering) is always added.
 DEFAULT_METHODS = ("epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box", "gradient", "gradient_x_input",
                    "deconvnet")
-DEFAULT_ROWS_PER_SHARD = 32  # a row costs (methods x steps) forwards: smaller shards than explain's
+DEFAULT_ROWS_PER_SHARD = EVALUATION_ROWS_PER_SHARD
 SETTINGS_FILE = "evaluation.json"
 CURVES_DIR = "curves"
 

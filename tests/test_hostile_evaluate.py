@@ -46,6 +46,16 @@ def _evaluate(tmp_path: Path, monkeypatch, *flags: str, out: Path | None = None)
                  "--method", "gradient", "--region-size", "8", "--steps", "4", "--out", str(out), *flags])
 
 
+@pytest.mark.parametrize("flags", [["--per-channel"], ["--retry-failed"], ["--decode-workers", "1"]],
+                         ids=lambda flags: flags[0])
+def test_evaluate_refuses_the_explain_only_options(tmp_path, monkeypatch, capsys, flags):
+    """Hidden in evaluate's help and unused by its actors. Before, --decode-workers was accepted, ignored, and still
+    checked against --cpus-per-actor: a configuration error about an option evaluate's help never shows."""
+    code = _evaluate(tmp_path, monkeypatch, *flags)
+    _refused(capsys, code, f"configuration error: {flags[0]} is an explain option; lrp-audit evaluate does not use it")
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("flags", [["--seed", "-1"], ["--seed", "-1", "--sample", "2"]],
                          ids=["seed -1", "seed -1 with --sample 2"])
 def test_evaluate_refuses_a_negative_seed(tmp_path, monkeypatch, capsys, flags):

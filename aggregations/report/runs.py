@@ -134,8 +134,8 @@ def open_run(url: str, aggregates_dir: str | None = None, *, compute: bool = Tru
     Aggregates of another store are refused (:class:`AggregatesMismatch`). Aggregates older than the store (rows
     written, retried or rewritten since: ``summary.json``'s ``store_state``) are recomputed with the settings they
     were made with, or refused when ``compute`` is off or those settings cannot be redone (mask regions).
-    Aggregates from before ``store_state`` was recorded are recomputed the same way; when they cannot be, they are
-    used with an :class:`AggregatesNote` warning that their age is unknown.
+    Aggregates from before ``store_state`` was recorded are used as they are, with an :class:`AggregatesNote`
+    warning that their age is unknown.
     """
     store = open_store(url)
     state = store_state(store)
