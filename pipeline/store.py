@@ -815,7 +815,8 @@ class ExplanationGroup:
             return
         stored = np.asarray(stored, np.float64)
         with np.errstate(invalid="ignore"):
-            moved = np.abs(totals - stored) > 1e-3 * (np.abs(magnitudes) + np.abs(stored)) + 1e-30
+            # not "within": a stored sum read as NaN (its chunk deleted since the caller checked the rows) is moved too
+            moved = ~(np.abs(totals - stored) <= 1e-3 * (np.abs(magnitudes) + np.abs(stored)) + 1e-30)
         lost = ~np.isfinite(totals)
         for bad, what in ((lost, "no finite relevance map (NaN: its shard object or inner chunk is missing, or "
                                  "holds NaN)"),

@@ -198,3 +198,20 @@ def test_write_failed_keeps_rows_that_are_ok(tmp_path):
     # a shard never written: every row fails
     group.write_failed(8, 2, "no actor", path=["a", "b"])
     assert reread.rows().slice(8, 2)["status"].to_pylist() == [STATUS_FAILED] * 2
+
+
+def test_check_maps_compares_each_map_with_the_stored_sum_it_is_given(tmp_path):
+    """The sums the reader computed against the ``relevance_sum`` the caller read: equal passes; a moved sum, a NaN
+    map and a NaN stored sum (its chunk deleted since the rows were checked) are refused, naming the row."""
+    from helpers.stores import make_store
+
+    relevance = np.random.default_rng(0).normal(size=(8, 4, 4)).astype(np.float32)
+    group = open_store(make_store(tmp_path / "s.zarr", relevance, target=[0] * 8)).group("lrp")
+    rows, stored = np.arange(8), group.read("relevance_sum")
+    totals, magnitudes = relevance.sum(axis=(1, 2), dtype=np.float64), np.abs(relevance).sum(axis=(1, 2), dtype=float)
+    group.check_maps(rows, totals, magnitudes, stored)
+    for what, (t, s) in {"does not add up": (totals + np.eye(8)[3], stored),
+                         "no finite relevance map": (np.where(rows == 3, np.nan, totals), stored),
+                         "does not add up to its stored": (totals, np.where(rows == 3, np.nan, stored))}.items():
+        with pytest.raises(StoreError, match=f"1 row\\(s\\) with status ok but .*{what}.*: rows 3 "):
+            group.check_maps(rows, t, magnitudes, s)
