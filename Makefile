@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test test-fast bench clean
 
-$(BIN)/lrp-audit: pyproject.toml
+$(BIN)/lrp-audit: pyproject.toml requirements-oracles.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q torch torchvision
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -r requirements-oracles.txt  # test oracles; why without deps: see the file
 	touch $@
 
 demo: $(BIN)/lrp-audit
