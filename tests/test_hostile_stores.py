@@ -178,6 +178,19 @@ def test_a_missing_relevance_shard_is_refused_not_audited(tmp_path, capsys):
     refused(capsys, spray_main, [str(url)] + SPRAY, said, tmp_path / "s.aggregates" / "spray")
 
 
+def test_an_export_of_groups_whose_file_names_clash_is_refused(tmp_path, capsys):
+    """Group names become file names with every character outside [A-Za-z0-9_.-] made '_': before, the second of
+    'a=b' and 'a_b' silently overwrote the first's attribution, analysis and project files."""
+    url = tmp_path / "s.zarr"
+    make_store(url, maps(), target=[0] * 8 + [1] * 8, rows_per_shard=8, class_names=["cat", "dog"],
+               group=["a=b", "a_b"])
+    assert spray_main([str(url)] + SPRAY) == 0
+    capsys.readouterr()
+    refused(capsys, export_main, [str(url), str(tmp_path / "v")], "groups ['a=b', 'a_b'] share the file name 'a_b'")
+    assert not (tmp_path / "v").exists()
+    assert export_main([str(url), str(tmp_path / "v"), "--group", "a=b"]) == 0
+
+
 @pytest.mark.parametrize("name", ["status", "target", "relevance_sum"])
 def test_a_truncated_chunk_of_a_row_array_exits_2_naming_the_object(tmp_path, capsys, name):
     """Before: a ``RuntimeError: Zstd decompression error`` traceback."""

@@ -242,6 +242,11 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     unknown = sorted(set(names) - set(done))
     if unknown:
         raise ValueError(f"no SpRAy results for group(s) {unknown}: the SpRAy run has {done}")
+    stems = [safe_name(group) for group in names]
+    clash = sorted({group for group, stem in zip(names, stems) if stems.count(stem) > 1})
+    if clash:  # one group's project would overwrite the other's files
+        raise ValueError(f"groups {clash} share the file name {safe_name(clash[0])!r} in a ViRelAy project: export "
+                         "them one at a time (--group) into different folders")
     rows = exported_rows(store, names, classes)
     for group in names:
         store.group(group).checked_rows()  # damaged row arrays are refused before anything is written
