@@ -250,7 +250,7 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     rows = exported_rows(store, names, classes)
     for group in names:
         store.group(group).checked_rows()  # damaged row arrays are refused before anything is written
-    files = ["label-map.json", "dataset.h5"] + [safe_name(group) + end for group in names
+    files = ["label-map.json", "dataset.h5"] + [stem + end for stem in stems
                                                 for end in ("-attribution.h5", "-analysis.h5", ".yaml")]
     os.makedirs(out_dir, exist_ok=True)
     # each file is written beside its final name and renamed once all are: an export refused midway (a damaged map
@@ -258,12 +258,11 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     partial = {file: os.path.join(out_dir, f".{file}.partial") for file in files}
     try:
         write_label_map(partial["label-map.json"], store.class_names)
-        for group in names:  # the maps first: a damaged one is found before the images are decoded
-            write_attributions(partial[f"{safe_name(group)}-attribution.h5"], store, group, rows)
+        for group, stem in zip(names, stems):  # the maps first: a damaged one is found before the images are decoded
+            write_attributions(partial[f"{stem}-attribution.h5"], store, group, rows)
         missing = write_dataset(partial["dataset.h5"], store, names[0], rows)
         analysed = {}
-        for group in names:
-            stem = safe_name(group)
+        for group, stem in zip(names, stems):
             analysed[group] = write_analysis(partial[f"{stem}-analysis.h5"], spray, group, rows)
             write_project(partial[f"{stem}.yaml"], store, group, f"{name or 'lrp-audit'}: {group}")
     except BaseException:
@@ -273,5 +272,5 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
         raise
     for file, path in partial.items():
         os.replace(path, os.path.join(out_dir, file))
-    projects = [os.path.join(out_dir, f"{safe_name(group)}.yaml") for group in names]
+    projects = [os.path.join(out_dir, f"{stem}.yaml") for stem in stems]
     return {"projects": projects, "rows": len(rows), "missing_images": missing, "classes": analysed}
