@@ -59,7 +59,7 @@ _FUNCTION_KINDS = {
     **{f: Kind.MAXPOOL for f in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d)},
     **{f: Kind.AVGPOOL for f in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                                  F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean)},
-    F.dropout: Kind.IDENTITY,
+    **{f: Kind.IDENTITY for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)},
     **{f: Kind.STRUCTURAL for f in (torch.flatten, torch.cat, torch.concat, torch.reshape, torch.unsqueeze,
                                     torch.squeeze, torch.permute, torch.transpose, operator.getitem, torch.roll,
                                     torch.swapaxes, torch.swapdims, torch.movedim)},
@@ -147,6 +147,8 @@ def fold_batchnorms(steps: list) -> None:
     any other BatchNorm becomes an ``affine`` step (elementwise ``x * s + t`` with its running statistics)."""
     consumers: dict[int, list[int]] = {}
     for step in steps:
+        if step.kind in (Kind.META, Kind.CONSTANT):
+            continue  # y.shape reads the folded layer's output as well as the BatchNorm's
         for j in step.inputs:
             consumers.setdefault(j, []).append(step.index)
     for step in steps:
@@ -181,7 +183,7 @@ def mark_nonnegative(steps: list) -> None:
     keeps_signed = (*keeps_sign, Kind.SCALE, Kind.SHIFT, Kind.GATE, Kind.POINTWISE)
     for step in steps:
         inputs = [steps[j] for j in step.inputs]
-        step.inputs_nonnegative = bool(inputs) and all(s.nonnegative for s in inputs)
+        step.inputs_nonnegative = bool(inputs) and all(s.nonnegative for s in inputs) and not _joins_constants(step)
         step.inputs_signed = any(s.signed for s in inputs)
         step.nonnegative = (
             step.kind == Kind.ACTIVATION
@@ -192,6 +194,23 @@ def mark_nonnegative(steps: list) -> None:
         step.signed = not step.nonnegative and (
             step.kind in makes_signed
             or (step.kind in keeps_signed and step.inputs_signed))
+
+
+def _joins_constants(step) -> bool:
+    """A concatenation with a tensor that carries no relevance (a parameter, a buffer, ``torch.full(...)``): its sign
+    is not the graph's to know."""
+    if step.kind != Kind.STRUCTURAL or step.target not in (torch.cat, torch.concat):
+        return False
+    tensors = step.args[0] if step.args else (step.kwargs or {}).get("tensors", ())
+    return any(getattr(t, "index", None) not in step.inputs for t in tensors)
+
+
+def dropout_active(target, args, kwargs) -> bool:
+    """``F.dropout(x, p)``: its ``training`` defaults to True, so it drops at inference too (a random function)."""
+    if target not in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+        return False
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    return training is not False
 
 
 #: the passes Network runs after tracing, in order

@@ -102,13 +102,22 @@ class Composite:
     def prepare(self, network, first_index: int | None, x) -> Composite:
         """The composite for the batch ``x``: the first-layer rule may adapt to the steps in front of its layer.
 
-        z^B carries its box through the model's input transform (:meth:`lrp.rules.ZBox.prepare`); other rules are
-        used as they are.
+        z^B carries its box through the model's input transform (:meth:`lrp.rules.ZBox.prepare`), whether it is the
+        first-layer rule or given by name (at the name's first step); other rules are used as they are.
         """
-        if self.first is None or first_index is None:
+        first = self.first
+        if first is not None and first_index is not None:
+            first = first.prepare(network, first_index, x)
+        by_name = self.by_name
+        adapting = [name for name, rule in by_name.items() if type(rule).prepare is not Rule.prepare]
+        if adapting:
+            at = {}
+            for step in network.steps:
+                at.setdefault(step.name, step.index)
+            by_name = {**by_name, **{name: by_name[name].prepare(network, at[name], x) for name in adapting}}
+        if first is self.first and by_name is self.by_name:
             return self
-        first = self.first.prepare(network, first_index, x)
-        return self if first is self.first else dataclasses.replace(self, first=first)
+        return dataclasses.replace(self, first=first, by_name=by_name)
 
     def with_names(self, by_name: dict) -> Composite:
         """This composite with the rules of ``by_name`` (step name -> rule) overriding its own for those steps."""

@@ -84,6 +84,7 @@ class Explainer:
         self.recompute = recompute
         self.network = Network(model)
         self._first = self.composite.first_layer(self.network)
+        self._traced_checked = False  # see _check_traced
 
     def __repr__(self):
         return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"
@@ -103,6 +104,8 @@ class Explainer:
             values = self._forward(x)
             logits = values[self.network.output_index]
             target = self._check_target(target, logits, len(x))
+            if not self._traced_checked:
+                self._check_traced(x, logits)
             rows = torch.arange(logits.shape[0], device=logits.device)
             output = logits[rows, target]
             seed = torch.zeros_like(logits)
@@ -135,6 +138,45 @@ class Explainer:
         if x.dim() == 0:
             raise ValueError("x must be a batch with the batch axis first, got a 0-d tensor")
         return x.detach()
+
+    def _check_traced(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Once, on the first call: the traced steps give the model's own logits for the first row.
+
+        A trace records what the model does to tensors, not what Python does around them: ``b = a; a += c`` is
+        traced as ``a = a + c`` (``b`` keeps the old value, eager PyTorch's ``b`` the new), and randomness or Python
+        state in ``forward`` is frozen. Such a model would get a map of another function, with conservation intact;
+        one eager forward of one row finds it. The tolerance allows BatchNorm folding and batch-size-dependent
+        kernels (float32: 1e-3 of the largest logit), and reduced precision (TF32, autocast, half: 5e-2)."""
+        if x.is_meta:
+            return  # no values to compare (shape-only runs)
+        training = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            if self.autocast is None:
+                eager = self.model(x[:1])
+            else:
+                with torch.autocast(x.device.type, dtype=self.autocast):
+                    eager = self.model(x[:1])
+        finally:
+            for module, flag in training.items():
+                module.training = flag
+        if not isinstance(eager, torch.Tensor) or eager.shape != logits[:1].shape:
+            raise ValueError(f"the model returns {type(eager).__name__} "
+                             f"{tuple(eager.shape) if isinstance(eager, torch.Tensor) else ''} for one row, the traced "
+                             f"steps logits of shape {tuple(logits[:1].shape)}: the trace does not compute the model")
+        ours, eager = logits[:1].double(), eager.detach().double()
+        reduced = self.autocast is not None or x.dtype in (torch.float16, torch.bfloat16) or (x.is_cuda and self.tf32)
+        relative = 5e-2 if reduced else 1e-3 if x.dtype == torch.float32 else 1e-9
+        scale = eager.abs().nan_to_num(posinf=0.0, neginf=0.0).amax().clamp_min(1e-12)
+        same = (ours == eager) | (ours.isnan() & eager.isnan())  # NaN rows (NaN in x) and infinities agree too
+        if bool((~((ours - eager).abs() <= relative * scale))[~same].any()):  # one host synchronisation, once
+            gap, scale = float((ours - eager).abs().nan_to_num(nan=float("inf")).max()), float(scale)
+            raise ValueError(
+                f"the traced steps compute other logits than the model itself for the first row (largest difference "
+                f"{gap:.3g}, largest logit {scale:.3g}): the model does something in Python that torch.fx does not "
+                "record, e.g. changes a tensor in place that it reads again under another name (b = a; a += c), or "
+                "uses randomness or Python state in forward; a map would explain another function")
+        self._traced_checked = True
 
     @staticmethod
     def _check_target(target, logits: torch.Tensor, rows: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ depth off) and its training flag is restored afterwards; its parameters are shar
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +160,10 @@ def refuse_hooks(model: nn.Module) -> None:
             "a global forward hook or pre-hook is registered (torch.nn.modules.module.register_module_forward_hook): "
             "the explainer does not run hooks, so it could explain another function than the model; remove it")
     for name, module in model.named_modules():
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise UnsupportedLayerError(
+                f"module {name!r} ({type(module).__name__}) has not been initialised yet: run the model once on an "
+                "input (model(x)) so that lazy modules take their shapes, then build the explainer")
         found = [what for what, hooks in (("forward hook", module._forward_hooks),
                                           ("forward pre-hook", module._forward_pre_hooks)) if hooks]
         if found:
@@ -186,6 +191,82 @@ def _prune_unused_elements(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+#: calls whose result may share storage with their first argument (a view, or the argument itself)
+_ALIAS_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "unsqueeze", "squeeze",
+                            "permute", "transpose", "t", "contiguous", "expand", "expand_as", "narrow", "select",
+                            "swapaxes", "swapdims", "movedim", "chunk", "split", "unbind", "tensor_split", "detach"})
+_ALIAS_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze, torch.permute,
+                    torch.transpose, torch.narrow, torch.select, torch.swapaxes, torch.swapdims, torch.movedim,
+                    torch.chunk, torch.split, torch.unbind, torch.tensor_split, torch.detach, F.dropout)
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout)
+_INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_)
+
+
+def _mutates_first(node: fx.Node, root: nn.Module) -> bool:
+    """Whether the call changes its first argument in place (``y.relu_()``, ``a += b``, ``nn.ReLU(inplace=True)``)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_module":
+        return getattr(root.get_submodule(node.target), "inplace", False) is True
+    return node.op == "call_function" and (node.kwargs.get("inplace") is True or node.target in _INPLACE_FUNCTIONS)
+
+
+def _aliases_first(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), _ALIAS_MODULES)
+    return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
+
+
+def _follow_inplace(graph: fx.Graph, root: nn.Module) -> None:
+    """Make later reads of a tensor changed in place read the changed value, as they do in eager PyTorch.
+
+    The trace records ``y.relu_()`` (or ``z = relu_inplace(y)``, ``a += b``) as a new node, but later code that still
+    says ``y`` reads the old node: the steps would compute those uses from the value before the change, a different
+    function than the model's. Uses of ``y`` after the change are pointed at the changed value. Where the change
+    also reaches another tensor through shared storage (``y`` is a view of ``x`` and ``x`` is read later) no such
+    rewrite is exact: refused, naming the call."""
+    nodes = list(graph.nodes)
+    order = {node: i for i, node in enumerate(nodes)}
+    for node in nodes:
+        if node.op not in ("call_method", "call_module", "call_function") or not _mutates_first(node, root):
+            continue
+        changed = node.args[0]
+        for user in list(changed.users):
+            if order[user] > order[node]:
+                user.replace_input_with(changed, node)
+        for other in _storage_sharers(changed, root, order):
+            if other is not changed and order[other] < order[node] and any(order[u] > order[node]
+                                                                           for u in other.users):
+                raise UnsupportedLayerError(
+                    f"the in-place call {node.name!r} ({_describe(node.target)}) changes {changed.name!r}, which "
+                    f"shares its storage with {other.name!r}, read again later: LRP traces values, not storage; "
+                    "make the call out of place (inplace=False, or y = y.relu() instead of y.relu_())")
+
+
+def _storage_sharers(node: fx.Node, root: nn.Module, order: dict) -> set[fx.Node]:
+    """The values that may share ``node``'s storage: views of it, what it is a view of, and so on (in-place calls
+    return their argument, so they count as views)."""
+    def linked(n):
+        return n.op in ("call_method", "call_module", "call_function") and (
+            _aliases_first(n, root) or _mutates_first(n, root))
+    seen, todo = {node}, [node]
+    while todo:
+        n = todo.pop()
+        near = [u for u in n.users if linked(u) and u.args and u.args[0] is n]
+        if linked(n) and isinstance(n.args[0], fx.Node):
+            near.append(n.args[0])
+        for m in near:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
 class Network:
     """A model traced into canonical steps (see :mod:`lrp.canonizers` for the kinds and the passes)."""
 
@@ -207,6 +288,7 @@ class Network:
             for module, flag in training.items():
                 module.training = flag
         _prune_unused_elements(graph)
+        _follow_inplace(graph, self._root)
         self.steps: list[Step] = _Builder(self._root).build(graph)
         for canonical_pass in canon.PASSES:
             canonical_pass(self.steps)
@@ -410,6 +492,10 @@ class _Builder:
             self._gate(step)
         if step.kind is None:
             raise UnsupportedLayerError(_no_rule_message(node))
+        if canon.dropout_active(node.target, node.args, node.kwargs):
+            raise UnsupportedLayerError(
+                f"{_describe(node.target)} (node {node.name!r}) drops at random even in eval mode (its training "
+                "argument defaults to True): the model is not one function to explain; pass training=self.training")
 
     def _gate(self, step):
         """``gated * gate`` with gate a sigmoid-like activation: the gate is a constant scale of the gated path."""
@@ -431,12 +517,17 @@ class _Builder:
             if index != 0:
                 raise UnsupportedLayerError(
                     f"the model reads the attention weights of {producer.name!r}; LRP explains its output only")
-            same = len({repr(a) for a in producer.args[:3]}) == 1 and len(producer.args) >= 3
+            try:  # by name, as the module reads them: a mask given by position is a mask too
+                bound = inspect.signature(producer.target.forward).bind(*producer.args, **(producer.kwargs or {}))
+            except TypeError as error:
+                raise UnsupportedLayerError(f"attention {producer.name!r}: {error}") from None
+            called = bound.arguments
+            same = len({repr(called.get(k)) for k in ("query", "key", "value")}) == 1
             try:
-                attention.check(producer.name, producer.target, same, producer.kwargs or {})
+                attention.check(producer.name, producer.target, same, called)
             except attention.AttentionError as error:
                 raise UnsupportedLayerError(str(error)) from None
-            step.kind, step.element, step.args, step.kwargs = Kind.ATTENTION, None, producer.args[:1], {}
+            step.kind, step.element, step.args, step.kwargs = Kind.ATTENTION, None, (called["query"],), {}
 
     def _refuse_tuple_reads(self, node, step):
         if step.kind == Kind.TUPLE or step.element is not None or step.kind == Kind.ATTENTION:

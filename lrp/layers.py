@@ -37,7 +37,7 @@ class LinearLayer:
                     f"{name}: padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
                 )
             self._conv = _CONV[len(module.kernel_size)]
-            self._padding = self._int_padding(module)
+            self._padding = self._int_padding(name, module)
         features = module.out_channels if self.is_conv else module.out_features
         if batchnorm is not None and batchnorm.num_features != features:
             raise UnsupportedLayerError(
@@ -53,14 +53,15 @@ class LinearLayer:
         self._cache_sources: list[torch.Tensor] = []
 
     @staticmethod
-    def _int_padding(module) -> tuple[int, ...]:
+    def _int_padding(name: str, module) -> tuple[int, ...]:
         padding = module.padding
         if padding == "valid":
             return (0,) * len(module.kernel_size)
         if padding == "same":
             totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
             if any(t % 2 for t in totals):
-                raise UnsupportedLayerError("padding='same' with an even kernel pads asymmetrically; not supported")
+                raise UnsupportedLayerError(f"{name}: padding='same' with an even kernel (times dilation) pads "
+                                            "asymmetrically; not supported")
             return tuple(t // 2 for t in totals)
         return tuple(padding)
 

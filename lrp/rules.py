@@ -435,7 +435,13 @@ class Pass(Rule):
     """Relevance passes unchanged (ReLU and other elementwise steps: the neuron is the same neuron)."""
 
     def __call__(self, ctx, relevance):
+        x = ctx.inputs[0]
+        if relevance.shape != x.shape and ctx.step.kind in _BROADCASTING:
+            relevance = relevance.sum_to_size(x.shape)  # h * w with w of more channels: each copy's relevance summed
         return [relevance] + [None] * (len(ctx.inputs) - 1)
+
+
+_BROADCASTING = (Kind.SCALE, Kind.SHIFT, Kind.GATE)  # steps whose constant operand may broadcast the input larger
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ argument nor the step. The cases the engine already handled are in tests/test_lr
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -248,3 +249,226 @@ def test_by_name_must_be_a_dict_of_step_names(model, by_name):
     """Guards: ``'list' object has no attribute 'items'`` and ``sequence item 0: expected str instance``."""
     with pytest.raises(TypeError, match=r"by_name must be a dict of step names \(module paths, strings\)"):
         lrp.Explainer(model, "epsilon", by_name=by_name)
+
+
+# ---- what the trace alone does not show (helper-38's review, stop 38) -------------------------------------------
+
+class _Attend(nn.Module):
+    """Self-attention over 5 tokens, its call spelled by ``how``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.embed, self.fc = how, nn.Linear(4, 8), nn.Linear(40, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("mask", torch.triu(torch.full((5, 5), float("-inf")), 1))
+        self.register_buffer("pad", torch.tensor([[False, False, False, True, True]] * 2))
+
+    def forward(self, x):
+        h = self.embed(x)
+        calls = {"positional": lambda: self.attn(h, h, h), "keywords": lambda: self.attn(query=h, key=h, value=h),
+                 "mixed": lambda: self.attn(h, key=h, value=h),
+                 "mask by position": lambda: self.attn(h, h, h, None, True, self.mask),
+                 "padding mask by position": lambda: self.attn(h, h, h, self.pad)}
+        a, _ = calls[self.how]()
+        return self.fc(a.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["mask by position", "padding mask by position"])
+def test_an_attention_mask_given_by_position_is_refused(how):
+    """Before: only keyword masks were seen; a positional one was explained as unmasked attention (logits 0.1 off)."""
+    with pytest.raises(lrp.UnsupportedLayerError,
+                       match="attention 'attn': no LRP rule for (attn_mask|key_padding_mask)"):
+        lrp.Explainer(_Attend(how).eval(), "epsilon")
+
+
+@pytest.mark.parametrize("how", ["keywords", "mixed"])
+def test_self_attention_called_with_keywords_is_explained_as_self_attention(how):
+    """Before: ``attn(query=h, key=h, value=h)`` was refused as cross-attention."""
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    reference = lrp.Explainer(_Attend("positional").eval(), "epsilon")(x, 0).relevance
+    torch.testing.assert_close(lrp.Explainer(_Attend(how).eval(), "epsilon")(x, 0).relevance, reference)
+
+
+class _InPlace(nn.Module):
+    """A conv whose output is changed in place by ``how`` and read again under its old name."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.conv, self.relu = how, nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "module, read again":
+            z = self.relu(y)  # y is relu(y) now too
+            return self.fc((y + z).flatten(1))
+        if self.how == "method statement":
+            y.relu_()
+        elif self.how == "module statement":
+            self.relu(y)
+        elif self.how == "on a view":
+            v = y[:, :2]
+            v.relu_()  # changes y's first two channels
+        elif self.how == "augmented assignment":
+            b = y
+            y += 1.0  # traced as y = y + 1.0: b keeps the old value in the trace, not in eager PyTorch
+            return self.fc(b.flatten(1))
+        return self.fc(y.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["module, read again", "method statement", "module statement"])
+def test_a_tensor_changed_in_place_and_read_again_is_explained_as_changed(how):
+    """Before: later reads of ``y`` read its value before ``relu_`` in the trace: another function (logits 0.2-0.4
+    off), with conservation intact. Now the explained logits are the model's own, and the map is that of the same
+    network written out of place."""
+    model = _InPlace(how).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x.clone())
+    result = lrp.Explainer(model, "z", include_bias=False)(x, 0)
+    torch.testing.assert_close(result.logits, expected)
+    assert float((result.relevance.sum((1, 2, 3)) - result.output.detach()).abs().max()) < 1e-10
+
+
+def test_an_in_place_change_through_a_view_is_refused():
+    with pytest.raises(lrp.UnsupportedLayerError, match=r"in-place call 'relu_' .* shares its storage with 'conv'"):
+        lrp.Explainer(_InPlace("on a view").eval(), "epsilon")
+
+
+def test_a_model_the_trace_does_not_compute_is_refused_at_the_first_call():
+    """``b = y; y += 1; use b``: fx records ``y + 1`` as a new value, so ``b`` is the old one in the trace and the new
+    one in eager PyTorch. One eager forward of the first row finds the difference."""
+    explainer = lrp.Explainer(_InPlace("augmented assignment").eval(), "epsilon")
+    with pytest.raises(ValueError, match="the traced steps compute other logits than the model itself"):
+        explainer(torch.randn(2, 3, 8, 8), 0)
+
+
+def test_dropout_that_drops_in_eval_mode_is_refused():
+    """``F.dropout(x, 0.5)`` drops whatever the model's mode (training defaults to True): before, explained as the
+    identity; ``stochastic_depth(training=True)`` was already refused."""
+    class Drop(nn.Module):
+        def __init__(self, training_argument):
+            super().__init__()
+            self.training_argument, self.conv, self.fc = training_argument, nn.Conv2d(3, 4, 3), nn.Linear(144, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            y = F.dropout(y, 0.5) if self.training_argument is None else F.dropout(y, 0.5, self.training)
+            return self.fc(y.flatten(1))
+
+    import torch.nn.functional as F
+    with pytest.raises(lrp.UnsupportedLayerError, match=r"drops at random even in eval mode .* training=self.training"):
+        lrp.Explainer(Drop(None).eval(), "epsilon")
+    lrp.Explainer(Drop("given").train(), "epsilon")(torch.randn(2, 3, 8, 8), 0)  # traced in eval mode: the identity
+
+
+def test_a_concatenation_with_a_negative_constant_is_not_taken_as_non_negative():
+    """``cat([relu(h), negative parameter])``: before, the next Conv's input counted as non-negative (only the relevance
+    carrying part was looked at), so z+ dropped its x^- terms: 80x the map's norm off. Now it agrees with zennit."""
+    from helpers.zennit_reference import zennit_composite, zennit_relevance
+
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+            self.fc, self.extra = nn.Linear(256, 3), nn.Parameter(-torch.rand(1, 2, 8, 8) - 0.5)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            return self.fc(torch.relu(self.c2(torch.cat([h, self.extra.expand(h.shape[0], -1, -1, -1)], 1))).flatten(1))
+
+    model = Joined().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ours = lrp.Explainer(model, "epsilon_plus")(x, 0)
+    assert not next(s for s in lrp.Explainer(model).network.steps if s.name == "c2").inputs_nonnegative
+    reference = zennit_relevance(model, x, ours.target, zennit_composite("epsilon_plus"))
+    assert float((ours.relevance - reference).norm() / reference.norm()) < 1e-10
+
+
+def test_a_batchnorm_is_folded_when_its_conv_output_shape_is_read_too():
+    """``n = y.shape[0]`` beside ``bn(y)``: before, the shape read counted as a second consumer, the BatchNorm was not
+    folded, and the map changed (87% relative L2) from the same model without the read."""
+    class ShapeRead(nn.Module):
+        def __init__(self, read):
+            super().__init__()
+            self.read, self.c, self.bn, self.fc = read, nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(144, 3)
+
+        def forward(self, x):
+            y = self.c(x)
+            n = y.shape[0] if self.read else x.shape[0]
+            return self.fc(torch.relu(self.bn(y)).reshape(n, -1))
+
+    torch.manual_seed(0)
+    read, plain = ShapeRead(True).double().eval(), ShapeRead(False).double().eval()
+    with torch.no_grad():
+        read.bn.running_mean.uniform_(-1, 1), read.bn.running_var.uniform_(0.5, 2), read.bn.bias.uniform_(-1, 1)
+    plain.load_state_dict(read.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    explainer = lrp.Explainer(read, "epsilon_plus")
+    assert next(s for s in explainer.network.steps if s.name == "bn").kind == Kind.IDENTITY
+    torch.testing.assert_close(explainer(x, 0).relevance, lrp.Explainer(plain, "epsilon_plus")(x, 0).relevance)
+
+
+def test_a_zbox_given_by_name_carries_its_box_through_the_input_transform():
+    """Before: only the composite's first-layer rule was prepared; the same ZBox given by name to that layer used the
+    pixel box as the layer's box (28% relative L2 off behind GoogLeNet-like ``x * a + b``)."""
+    class Transformed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.register_buffer("a", torch.tensor([0.5, 2.0, 1.5]).reshape(1, 3, 1, 1))
+            self.register_buffer("b", torch.tensor([0.1, -0.3, 0.2]).reshape(1, 3, 1, 1))
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(144, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x * self.a + self.b)).flatten(1))
+
+    model = Transformed().double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = lrp.Explainer(model, "epsilon_gamma_box", low=-1.0, high=1.0)(x, 0).relevance
+    named = lrp.Explainer(model, "epsilon", by_name={"conv": lrp.rules.ZBox(-1.0, 1.0)})(x, 0).relevance
+    torch.testing.assert_close(named, first)
+
+
+@pytest.mark.parametrize("op", ["scale", "shift"])
+def test_a_constant_that_broadcasts_its_operand_larger_is_explained(op):
+    """``h * w`` with h (B, 1, H, W) and w (1, 4, 1, 1): before, refused at the first call with a message blaming the
+    engine's own default rule. Each of h's copies passes its relevance back, summed: conserving."""
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.fc = nn.Conv2d(3, 1, 3, padding=1), nn.Linear(256, 3)
+            self.w = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            return self.fc((h * self.w if op == "scale" else h + self.w).flatten(1))
+
+    model = Broadcast().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = lrp.Explainer(model, "z", include_bias=False)(x, 0)
+    if op == "scale":  # a shift adds relevance of its own (a bias), not passed back
+        torch.testing.assert_close(result.relevance.sum((1, 2, 3)), result.output, rtol=1e-10, atol=1e-12)
+    xx = x.clone().requires_grad_(True)
+    model(xx)[:, 0].sum().backward()
+    torch.testing.assert_close(lrp.Explainer(model, "gradient")(x, 0).relevance, xx.grad)
+
+
+def test_an_uninitialised_lazy_module_is_refused_with_what_to_do():
+    """Before: ``has a forward pre-hook ... remove the hook`` (the lazy module's own initialisation hook)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(lrp.UnsupportedLayerError, match=r"module '2' \(LazyLinear\) has not been initialised yet: "
+                                                         r"run the model once"):
+        lrp.Explainer(model, "epsilon")
+    model(torch.randn(1, 3, 8, 8))
+    lrp.Explainer(model, "epsilon")(torch.randn(2, 3, 8, 8), 0)
+
+
+def test_an_asymmetric_same_padding_is_refused_naming_the_layer():
+    with pytest.raises(lrp.UnsupportedLayerError, match=r"^conv: padding='same' with an even kernel"):
+        lrp.Explainer(nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 4, padding="same"), flat=nn.Flatten(),
+                                                fc=nn.Linear(256, 3))), "epsilon")

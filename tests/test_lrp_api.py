@@ -485,6 +485,18 @@ def test_heatmap_colours():
     assert r == 255 and g == b and 0 < g < 255  # half positive: light red
 
 
+def test_a_non_finite_pixel_is_grey_and_leaves_the_scale_of_the_others():
+    """Before: one NaN made the percentile NaN and the whole image white, as if the map had no relevance."""
+    relevance = torch.zeros(8, 8)
+    relevance[2, 3], relevance[5, 5] = 1.0, -1.0
+    clean = lrp.heatmap(relevance)
+    relevance[0, 0], relevance[7, 7] = float("nan"), float("inf")
+    image = lrp.heatmap(relevance)
+    assert image[0, 0].tolist() == image[7, 7].tolist() == [128, 128, 128]
+    image[0, 0], image[7, 7] = clean[0, 0], clean[7, 7]
+    assert np.array_equal(image, clean)
+
+
 def test_heatmap_is_symmetric_sums_channels_and_handles_all_zero():
     relevance = torch.randn(3, 6, 7)
     image = lrp.heatmap(relevance)
@@ -574,6 +586,7 @@ def test_the_zoo_checks_only_the_model_input_sign_per_batch():
         checked = [s.name for s in explainer.network.steps
                    if s.layer is not None and not s.inputs_nonnegative and not s.inputs_signed]
         assert len(checked) == 1, (name, checked)  # the first layer, on the model's input
+        explainer(torch.randn(1, 3, 64, 64), torch.tensor([3]))  # the first call also compares with the model's
         Syncs.count = 0
         with Syncs():
             explainer(torch.randn(1, 3, 64, 64), torch.tensor([3]))
