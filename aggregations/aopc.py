@@ -134,7 +134,9 @@ class AopcResult:
 
     def format(self) -> str:
         """The AOPC table as text, best method first."""
-        lines = [f"{'method':<28} {'n':>6} {'AOPC':>10} {'95% CI':>22} {'minus random':>13} {'95% CI':>22}"]
+        levels = sorted(set(self.table["level"].to_pylist())) if self.table.num_rows else [0.95]
+        interval = f"{levels[0] * 100:g}% CI" if len(levels) == 1 else "CI"
+        lines = [f"{'method':<28} {'n':>6} {'AOPC':>10} {interval:>22} {'minus random':>13} {interval:>22}"]
         for r in self.table.to_pylist():
             ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
             diff = f"[{r['vs_random_low']:.4g}, {r['vs_random_high']:.4g}]" if r["method"] != REFERENCE else ""

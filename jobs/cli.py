@@ -7,6 +7,8 @@ console script and ``ray job submit -- python -m jobs.<command>`` run exactly th
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 import sys
 
 COMMANDS = {
@@ -20,8 +22,22 @@ COMMANDS = {
 }
 
 
+#: what an interrupted command left, for the message
+RESUMABLE = {
+    "explain": "; the shards written so far are kept: run the same command again to resume",
+    "evaluate": "; the shards written so far are kept: run the same command again to resume",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lrp-audit")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _usage() -> str:
-    lines = ["usage: lrp-audit <command> [options]", "", "commands:"]
+    lines = ["usage: lrp-audit <command> [options]   (lrp-audit --version)", "", "commands:"]
     lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run 'lrp-audit <command> --help' for the options of one command."]
     return "\n".join(lines)
@@ -32,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in {"-V", "--version"}:
+        print(f"lrp-audit {_version()}")
+        return 0
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as for python -m jobs.<command>: a --factory module beside the user
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"lrp-audit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
@@ -43,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lrp-audit: command {command!r} is not available in this version", file=sys.stderr)
             return 2
         raise
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"\nlrp-audit {command}: interrupted{RESUMABLE.get(command, '')}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
 
 
 if __name__ == "__main__":

@@ -109,7 +109,12 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelError(f"cannot load state_dict {path!r} with weights_only=True: {error}") from error
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch's message carries terminal colour codes
+        if "Unsupported global" in text and "torch.nn.modules" in text:
+            raise ModelError(f"{path!r} holds a whole pickled model (torch.save(model)), not a state_dict: save "
+                             "torch.save(model.state_dict(), path) and give the architecture with model.name or "
+                             "model.factory") from None
+        raise ModelError(f"cannot load state_dict {path!r} with weights_only=True: {text}") from error
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -353,7 +353,12 @@ def _explain_pending(plan: RunPlan, store: RelevanceStore, use_gpu: bool | None)
             todo.setdefault(shard, []).append(group.name)
     if not todo:
         summary = summarize(store)
-        summary.messages.append("nothing to do: every row of the store is already computed")
+        tried = sum(counts["failed"] + counts["nonfinite"] for counts in summary.groups.values())
+        if tried:
+            summary.messages.append(f"nothing to do: every row has been tried; {tried} failed or nonfinite rows are "
+                                    "kept as they are: rerun with --retry-failed to try them again")
+        else:
+            summary.messages.append("nothing to do: every row of the store is already computed")
         return summary
 
     try:

@@ -234,3 +234,14 @@ def test_an_evaluation_out_of_the_wrong_kind_is_refused(tmp_path, out, said):
     (tmp_path / "plain").write_text("a file")
     with pytest.raises(ConfigError, match=f"evaluation.out: {said}"):
         config_from_values({**values(tmp_path), "evaluation": {"out": str(tmp_path / out)}})
+
+
+def test_the_text_table_names_the_interval_level_it_holds():
+    """Before: the header said "95% CI" whatever ``--level`` was (the HTML report had it right)."""
+    from aggregations.aopc import TABLE_SCHEMA, AopcResult
+    row = {"method": "epsilon_plus", "setting": "", "n": 36, "excluded": 0, "aopc": 12.3, "ci_low": 11.8,
+           "ci_high": 12.8, "vs_random": 5.0, "vs_random_low": 4.0, "vs_random_high": 6.0, "ci": "t"}
+    for level, header in ((0.5, "50% CI"), (0.975, "97.5% CI"), (0.95, "95% CI")):
+        table = pa.Table.from_pylist([{**row, "level": level}], schema=TABLE_SCHEMA)
+        text = AopcResult(table, pa.table({})).format()
+        assert text.splitlines()[0].count(header) == 2 and "95% CI" not in text.replace(header, ""), text

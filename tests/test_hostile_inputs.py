@@ -198,6 +198,31 @@ def test_a_model_factory_that_raises(tmp_path):
             model=model)
 
 
+def test_the_console_script_imports_a_factory_module_from_the_working_directory(tmp_path):
+    """docs/pipeline.md's custom-model example, ``lrp-audit explain --factory mymodels:small_cnn`` with mymodels.py in
+    the working directory: before, ``cannot import 'mymodels'`` (``python -m jobs.explain`` puts the working directory
+    on sys.path, the console script did not)."""
+    import subprocess
+    import sys
+    (tmp_path / "localmodels.py").write_text(
+        "def small(num_classes=3):\n    raise RuntimeError('imported and called')\n")
+    script = Path(sys.executable).parent / "lrp-audit"
+    done = subprocess.run([str(script), "explain", "--dataset", manifest(tmp_path, 1), "--factory", "localmodels:small",
+                           "--store", str(tmp_path / "run.zarr")], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "'localmodels:small' raised RuntimeError: imported and called" in done.stderr, done.stderr
+
+
+def test_a_whole_pickled_model_as_weights_says_to_save_the_state_dict(tmp_path):
+    """Before: torch's weights_only message (with terminal colour codes) advising weights_only=False, which a CLI user
+    cannot set and should not."""
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 2)), tmp_path / "whole.pt")
+    refused(tmp_path, manifest(tmp_path, 1), r"holds a whole pickled model \(torch.save\(model\)\), not a state_dict: "
+            r"save torch.save\(model.state_dict\(\), path\)",
+            model={"factory": FACTORY, "weights": str(tmp_path / "whole.pt")})
+
+
 class Payload:
     """A pickle that runs code when loaded without weights_only."""
 

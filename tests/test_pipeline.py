@@ -34,6 +34,9 @@ def test_explain_stores_engine_relevance_and_records_bad_images(ray_cluster, tmp
     assert "cannot decode image" in reasons[str(corrupt)] and "missing file" in reasons[str(tmp_path / "gone.png")]
     text = summary.format()
     assert "failed images (2)" in text and "residual" in text and "gone.png" in text
+    again = run(config_from_dict(values(tmp_path, source, num_actors=2)))  # before: "every row ... is computed"
+    assert again.computed_rows == 0 and again.exit_code == 1
+    assert "4 failed or nonfinite rows are kept as they are: rerun with --retry-failed" in again.format()
 
     store = open_store(str(tmp_path / "run.zarr"))
     assert store.group_names == ["epsilon_epsilon=0.01", "ab"] and store.class_names == ["0", "1", "2"]
@@ -210,6 +213,20 @@ def test_config_errors_name_the_fix(tmp_path):
     (folder / "zebra").rmdir()
     plan = plan_run(config_from_dict(values(tmp_path, str(folder), model=named)))  # a subset maps by name
     assert plan.rows["label"].to_pylist() == [0, 1, 1]
+
+
+def test_an_interrupted_command_exits_130_saying_how_to_resume(monkeypatch, capsys):
+    """Before: Ctrl-C ended explain with a KeyboardInterrupt traceback and exit status 1 (which means failed rows)."""
+    import jobs.explain
+    from jobs import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt  # what Python raises in the driver at a SIGINT
+
+    monkeypatch.setattr(jobs.explain, "main", interrupted)
+    assert cli.main(["explain", "--config", "run.yaml"]) == 130
+    assert "lrp-audit explain: interrupted; the shards written so far are kept: run the same command again to " \
+           "resume" in capsys.readouterr().err
 
 
 def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):
