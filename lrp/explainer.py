@@ -169,7 +169,7 @@ class Explainer:
         relative = 5e-2 if reduced else 1e-3 if x.dtype == torch.float32 else 1e-9
         scale = eager.abs().nan_to_num(posinf=0.0, neginf=0.0).amax().clamp_min(1e-12)
         same = (ours == eager) | (ours.isnan() & eager.isnan())  # NaN rows (NaN in x) and infinities agree too
-        if bool((~((ours - eager).abs() <= relative * scale))[~same].any()):  # one host synchronisation, once
+        if bool((~((ours - eager).abs() <= relative * scale) & ~same).any()):  # one host synchronisation, once
             gap, scale = float((ours - eager).abs().nan_to_num(nan=float("inf")).max()), float(scale)
             raise ValueError(
                 f"the traced steps compute other logits than the model itself for the first row (largest difference "
