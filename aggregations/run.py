@@ -121,6 +121,17 @@ def state_changes(recorded: Mapping, current: Mapping) -> list[str]:
     return changes
 
 
+def same_location(recorded: dict, url: str) -> bool:
+    """Whether ``summary.json`` names the store at ``url``, however either was spelled (relative, ``file://``,
+    trailing ``/``). A summary from before ``store_location`` was recorded holds only the spelling given then, which a
+    move of the run folder outdates: it is compared by the store's name."""
+    here = normalise_url(url)
+    if recorded.get("store_location"):
+        return recorded["store_location"] == here
+    spelled = recorded.get("store")
+    return not spelled or os.path.basename(str(spelled).rstrip("/")) == os.path.basename(here)
+
+
 def default_out_dir(store_url: str) -> str:
     """``runs/store.zarr`` -> ``runs/store.aggregates``: beside the store, which may be read-only."""
     return beside(store_url, ".aggregates")

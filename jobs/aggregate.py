@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"lrp-audit aggregate: {error}", file=sys.stderr)
         return 2
-    paths = [(args.store, "store"), (args.out, "folder"), (args.masks, "file")]
+    paths = [(args.store, "store"), (args.out, "aggregates"), (args.masks, "file")]
     refused, note = preflight("lrp-audit aggregate", paths, [args.store], "aggregate", "aggregated", args.while_writing)
     if refused:
         return 2

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from aggregations.spray.virelay import export  # h5py, the image reader: after --help
     from pipeline.store import StoreError
 
-    refused, _ = preflight("lrp-audit export-virelay", [(args.store, "store"), (args.out, "folder"),
+    refused, _ = preflight("lrp-audit export-virelay", [(args.store, "store"), (args.out, "virelay"),
                                                          (args.spray, "folder")],
                            [args.store], "export", "exported", args.while_writing)
     if refused:

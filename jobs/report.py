@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from aggregations.report.runs import AggregatesNote
 
-    refused, note = preflight("lrp-audit report", [(args.store, "store"), (args.compare, "store"),
-                                                   (args.aggregates, "folder"), (args.compare_aggregates, "folder"),
-                                                   (args.evaluation, "folder"), (args.out, "file")],
-                              [args.store, args.compare], "report", "reported", args.while_writing)
+    paths = [(args.store, "store"), (args.compare, "store"), (args.aggregates, "aggregates"),
+             (args.compare_aggregates, "aggregates"), (args.evaluation, "folder"), (args.out, "report")]
+    refused, note = preflight("lrp-audit report", paths, [args.store, args.compare], "report", "reported",
+                              args.while_writing)
     if refused:
         return 2
     caught: list[warnings.WarningMessage] = []

@@ -61,7 +61,7 @@ SETTING_NAMES = ("size", "normalise", "pca", "pca_method", "neighbors", "approxi
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    refused, note = preflight("lrp-audit spray", [(args.store, "store"), (args.out, "folder")], [args.store],
+    refused, note = preflight("lrp-audit spray", [(args.store, "store"), (args.out, "aggregates")], [args.store],
                               "analyse", "analysed", args.while_writing)
     if refused:
         return 2

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config_types import check_types, paths_as_text
+from .config_types import check_types, exponent_numbers, paths_as_text
 from .models import ModelError, ModelSpec
 from .preprocess import PreprocessSpec
 
@@ -62,6 +62,7 @@ class ExplanationSetting:
         if not isinstance(self.composite, str) or not isinstance(self.params, dict):
             raise ConfigError(f"explanation {self.composite!r} {self.params!r}: 'composite' must be a composite "
                               "name and its parameters a mapping")
+        self.params = exponent_numbers(self.params)
         if not self.name:
             self.name = self.composite + "".join(f"_{key}={value}" for key, value in sorted(self.params.items()))
         if not isinstance(self.name, str) or "/" in self.name or self.name in (".", "..") \
@@ -187,7 +188,7 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
     values = _without_nulls(cls, values)
     try:
-        check_types(cls, values)
+        values = check_types(cls, values)
         return cls(**values)
     except (ModelError, ValueError, TypeError) as error:
         raise ConfigError(f"{where}: {error}") from error
@@ -218,7 +219,7 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
                               "(e.g. weights: DEFAULT)")
         preprocess = _without_nulls(PreprocessSpec, preprocess)
         try:
-            check_types(PreprocessSpec, preprocess)
+            preprocess = check_types(PreprocessSpec, preprocess)
             values["preprocess"] = PreprocessSpec.from_weights(enum, **preprocess)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"preprocess: {error}") from error

@@ -8,6 +8,7 @@ what it should be, before anything runs; values built in Python (``RunConfig(...
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from typing import Any, Union
@@ -15,12 +16,44 @@ from typing import Any, Union
 import yaml
 
 
-def check_types(cls, values: dict[str, Any]) -> None:
-    """Raise TypeError for the first value of ``values`` that does not fit its field's annotation in ``cls``."""
+#: ``1e-2``: a number to YAML 1.2 and to Python, a string to PyYAML (YAML 1.1 wants ``1.0e-2``)
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def check_types(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with numbers such as ``1e-2`` read as floats where a field takes floats; raise TypeError for the
+    first value that does not fit its field's annotation in ``cls``."""
     hints = typing.get_type_hints(cls)
+    values = {key: _exponents(value, hints[key]) if key in hints else value for key, value in values.items()}
     for key, value in values.items():
         if key in hints and not _fits(value, hints[key]):
             raise TypeError(f"{key} must be {_describe(hints[key])}, got {_shown(value, hints[key])}")
+    return values
+
+
+def exponent_numbers(value: Any) -> Any:
+    """``value`` with strings such as ``'1e-2'`` read as the floats they spell, in lists and mappings too (for
+    untyped values, such as a composite's parameters: ``epsilon=1e-2`` then names the same group, and the same
+    store, as ``epsilon=0.01``)."""
+    if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [exponent_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: exponent_numbers(item) for key, item in value.items()}
+    return value
+
+
+def _exponents(value, hint):
+    """``value`` with ``'1e-2'`` as a float where ``hint`` takes a float there."""
+    if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()) and _fits(float(value), hint):
+        return float(value)
+    if isinstance(value, list):
+        alternatives = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+        for alternative in alternatives:
+            if typing.get_origin(alternative) in (list, tuple):
+                return [_exponents(item, typing.get_args(alternative)[0]) for item in value]
+    return value
 
 
 def paths_as_text(values):

@@ -41,7 +41,7 @@ from .paths import join_url as _join
 from .paths import path_problem
 from .perturbation import DEFAULT_REDUCTION, RANDOM, REDUCTIONS, PerturbationSpec, RegionPerturbation, score_map
 from .preprocess import Preprocess, PreprocessSpec
-from .run import RunPlan, plan_run, software_versions
+from .run import RunPlan, as_recorded, plan_run, software_versions
 from .secrets import redact
 from .store import canonical_json, config_differences
 
@@ -144,7 +144,7 @@ def config_from_values(values: dict[str, Any]) -> EvaluationConfig:
         raise ConfigError(f"unknown key(s) {unknown} in evaluation; known keys: "
                           f"{sorted(known + ['out', 'sample_size', 'reductions'])}")
     try:
-        check_types(PerturbationSpec, section)
+        section = check_types(PerturbationSpec, section)
         check_types(EvaluationConfig, {"sample_size": sample_size})
         spec = PerturbationSpec(**section)
     except (TypeError, ValueError) as error:
@@ -313,11 +313,12 @@ def _prepare_output(plan: EvaluationPlan) -> None:
     if fs.exists(local):
         with fs.open(local, "rt") as handle:
             old = json.load(handle).get("config", {})
-        differences = config_differences(old, identity)
+        differences = config_differences(old, as_recorded(identity, old if isinstance(old, dict) else {}))
         if differences:
             raise ConfigError(f"the evaluation at {config.out!r} was made with a different configuration:\n  "
                               + "\n  ".join(differences)
-                              + "\nWrite to a new --out, or delete the old one to start over.")
+                              + f"\nTo resume it, run with the values it was made with (its {SETTINGS_FILE}); "
+                              "to keep it and start another, write to a new --out.")
         return
     fs.makedirs(root, exist_ok=True)
     with fs.open(local, "wt") as handle:

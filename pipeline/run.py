@@ -22,11 +22,11 @@ from .config import ConfigError, RunConfig
 from .datasets import DatasetError, DatasetIndex, load_index
 from .dispatch import Part, PoolAborted, ShardPool
 from .lease import LeaseHeld, StoreLease
-from .paths import os_reason, path_problem
+from .paths import normalise_url, os_reason, path_problem
 from .secrets import redact
 from .models import ModelError, build_model, count_classes, model_class_names, weights_digest
 from .store import (STATUS_FAILED, STATUS_NAMES, STATUS_NONFINITE, STATUS_OK, STATUS_PENDING,
-                    RelevanceStore, StoreError)
+                    RelevanceStore, StoreError, open_store)
 
 #: errors of a storage that cannot take more writes: the run stops instead of failing shard after shard
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
@@ -197,12 +197,40 @@ def _rows(index: DatasetIndex, mode: str, classes: list, class_names: list[str])
                .add_column(0, "row", pa.array(np.arange(len(take), dtype=np.int64)))
 
 
+#: config paths that a resume may spell otherwise (relative or absolute, a trailing ``/``, through a symlink): what
+#: they hold is compared by the dataset fingerprint and the weights digest, which are in the config too
+RESPELLABLE = (("dataset", "source"), ("model", "weights"))
+
+
+def as_recorded(config: dict, recorded: dict) -> dict:
+    """``config`` with ``recorded``'s spelling of each path that names the same location as its own, so that a
+    resume with ``data/`` for ``/home/me/data`` finds the same configuration."""
+    respelled = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for section, key in RESPELLABLE:
+        old = recorded.get(section, {}).get(key) if isinstance(recorded.get(section), dict) else None
+        new = respelled.get(section, {}).get(key) if isinstance(respelled.get(section), dict) else None
+        if isinstance(old, str) and isinstance(new, str) and old != new \
+                and normalise_url(old) == normalise_url(new):
+            respelled[section][key] = old
+    return respelled
+
+
+def _store_spelling(store_config: dict, url: str, storage_options: dict) -> dict:
+    """``store_config`` as :func:`as_recorded` in the store already at ``url``, if there is one."""
+    try:
+        recorded = open_store(url, storage_options=storage_options).config
+    except (StoreError, OSError):  # no store yet, or not a readable one: create() says what is wrong
+        return store_config
+    return as_recorded(store_config, recorded if isinstance(recorded, dict) else {})
+
+
 def create_store(plan: RunPlan) -> RelevanceStore:
     """Create the store, or reopen it when the config is the same (a resume)."""
     config = plan.config
+    store_config = _store_spelling(plan.store_config, config.store, config.storage_options)
     try:
         return RelevanceStore.create(
-            config.store, config=plan.store_config, class_names=plan.class_names,
+            config.store, config=store_config, class_names=plan.class_names,
             groups={s.name: s.to_dict() for s in config.explanations}, n_rows=plan.rows.num_rows,
             height=plan.height, width=plan.width, rows_per_shard=config.rows_per_shard,
             max_boxes=plan.index.max_boxes, with_mask=plan.index.has_masks,

@@ -262,7 +262,8 @@ class RelevanceStore:
                 raise StoreConfigMismatch(
                     f"the store at {url!r} was made by a run with a different configuration:\n  "
                     + "\n  ".join(differences)
-                    + "\nWrite to a new store path, or delete the old store to start over."
+                    + "\nTo resume it, run with the values it was made with (the store's 'config' in its zarr.json); "
+                      "to keep it and start another, write to a new store path."
                 )
             return cls(existing, str(url))
 

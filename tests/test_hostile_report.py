@@ -273,7 +273,9 @@ def test_export_refuses_spray_results_older_than_the_store_or_of_another_store(t
     other = make_store(tmp_path / "b.zarr", maps(16)[::-1], target=[0] * 8 + [1] * 8, rows_per_shard=8)
     capsys.readouterr()
     assert export_main([other, str(tmp_path / "vb"), "--spray", str(tmp_path / "a.aggregates")]) == 2
-    assert "do not describe the store" in capsys.readouterr().err and not (tmp_path / "vb").exists()
+    error = capsys.readouterr().err
+    assert "were made from" in error and not (tmp_path / "vb").exists()
+    assert f"--out {tmp_path / 'a.aggregates'}" not in error  # that rerun would overwrite a.zarr's results
     finish(url, status=FAILED, start=0, n=8)  # class 0's rows failed on a retry, after the SpRAy run
     assert export_main([url, str(tmp_path / "va")]) == 2
     error = capsys.readouterr().err

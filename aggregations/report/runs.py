@@ -1,7 +1,6 @@
 """One audited run as the report reads it: a store, its aggregates, and the pictures of its rows."""
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -10,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from aggregations.bias import BiasSettings
-from aggregations.run import AggregateResult, aggregate, default_out_dir, load, state_changes, store_state
-from pipeline.paths import normalise_url
+from aggregations.run import (AggregateResult, aggregate, default_out_dir, load, same_location, state_changes,
+                              store_state)
 from pipeline.store import STATUS_OK, RelevanceStore, StoreError, open_store
 
 CLASS_IMAGES = 24  # the class-average image is the mean of at most this many of the class's images
@@ -151,17 +150,6 @@ def open_run(url: str, aggregates_dir: str | None = None, *, compute: bool = Tru
     return AuditRun(url, store, aggregates, ImageReader(store), label or model_label(store, url), state=state)
 
 
-def _same_location(recorded: dict, url: str) -> bool:
-    """Whether ``summary.json`` names the store at ``url``, however either was spelled (relative, ``file://``,
-    trailing ``/``). A summary from before ``store_location`` was recorded holds only the spelling given then, which a
-    move of the run folder outdates: it is compared by the store's name."""
-    here = normalise_url(url)
-    if recorded.get("store_location"):
-        return recorded["store_location"] == here
-    spelled = recorded.get("store")
-    return not spelled or os.path.basename(str(spelled).rstrip("/")) == os.path.basename(here)
-
-
 def _redo_options(summary: dict, group_names: list[str]) -> dict | None:
     """The keyword options of :func:`aggregate` that remake these aggregates, or None (mask regions)."""
     regions = summary.get("regions", {})
@@ -190,7 +178,7 @@ def _current(url: str, state: dict, out_dir: str, aggregates: AggregateResult, c
     summary = aggregates.summary
     recorded = summary.get("store_state")
     if recorded is None:  # an older lrp-audit: used as they are (the folder may be read-only), with a note
-        if not _same_location(summary, url):
+        if not same_location(summary, url):
             raise AggregatesMismatch(
                 f"the aggregates in {out_dir!r} were made from {summary.get('store')!r}, not {url!r}; pass the "
                 f"aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' to make them")
@@ -202,7 +190,7 @@ def _current(url: str, state: dict, out_dir: str, aggregates: AggregateResult, c
     changes = state_changes(recorded, state)
     if not changes:
         return aggregates  # the same rows, wherever the store was when they were made (a moved or copied store)
-    if not _same_location(summary, url):
+    if not same_location(summary, url):
         raise AggregatesMismatch(
             f"the aggregates in {out_dir!r} were made from {summary.get('store')!r}, not {url!r}, and do not match "
             f"it ({'; '.join(changes)}); pass the aggregates folder of {url!r}, or run 'lrp-audit aggregate {url}' "

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from aggregations.report import figures as fig
 from aggregations.report.runs import AggregatesNote, AuditRun
-from aggregations.run import state_changes
+from aggregations.run import same_location, state_changes
 from aggregations.spray.run import SprayResult
 from aggregations.spray.run import load as load_spray
 
@@ -107,10 +107,13 @@ def report_section(run: AuditRun, group: str, max_classes: int) -> dict:
     if recorded is not None:
         changes = state_changes(recorded, run.state)
         if changes:  # older than the store, or another store's: not shown, and the terminal says why
-            warnings.warn(AggregatesNote(
-                f"the SpRAy results in {run.aggregates.out_dir!r} are older than the store {run.url!r} "
-                f"({'; '.join(changes)}): not shown; run 'lrp-audit spray {run.url} --out {run.aggregates.out_dir}' "
-                "to include them"), stacklevel=2)
+            if same_location(spray.summary, run.url):
+                why = (f"are older than the store {run.url!r} ({'; '.join(changes)}): not shown; run 'lrp-audit spray "
+                       f"{run.url} --out {run.aggregates.out_dir}' to include them")
+            else:  # that command would overwrite another store's results
+                why = (f"were made from {spray.summary.get('store')!r}, not {run.url!r} ({'; '.join(changes)}): not "
+                       "shown")
+            warnings.warn(AggregatesNote(f"the SpRAy results in {run.aggregates.out_dir!r} {why}"), stacklevel=2)
             return {"spray": None}
     rows = [r for r in spray.classes.to_pylist() if r["group"] == group]
     if not rows:

@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from aggregations.run import default_out_dir, scheduler_options, store_state
+from pipeline.paths import normalise_url
 from aggregations.spray import preprocess, read, tables
 from aggregations.spray.analysis import analyse
 from aggregations.spray.settings import SpraySettings
@@ -201,6 +202,7 @@ def spray(store_url: str, out_dir: str | None = None, *, groups: Sequence[str] |
     result = tables.build(out_dir, per_group, store, settings)
     result = SprayResult(out_dir, *result, seconds=seconds)
     result.summary["store_state"] = state
+    result.summary["store_location"] = normalise_url(store_url)  # whose results: a --spray folder may be another's
     _write(result, per_group)
     return result
 

@@ -224,7 +224,7 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
            classes: Sequence[int] | None = None, name: str | None = None) -> dict:
     """Write the ViRelAy project of a store and its SpRAy results (``lrp-audit spray``) into ``out_dir`` (a
     local folder: h5py writes local files). Returns what was written: project files, rows, missing images."""
-    from aggregations.run import changes_since, default_out_dir
+    from aggregations.run import changes_since, default_out_dir, same_location
     from aggregations.spray.run import load
     from pipeline.store import open_store
 
@@ -234,6 +234,10 @@ def export(store_url: str, out_dir: str, *, spray_dir: str | None = None, groups
     recorded = spray.summary.get("store_state")
     if recorded is not None:  # results of another store, or older than this one, would be attached to its maps
         changes = changes_since(recorded, store)
+        if changes and not same_location(spray.summary, store_url):  # rerunning into spray_dir would overwrite them
+            raise ValueError(f"the SpRAy results in {spray_dir!r} were made from {spray.summary.get('store')!r}, not "
+                             f"{store_url!r} ({'; '.join(changes)}): pass the --spray folder of {store_url!r}, or run "
+                             f"'lrp-audit spray {store_url}' to make its own")
         if changes:
             raise ValueError(f"the SpRAy results in {spray_dir!r} do not describe the store {store_url!r} as it is "
                              f"({'; '.join(changes)}): run 'lrp-audit spray {store_url} --out {spray_dir}' again")
