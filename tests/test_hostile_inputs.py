@@ -387,3 +387,29 @@ def test_an_explanation_parameter_out_of_range(tmp_path, setting, said):
     with pytest.raises((ValueError, TypeError), match=re.escape(said)):  # the engine's own API refuses them too
         lrp.Explainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)),
                       **{k: v for k, v in setting.items()})
+
+
+@pytest.mark.parametrize("spelled", ["epsilon:epsilon=1e-2", {"composite": "epsilon", "epsilon": "1e-2"}])
+def test_an_exponent_number_names_the_same_group_as_its_decimal(tmp_path, spelled):
+    config = config_from_dict(values(tmp_path, manifest(tmp_path, 2), explanations=[spelled]))
+    assert config.explanations[0].name == "epsilon_epsilon=0.01"
+    assert config.explanations[0].params == {"epsilon": 0.01}
+
+
+def test_exponent_numbers_in_typed_fields_are_numbers(tmp_path):
+    preprocess = {"resize": 16, "pad_to_square": True, "mean": ["5e-1", 0.5, 0.5], "std": [0.5, 0.5, "5e-1"]}
+    config = config_from_dict(values(tmp_path, manifest(tmp_path, 2), preprocess=preprocess))
+    assert config.preprocess.mean[0] == 0.5 and config.preprocess.std[2] == 0.5
+
+
+def test_a_resume_with_another_spelling_of_the_same_paths(tmp_path, monkeypatch):
+    source = manifest(tmp_path, 3)
+    create_store(plan_run(config_from_dict(values(tmp_path, source))))
+    monkeypatch.chdir(tmp_path)
+    respelled = values(tmp_path, "./" + os.path.relpath(source, tmp_path))
+    respelled["model"]["weights"] = "w.pt"  # values() saved the same weights again: the same digest
+    store = create_store(plan_run(config_from_dict(respelled)))
+    assert store.config["dataset"]["source"] == source  # the store keeps the spelling it was made with
+    moved = values(tmp_path, source, targets="prediction")
+    with pytest.raises(ConfigError, match="To resume it, run with the values it was made with"):
+        create_store(plan_run(config_from_dict(moved)))

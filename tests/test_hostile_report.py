@@ -293,3 +293,39 @@ def test_export_refuses_classes_the_store_has_not_and_out_paths_of_the_wrong_kin
     for out in ("plain", "plain/v"):
         assert export_main([url, str(tmp_path / out)]) == 2
         assert "is a file" in capsys.readouterr().err
+
+
+# ---- outputs that would land among other files ---------------------------------------------------------------------
+@pytest.mark.parametrize("job", ["aggregate", "spray", "export-virelay"])
+def test_an_output_folder_of_other_files_or_inside_the_store_is_refused(tmp_path, capsys, job):
+    from jobs.export_virelay import main as export_main
+
+    if job == "export-virelay":
+        url = sprayed(tmp_path / "a.zarr")
+    else:
+        url = make_store(tmp_path / "a.zarr", maps(16), target=[0] * 8 + [1] * 8, rows_per_shard=8)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"not ours")
+    run_job = {"aggregate": lambda out: aggregate_main([url, "--out", out]),
+               "spray": lambda out: spray_main([url, "--out", out, "--quiet"]),
+               "export-virelay": lambda out: export_main([url, out])}[job]
+    capsys.readouterr()
+    assert run_job(str(photos)) == 2
+    assert "holds other files (cat.jpg)" in capsys.readouterr().err
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"]
+    assert run_job(str(tmp_path / "a.zarr" / "out")) == 2
+    assert "inside the store" in capsys.readouterr().err and not (tmp_path / "a.zarr" / "out").exists()
+    if job == "aggregate":  # a folder that aggregate wrote before is written again
+        assert run_job(str(tmp_path / "mine")) == 0 and run_job(str(tmp_path / "mine")) == 0
+
+
+def test_the_report_does_not_overwrite_a_file_that_is_not_a_report(tmp_path, capsys):
+    url = make_store(tmp_path / "a.zarr", maps(16), target=[0] * 8 + [1] * 8, rows_per_shard=8)
+    script = tmp_path / "analysis.py"
+    script.write_text("print('my work')\n")
+    assert report_main([url, "--out", str(script)]) == 2
+    assert "is not an lrp-audit report" in capsys.readouterr().err
+    assert script.read_text() == "print('my work')\n"
+    out = tmp_path / "r.html"
+    assert report_main([url, "--out", str(out)]) == 0 and report_main([url, "--out", str(out)]) == 0  # its own
